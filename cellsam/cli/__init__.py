@@ -1,0 +1,52 @@
+"""The ``cellsam`` command: one entry point, one thin module per sub-command.
+
+Each sub-command module exposes ``add_parser(subparsers)`` and ``run(args) -> int``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+# sub-command name -> module under cellsam.cli (imported lazily, so `cellsam --help` is fast)
+COMMANDS: dict[str, str] = {
+    "segment": "segment",
+    "prepare": "prepare",
+    "train": "train",
+    "evaluate": "evaluate",
+    "bench": "bench",
+    "serve": "serve",
+    "models": "models",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full argument parser (all sub-commands)."""
+    parser = argparse.ArgumentParser(prog="cellsam", description="Cell segmentation with CellSAM.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, module in COMMANDS.items():
+        try:
+            mod = importlib.import_module(f"cellsam.cli.{module}")
+        except ModuleNotFoundError as e:
+            if e.name == f"cellsam.cli.{module}":
+                continue  # sub-command not built yet
+            raise
+        mod.add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``cellsam`` console script; returns the exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
+    )
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

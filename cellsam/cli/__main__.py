@@ -1,0 +1,5 @@
+import sys
+
+from cellsam.cli import main
+
+sys.exit(main())

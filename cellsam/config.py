@@ -1,0 +1,123 @@
+"""Typed, frozen configuration of every part of a CellSAM model.
+
+A :class:`CellSAMConfig` fully describes the architecture; it is stored as JSON next to
+every checkpoint so that a checkpoint can be rebuilt without any other information.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+
+@dataclass(frozen=True)
+class EncoderConfig:
+    """SAM ViT image encoder. ``img_size`` is the square input the encoder sees."""
+
+    img_size: int = 1024
+    patch_size: int = 16
+    in_chans: int = 3
+    embed_dim: int = 768
+    depth: int = 12
+    num_heads: int = 12
+    mlp_ratio: float = 4.0
+    out_chans: int = 256  # neck output = prompt/mask decoder width
+    qkv_bias: bool = True
+    use_abs_pos: bool = True
+    use_rel_pos: bool = True
+    window_size: int = 14
+    global_attn_indexes: tuple[int, ...] = (2, 5, 8, 11)
+
+    @property
+    def embedding_size(self) -> int:
+        """Side of the (square) token grid / image embedding."""
+        return self.img_size // self.patch_size
+
+
+@dataclass(frozen=True)
+class PromptEncoderConfig:
+    """SAM prompt encoder. Its width and grid come from the encoder config."""
+
+    mask_in_chans: int = 16
+
+
+@dataclass(frozen=True)
+class MaskDecoderConfig:
+    """SAM mask decoder with its two-way transformer."""
+
+    transformer_depth: int = 2
+    transformer_mlp_dim: int = 2048
+    transformer_num_heads: int = 8
+    attention_downsample_rate: int = 2
+    num_multimask_outputs: int = 3
+    iou_head_depth: int = 3
+    iou_head_hidden_dim: int = 256
+
+
+@dataclass(frozen=True)
+class CellFinderConfig:
+    """Anchor-DETR detector on the encoder trunk features (before the neck)."""
+
+    d_model: int = 256
+    nheads: int = 8
+    enc_layers: int = 6
+    dec_layers: int = 6
+    dim_feedforward: int = 1024
+    dropout: float = 0.1
+    num_query_position: int = 3500
+    num_query_pattern: int = 1
+    num_classes: int = 2  # sigmoid classes, no background class
+    spatial_prior: Literal["learned", "grid"] = "learned"
+    attention_type: Literal["RCDA", "nn.MultiheadAttention"] = "RCDA"
+    activation: Literal["relu", "gelu"] = "relu"
+    prior_prob: float = 0.01  # focal-loss bias initialisation of the class head
+    aux_loss: bool = True
+
+
+@dataclass(frozen=True)
+class CellSAMConfig:
+    """The whole model: encoder, detector and SAM prompt/mask heads."""
+
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    prompt_encoder: PromptEncoderConfig = field(default_factory=PromptEncoderConfig)
+    mask_decoder: MaskDecoderConfig = field(default_factory=MaskDecoderConfig)
+    cellfinder: CellFinderConfig = field(default_factory=CellFinderConfig)
+    # The official CellSAM checkpoint has a separate ViT for the detector; set True to
+    # reproduce it faithfully. Our own models share ONE encoder pass.
+    separate_detector_trunk: bool = False
+    # SAM's pixel statistics, applied to images in [0, 255].
+    pixel_mean: tuple[float, float, float] = (123.675, 116.28, 103.53)
+    pixel_std: tuple[float, float, float] = (58.395, 57.12, 57.375)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-serialisable dict (tuples become lists)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> CellSAMConfig:
+        """Inverse of :meth:`to_dict`; unknown keys raise ``ValueError``."""
+        return _from_dict(cls, d)
+
+    def replace(self, **changes: Any) -> CellSAMConfig:
+        """Copy with top-level fields changed."""
+        return dataclasses.replace(self, **changes)
+
+
+def _from_dict(cls: Any, d: dict[str, Any]) -> Any:
+    if not isinstance(d, dict):
+        raise ValueError(f"{cls.__name__}: expected a mapping, got {type(d).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - set(fields))
+    if unknown:
+        raise ValueError(f"{cls.__name__}: unknown config keys {unknown}")
+    kwargs: dict[str, Any] = {}
+    for name, value in d.items():
+        default = getattr(cls(), name) if name in fields else None
+        if dataclasses.is_dataclass(default):
+            kwargs[name] = _from_dict(type(default), value)
+        elif isinstance(default, tuple):
+            kwargs[name] = tuple(value)
+        else:
+            kwargs[name] = value
+    return cls(**kwargs)

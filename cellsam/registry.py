@@ -1,0 +1,135 @@
+"""Named architecture variants and named, versioned weights.
+
+Variants are functions returning a :class:`~cellsam.config.CellSAMConfig`; they are
+registered with :func:`register_variant`. Weights are :class:`WeightsRecord` entries
+(``name.tag`` -> url + sha256 + variant) registered with :func:`register_weights`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from cellsam.config import (
+    CellFinderConfig,
+    CellSAMConfig,
+    EncoderConfig,
+    MaskDecoderConfig,
+)
+
+_VARIANTS: dict[str, Callable[[], CellSAMConfig]] = {}
+
+
+def register_variant(fn: Callable[[], CellSAMConfig]) -> Callable[[], CellSAMConfig]:
+    """Decorator: register ``fn`` under its function name."""
+    if fn.__name__ in _VARIANTS:
+        raise ValueError(f"variant {fn.__name__!r} registered twice")
+    _VARIANTS[fn.__name__] = fn
+    return fn
+
+
+def list_variants() -> list[str]:
+    """Names of all registered architecture variants."""
+    return sorted(_VARIANTS)
+
+
+def get_config(name: str) -> CellSAMConfig:
+    """Config of the variant ``name``; unknown names raise ``KeyError`` listing the choices."""
+    try:
+        return _VARIANTS[name]()
+    except KeyError:
+        raise KeyError(f"unknown model variant {name!r}; choose one of {list_variants()}") from None
+
+
+def _paper_cellfinder() -> CellFinderConfig:
+    return CellFinderConfig()  # the defaults are the paper's configuration
+
+
+@register_variant
+def vit_b() -> CellSAMConfig:
+    """The paper's model: SAM ViT-B (1024 input, patch 16, 768 wide, 12 deep)."""
+    return CellSAMConfig(cellfinder=_paper_cellfinder())
+
+
+@register_variant
+def vit_l() -> CellSAMConfig:
+    """SAM ViT-L trunk with the paper's CellFinder."""
+    enc = EncoderConfig(embed_dim=1024, depth=24, num_heads=16, global_attn_indexes=(5, 11, 17, 23))
+    return CellSAMConfig(encoder=enc, cellfinder=_paper_cellfinder())
+
+
+@register_variant
+def vit_h() -> CellSAMConfig:
+    """SAM ViT-H trunk with the paper's CellFinder."""
+    enc = EncoderConfig(embed_dim=1280, depth=32, num_heads=16, global_attn_indexes=(7, 15, 23, 31))
+    return CellSAMConfig(encoder=enc, cellfinder=_paper_cellfinder())
+
+
+@register_variant
+def vit_tiny() -> CellSAMConfig:
+    """A very small model for unit tests: 64-pixel input, 2 blocks, width 32."""
+    enc = EncoderConfig(
+        img_size=64, patch_size=8, embed_dim=32, depth=2, num_heads=2, out_chans=32,
+        window_size=4, global_attn_indexes=(1,),
+    )
+    dec = MaskDecoderConfig(transformer_mlp_dim=64, transformer_num_heads=2, iou_head_hidden_dim=32)
+    cf = CellFinderConfig(
+        d_model=32, nheads=2, enc_layers=1, dec_layers=2, dim_feedforward=64, dropout=0.0,
+        num_query_position=16, spatial_prior="grid",
+    )
+    return CellSAMConfig(encoder=enc, mask_decoder=dec, cellfinder=cf)
+
+
+@register_variant
+def vit_cpu() -> CellSAMConfig:
+    """The CPU-trainable model we ship: 512 input (a tile at native resolution), patch 8."""
+    enc = EncoderConfig(
+        img_size=512, patch_size=8, embed_dim=192, depth=6, num_heads=6, out_chans=128,
+        window_size=16, global_attn_indexes=(5,),
+    )
+    dec = MaskDecoderConfig(transformer_mlp_dim=512, transformer_num_heads=4, iou_head_hidden_dim=128)
+    cf = CellFinderConfig(
+        d_model=128, nheads=4, enc_layers=1, dec_layers=3, dim_feedforward=512, dropout=0.0,
+        num_query_position=1024, spatial_prior="grid", num_classes=1,
+    )
+    return CellSAMConfig(encoder=enc, mask_decoder=dec, cellfinder=cf)
+
+
+@dataclass(frozen=True)
+class WeightsRecord:
+    """A named, versioned checkpoint that can be downloaded and verified."""
+
+    name: str  # "variant.tag", e.g. "cellsam_cpu.v1"
+    variant: str
+    url: str  # http(s):// or file:// URL, or "package:<relative path>" for bundled weights
+    sha256: str
+    version: str
+    description: str = ""
+    license: str = ""
+
+
+_WEIGHTS: dict[str, WeightsRecord] = {}
+_ALIASES: dict[str, str] = {}
+
+
+def register_weights(record: WeightsRecord, *, aliases: tuple[str, ...] = ()) -> None:
+    """Add ``record`` (and optional alias names such as ``"default"``) to the registry."""
+    if record.name in _WEIGHTS:
+        raise ValueError(f"weights {record.name!r} registered twice")
+    _WEIGHTS[record.name] = record
+    for alias in aliases:
+        _ALIASES[alias] = record.name
+
+
+def list_weights() -> list[str]:
+    """Names (and aliases) of all registered weights."""
+    return sorted(set(_WEIGHTS) | set(_ALIASES))
+
+
+def get_weights(name: str) -> WeightsRecord:
+    """Weights record for ``name`` or an alias; unknown names raise ``KeyError``."""
+    key = _ALIASES.get(name, name)
+    try:
+        return _WEIGHTS[key]
+    except KeyError:
+        raise KeyError(f"unknown weights {name!r}; choose one of {list_weights()}") from None
