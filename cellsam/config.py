@@ -97,14 +97,15 @@ class CellSAMConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> CellSAMConfig:
         """Inverse of :meth:`to_dict`; unknown keys raise ``ValueError``."""
-        return _from_dict(cls, d)
+        return dataclass_from_dict(cls, d)
 
     def replace(self, **changes: Any) -> CellSAMConfig:
         """Copy with top-level fields changed."""
         return dataclasses.replace(self, **changes)
 
 
-def _from_dict(cls: Any, d: dict[str, Any]) -> Any:
+def dataclass_from_dict(cls: Any, d: dict[str, Any]) -> Any:
+    """Build dataclass ``cls`` from a nested dict; unknown keys raise ``ValueError``."""
     if not isinstance(d, dict):
         raise ValueError(f"{cls.__name__}: expected a mapping, got {type(d).__name__}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
@@ -115,7 +116,7 @@ def _from_dict(cls: Any, d: dict[str, Any]) -> Any:
     for name, value in d.items():
         default = getattr(cls(), name) if name in fields else None
         if dataclasses.is_dataclass(default):
-            kwargs[name] = _from_dict(type(default), value)
+            kwargs[name] = dataclass_from_dict(type(default), value)
         elif isinstance(default, tuple):
             kwargs[name] = tuple(value)
         else:

@@ -1,0 +1,38 @@
+"""``cellsam train --config configs/NAME.yaml [--set key=value ...] [--resume]``."""
+
+from __future__ import annotations
+
+import argparse
+
+import yaml
+
+from cellsam.train.config import load_train_config
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train a model (one stage) from a YAML config",
+                       description="Train CellSAM. Every hyper-parameter is in the YAML config; "
+                                   "--set overrides single keys (dotted, e.g. optim.lr_head=2e-4).")
+    p.add_argument("--config", required=True, help="YAML training config (see configs/)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key (repeatable); values are parsed as YAML")
+    p.add_argument("--init", help="start from this checkpoint (ours, Meta SAM .pth or official CellSAM .pt)")
+    p.add_argument("--resume", action="store_true", help="resume from OUTPUT/checkpoints/last.ckpt")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    overrides = {}
+    for item in args.overrides:
+        if "=" not in item:
+            raise SystemExit(f"--set expects KEY=VALUE, got {item!r}")
+        k, v = item.split("=", 1)
+        overrides[k] = yaml.safe_load(v)
+    if args.init:
+        overrides["init"] = args.init
+    cfg = load_train_config(args.config, overrides)
+    from cellsam.train.run import train
+
+    path = train(cfg, resume=args.resume)
+    print(f"model written to {path}")
+    return 0

@@ -1,0 +1,29 @@
+"""Build a :class:`~cellsam.models.cellsam.CellSAM` from a config or a variant name (no I/O)."""
+
+from __future__ import annotations
+
+from cellsam.config import CellSAMConfig
+from cellsam.models.cellfinder import CellFinder
+from cellsam.models.cellsam import CellSAM
+from cellsam.models.image_encoder import ImageEncoderViT
+from cellsam.models.sam_parts import build_sam_parts
+from cellsam.registry import get_config
+
+
+def build_model(cfg: CellSAMConfig | str) -> CellSAM:
+    """A randomly initialised CellSAM for ``cfg`` (a config or a registered variant name)."""
+    if isinstance(cfg, str):
+        cfg = get_config(cfg)
+    if not isinstance(cfg, CellSAMConfig):
+        raise TypeError(f"expected a CellSAMConfig or variant name, got {type(cfg).__name__}")
+    image_encoder, prompt_encoder, mask_decoder = build_sam_parts(cfg)
+    cellfinder = CellFinder(cfg.cellfinder, in_channels=cfg.encoder.embed_dim)
+    detector_trunk = ImageEncoderViT(cfg.encoder) if cfg.separate_detector_trunk else None
+    return CellSAM(
+        cfg,
+        image_encoder=image_encoder,
+        cellfinder=cellfinder,
+        prompt_encoder=prompt_encoder,
+        mask_decoder=mask_decoder,
+        detector_trunk=detector_trunk,
+    )

@@ -1,0 +1,193 @@
+"""CellSAM: the composition root. One encoder pass feeds CellFinder and the SAM mask decoder.
+
+    image (B,3,S,S) in [0,1]
+        -> preprocess -> ImageEncoderViT -> trunk (B,C,h,w) -> CellFinder -> boxes, scores
+                                          -> neck  (B,D,h,w) -> PromptEncoder(boxes) + MaskDecoder -> masks
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from cellsam.config import CellSAMConfig
+from cellsam.models.cellfinder import CellFinder
+from cellsam.models.image_encoder import EncoderOutput, ImageEncoderViT
+from cellsam.models.mask_decoder import MaskDecoder
+from cellsam.models.prompt_encoder import PromptEncoder
+
+Points = tuple[Tensor, Tensor]
+
+
+class CellSAM(nn.Module):
+    """SAM image encoder + CellFinder + SAM prompt encoder and mask decoder.
+
+    Arguments:
+        cfg: the architecture (stored with checkpoints).
+        image_encoder: the shared ViT; its trunk feeds ``cellfinder``, its neck the mask decoder.
+        cellfinder: Anchor-DETR detector on the trunk features.
+        prompt_encoder, mask_decoder: SAM's heads.
+        detector_trunk: only for faithfully imported official checkpoints, whose detector has a
+            ViT of its own (``cfg.separate_detector_trunk``); ``None`` for our models.
+    """
+
+    def __init__(
+        self,
+        cfg: CellSAMConfig,
+        *,
+        image_encoder: ImageEncoderViT,
+        cellfinder: CellFinder,
+        prompt_encoder: PromptEncoder,
+        mask_decoder: MaskDecoder,
+        detector_trunk: ImageEncoderViT | None = None,
+    ) -> None:
+        super().__init__()
+        if cfg.separate_detector_trunk != (detector_trunk is not None):
+            raise ValueError("detector_trunk must be given exactly when cfg.separate_detector_trunk is True")
+        self.cfg = cfg
+        self.image_encoder = image_encoder
+        self.cellfinder = cellfinder
+        self.prompt_encoder = prompt_encoder
+        self.mask_decoder = mask_decoder
+        self.detector_trunk = detector_trunk
+        self.register_buffer("pixel_mean", torch.tensor(cfg.pixel_mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(cfg.pixel_std).view(1, 3, 1, 1), persistent=False)
+
+    # ------------------------------------------------------------------ sizes
+    @property
+    def img_size(self) -> int:
+        """Side S of the square image the encoder takes."""
+        return self.cfg.encoder.img_size
+
+    @property
+    def low_res_size(self) -> int:
+        """Side of the mask decoder's low-resolution logits (4 x the token grid)."""
+        return 4 * self.cfg.encoder.embedding_size
+
+    @property
+    def device(self) -> torch.device:
+        return self.pixel_mean.device
+
+    # ------------------------------------------------------------------ encoder
+    def preprocess(self, images: Tensor) -> Tensor:
+        """(B,3,S,S) in [0,1] -> SAM-normalised (B,3,S,S). Raises on wrong shapes."""
+        if images.ndim != 4 or images.shape[1] != 3 or images.shape[-2:] != (self.img_size, self.img_size):
+            raise ValueError(
+                f"expected images of shape (B, 3, {self.img_size}, {self.img_size}), got {tuple(images.shape)}"
+            )
+        return (images * 255.0 - self.pixel_mean) / self.pixel_std
+
+    def encode(self, images: Tensor) -> EncoderOutput:
+        """One encoder pass over preprocessed images (B,3,S,S)."""
+        return self.image_encoder(images)
+
+    # ------------------------------------------------------------------ detector
+    def detect(self, enc: EncoderOutput, images: Tensor | None = None) -> dict[str, Any]:
+        """Run CellFinder on the trunk features.
+
+        Returns Anchor-DETR outputs: ``pred_logits`` (B,Q,K), ``pred_boxes`` (B,Q,4) cxcywh in [0,1]
+        of the S x S input, and ``aux_outputs``. ``images`` (preprocessed) is needed only when the
+        model has a separate detector trunk (imported official checkpoints).
+        """
+        trunk = enc.trunk
+        if self.detector_trunk is not None:
+            if images is None:
+                raise ValueError("this model has a separate detector trunk: pass the preprocessed images")
+            trunk = self.detector_trunk(images).trunk
+        return self.cellfinder(trunk)
+
+    def postprocess_detections(self, outputs: dict[str, Any], *, box_threshold: float) -> list[dict[str, Tensor]]:
+        """Per image: ``scores`` (N,) sorted descending and ``boxes`` (N,4) xyxy pixels of S. No NMS."""
+        return self.cellfinder.postprocess(outputs, image_size=self.img_size, box_threshold=box_threshold)
+
+    # ------------------------------------------------------------------ masks
+    def decode(
+        self,
+        embedding: Tensor,
+        *,
+        boxes: Tensor | None = None,
+        points: Points | None = None,
+        mask_input: Tensor | None = None,
+        multimask_output: bool = False,
+        chunk_size: int | None = 64,
+    ) -> tuple[Tensor, Tensor]:
+        """Decode N prompts on ONE image embedding, in chunks of ``chunk_size`` prompts.
+
+        Arguments:
+            embedding: (1,D,h,w) neck embedding of one image.
+            boxes: (N,4) xyxy in pixels of the S x S encoder input.
+            points: coords (N,P,2) xy pixels of S and labels (N,P) (1 fg, 0 bg, -1 pad).
+            mask_input: (N,1,4h,4w) low-res logits from an earlier prediction.
+            multimask_output: return SAM's 3 masks per prompt instead of 1.
+            chunk_size: prompts per decoder call (bounds memory); ``None`` = all at once.
+        Returns:
+            low_res_logits (N,M,4h,4w) and iou_pred (N,M), M = 3 if multimask_output else 1.
+        """
+        if embedding.ndim != 4 or embedding.shape[0] != 1:
+            raise ValueError(f"expected one image embedding (1,D,h,w), got {tuple(embedding.shape)}")
+        n = _num_prompts(boxes, points, mask_input)
+        m = self.cfg.mask_decoder.num_multimask_outputs if multimask_output else 1
+        if n == 0:
+            side = self.low_res_size
+            empty = embedding.new_zeros((0, m, side, side))
+            return empty, embedding.new_zeros((0, m))
+        step = n if chunk_size is None else max(1, int(chunk_size))
+        image_pe = self.prompt_encoder.get_dense_pe()
+        logits, ious = [], []
+        for i in range(0, n, step):
+            sl = slice(i, i + step)
+            sparse, dense = self.prompt_encoder(
+                points=None if points is None else (points[0][sl], points[1][sl]),
+                boxes=None if boxes is None else boxes[sl],
+                masks=None if mask_input is None else mask_input[sl],
+            )
+            lo, iou = self.mask_decoder(
+                image_embeddings=embedding,
+                image_pe=image_pe,
+                sparse_prompt_embeddings=sparse,
+                dense_prompt_embeddings=dense,
+                multimask_output=multimask_output,
+            )
+            logits.append(lo)
+            ious.append(iou)
+        return torch.cat(logits), torch.cat(ious)
+
+    def upscale_logits(self, low_res: Tensor) -> Tensor:
+        """(N,M,4h,4w) low-res logits -> (N,M,S,S) by bilinear interpolation (SAM's postprocess)."""
+        return F.interpolate(low_res, (self.img_size, self.img_size), mode="bilinear", align_corners=False)
+
+    # ------------------------------------------------------------------ all together
+    @torch.no_grad()
+    def forward(
+        self,
+        images: Tensor,
+        *,
+        box_threshold: float = 0.4,
+        chunk_size: int | None = 64,
+    ) -> list[dict[str, Tensor]]:
+        """Detect and decode every cell of each image of a batch (B,3,S,S) in [0,1].
+
+        Returns per image: ``boxes`` (N,4) xyxy pixels of S, ``scores`` (N,), ``low_res_logits``
+        (N,1,4h,4w) and ``iou_pred`` (N,). Thresholding of IoU / mask probability and label
+        assembly happen in :mod:`cellsam.inference`.
+        """
+        x = self.preprocess(images)
+        enc = self.encode(x)
+        dets = self.postprocess_detections(self.detect(enc, x), box_threshold=box_threshold)
+        results = []
+        for b, det in enumerate(dets):
+            lo, iou = self.decode(enc.embedding[b : b + 1], boxes=det["boxes"], chunk_size=chunk_size)
+            results.append({"boxes": det["boxes"], "scores": det["scores"], "low_res_logits": lo, "iou_pred": iou[:, 0]})
+        return results
+
+
+def _num_prompts(boxes: Tensor | None, points: Points | None, mask_input: Tensor | None) -> int:
+    sizes = {t.shape[0] for t in (boxes, None if points is None else points[0], mask_input) if t is not None}
+    if not sizes:
+        raise ValueError("give at least one prompt: boxes, points or mask_input")
+    if len(sizes) > 1:
+        raise ValueError(f"boxes, points and mask_input disagree on the number of prompts: {sorted(sizes)}")
+    return sizes.pop()

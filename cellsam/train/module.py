@@ -1,0 +1,193 @@
+"""Lightning module for the two training stages (and the joint warm start).
+
+The model is a plain :class:`~cellsam.models.cellsam.CellSAM`; this module only adds losses,
+optimiser groups, freezing and validation. Distribution (DDP, multi-node) is Lightning's.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from cellsam.models.cellsam import CellSAM
+from cellsam.train.config import TrainConfig
+from cellsam.train.criterion import SetCriterion
+from cellsam.train.mask_loss import mask_losses
+from cellsam.train.matcher import HungarianMatcher
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(RuntimeError):
+    """Raised when a training loss becomes NaN or infinite."""
+
+
+class CellSAMModule(L.LightningModule):
+    """Trains ``model`` according to ``cfg.stage`` (detection, masks or joint)."""
+
+    def __init__(self, model: CellSAM, cfg: TrainConfig) -> None:
+        super().__init__()
+        self.model = model
+        self.cfg = cfg
+        lc = cfg.loss
+        matcher = HungarianMatcher(cost_class=lc.cost_class, cost_bbox=lc.cost_bbox, cost_giou=lc.cost_giou,
+                                   focal_alpha=lc.focal_alpha)
+        base = {"loss_ce": lc.cls, "loss_bbox": lc.bbox, "loss_giou": lc.giou}
+        weight_dict = dict(base)
+        for i in range(model.cfg.cellfinder.dec_layers - 1):
+            weight_dict.update({f"{k}_{i}": v for k, v in base.items()})
+        self.weight_dict = weight_dict
+        self.mask_weights = {"loss_mask_focal": lc.mask_focal, "loss_mask_dice": lc.mask_dice, "loss_iou": lc.iou}
+        self.criterion = SetCriterion(model.cfg.cellfinder.num_classes, matcher, weight_dict,
+                                      focal_alpha=lc.focal_alpha)
+        self._set_trainable()
+
+    # ------------------------------------------------------------------ parameters
+    def _groups(self) -> dict[str, list[torch.nn.Parameter]]:
+        m = self.model
+        neck = list(m.image_encoder.neck.parameters())
+        neck_ids = {id(p) for p in neck}
+        return {
+            "encoder": [p for p in m.image_encoder.parameters() if id(p) not in neck_ids],
+            "neck": neck,
+            "head": list(m.cellfinder.parameters()),
+            "prompt_encoder": list(m.prompt_encoder.parameters()),
+            "mask_decoder": list(m.mask_decoder.parameters()),
+        }
+
+    def _trainable_parts(self) -> set[str]:
+        stage = self.cfg.stage
+        if stage == "detection":
+            return {"encoder", "head"}
+        if stage == "masks":
+            return set(self.cfg.mask_trainable)
+        return {"encoder", "head", "neck", "prompt_encoder", "mask_decoder"}
+
+    def _set_trainable(self) -> None:
+        parts = self._trainable_parts()
+        for name, params in self._groups().items():
+            for p in params:
+                p.requires_grad_(name in parts)
+        if self.model.detector_trunk is not None:
+            self.model.detector_trunk.requires_grad_("encoder" in parts)
+
+    def configure_optimizers(self) -> Any:
+        oc = self.cfg.optim
+        lrs = {"encoder": oc.lr_encoder, "neck": oc.lr_neck, "head": oc.lr_head,
+               "prompt_encoder": oc.lr_decoder, "mask_decoder": oc.lr_decoder}
+        parts = self._trainable_parts()
+        groups = [{"params": ps, "lr": lrs[name], "name": name}
+                  for name, ps in self._groups().items() if name in parts and ps]
+        opt = torch.optim.AdamW(groups, weight_decay=oc.weight_decay)
+        total, drop, warm = self.cfg.max_steps, int(oc.lr_drop_at * self.cfg.max_steps), oc.warmup_steps
+
+        def factor(step: int) -> float:
+            f = oc.lr_drop_factor if step >= drop else 1.0
+            return f * min(1.0, (step + 1) / warm) if warm > 0 else f
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+        log.debug("optimiser groups %s, %d steps, lr drop at %d", [g["name"] for g in groups], total, drop)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    # ------------------------------------------------------------------ losses
+    def _resize(self, images: Tensor) -> Tensor:
+        s = self.model.img_size
+        if images.shape[-1] == s and images.shape[-2] == s:
+            return images
+        return F.interpolate(images, (s, s), mode="bilinear", align_corners=False)
+
+    def compute_losses(self, images: Tensor, targets: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+        """All losses of the configured stage for a batch (B,3,T,T) in [0,1]; key ``loss`` is the total."""
+        stage = self.cfg.stage
+        x = self.model.preprocess(self._resize(images))
+        losses: dict[str, Tensor] = {}
+        total = images.new_zeros(())
+        if stage == "masks":
+            with torch.no_grad():
+                trunk = self.model.image_encoder(x).trunk
+            embedding = self.model.image_encoder.neck(trunk) if "neck" in self.cfg.mask_trainable else (
+                self.model.image_encoder.neck(trunk).detach())
+            enc = None
+        else:
+            enc = self.model.encode(x)
+            embedding = enc.embedding
+        if stage in ("detection", "joint"):
+            assert enc is not None
+            outputs = self.model.detect(enc, x)
+            det_targets = [{"labels": t["labels"], "boxes": t["boxes"]} for t in targets]
+            det = self.criterion(outputs, det_targets)
+            for k, v in det.items():
+                if k in self.weight_dict:
+                    total = total + self.weight_dict[k] * v
+            losses.update({k: v for k, v in det.items() if "_" not in k[5:]})  # log the last layer only
+        if stage in ("masks", "joint"):
+            ml = self._mask_losses(embedding, targets, tile=images.shape[-1])
+            for k, v in ml.items():
+                total = total + self.mask_weights[k] * v
+            losses.update(ml)
+        losses["loss"] = total
+        return losses
+
+    def _mask_losses(self, embedding: Tensor, targets: list[dict[str, Tensor]], *, tile: int) -> dict[str, Tensor]:
+        """Ground-truth boxes (jittered) as prompts, the cells' masks as targets."""
+        k = self.cfg.prompts_per_image
+        scale = self.model.img_size / tile
+        all_logits, all_iou, all_tgt = [], [], []
+        for b, t in enumerate(targets):
+            m = t["ids"].numel()
+            if m == 0:
+                continue
+            sel = torch.randperm(m, device=t["ids"].device)[:k]
+            boxes = t["boxes_xyxy"][sel].to(embedding)
+            wh = (boxes[:, 2:] - boxes[:, :2]).repeat(1, 2)
+            boxes = boxes + self.cfg.box_jitter * wh * torch.randn_like(boxes)
+            lo, iou = self.model.decode(embedding[b : b + 1], boxes=boxes * scale, chunk_size=None)
+            logits = F.interpolate(lo, (tile, tile), mode="bilinear", align_corners=False)
+            tgt = (t["labels_image"][None] == t["ids"][sel][:, None, None]).float()[:, None]
+            all_logits.append(logits)
+            all_iou.append(iou)
+            all_tgt.append(tgt.to(logits))
+        if not all_logits:
+            z = embedding.sum() * 0.0
+            return {"loss_mask_focal": z, "loss_mask_dice": z, "loss_iou": z}
+        return mask_losses(torch.cat(all_logits), torch.cat(all_tgt), torch.cat(all_iou))
+
+    # ------------------------------------------------------------------ loops
+    def training_step(self, batch: tuple[Tensor, list[dict[str, Tensor]]], batch_idx: int) -> Tensor:
+        images, targets = batch
+        losses = self.compute_losses(images, targets)
+        loss = losses["loss"]
+        if not torch.isfinite(loss):
+            bad = {k: float(v) for k, v in losses.items()}
+            raise NonFiniteLossError(f"non-finite loss at step {self.global_step}: {bad}; lower the learning "
+                                     "rate or check the data (cellsam prepare) for empty or broken tiles")
+        self.log_dict({f"train/{k}": v.detach() for k, v in losses.items()}, prog_bar=False,
+                      batch_size=images.shape[0])
+        self.log("loss", loss.detach(), prog_bar=True, batch_size=images.shape[0])
+        return loss
+
+    def validation_step(self, batch: tuple[Tensor, list[dict[str, Tensor]]], batch_idx: int) -> None:
+        images, targets = batch
+        losses = self.compute_losses(images, targets)
+        self.log_dict({f"val/{k}": v for k, v in losses.items()}, batch_size=images.shape[0], sync_dist=True)
+        f1 = self._f1(images, targets)
+        if not math.isnan(f1):
+            self.log("val/f1_50", f1, prog_bar=True, batch_size=images.shape[0], sync_dist=True)
+
+    def _f1(self, images: Tensor, targets: list[dict[str, Tensor]]) -> float:
+        """Mean F1 at IoU 0.5 of full predictions (detector boxes -> masks -> labels) on this batch."""
+        if self.cfg.stage == "masks":
+            return float("nan")  # the detector is not trained in this stage
+        from cellsam.eval.metrics import f1_per_image
+        from cellsam.inference.segment import predict_tiles
+
+        preds = predict_tiles(self.model, images, box_threshold=self.cfg.val_box_threshold)
+        scores = [f1_per_image(t["labels_image"].cpu().numpy(), p, iou_threshold=0.5)
+                  for t, p in zip(targets, preds)]
+        return float(sum(scores) / max(len(scores), 1))

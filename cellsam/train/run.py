@@ -1,0 +1,132 @@
+"""``train(cfg)``: build or load the model, data and Lightning trainer, run one stage, export weights."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+import yaml
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from torch.utils.data import DataLoader
+
+from cellsam.models.build import build_model
+from cellsam.models.cellsam import CellSAM
+from cellsam.train.config import TrainConfig
+from cellsam.train.dataset import PreparedTiles, balanced_sampler, collate
+from cellsam.train.module import CellSAMModule
+
+log = logging.getLogger(__name__)
+
+
+def initial_model(cfg: TrainConfig) -> CellSAM:
+    """The model a run starts from: ``cfg.init`` checkpoint if given, else ``cfg.model`` at random init."""
+    torch.manual_seed(cfg.seed)
+    if cfg.init:
+        from cellsam.weights import load_model
+
+        return load_model(cfg.init)
+    return build_model(cfg.model)
+
+
+def make_loaders(cfg: TrainConfig) -> tuple[DataLoader, DataLoader | None]:
+    """Training loader (balanced across sources) and validation loader (None if no val split)."""
+    train_ds = PreparedTiles(cfg.data, "train", augment_cfg=cfg.augment, seed=cfg.seed)
+    if len(train_ds) == 0:
+        raise ValueError(f"no training tiles in {cfg.data}/train")
+    if cfg.balance_sources:
+        sampler = balanced_sampler(train_ds, num_samples=len(train_ds), seed=cfg.seed)
+        train = DataLoader(train_ds, batch_size=cfg.batch_size, sampler=sampler, collate_fn=collate,
+                           num_workers=cfg.num_workers, drop_last=True)
+    else:
+        g = torch.Generator().manual_seed(cfg.seed)
+        train = DataLoader(train_ds, batch_size=cfg.batch_size, shuffle=True, generator=g, collate_fn=collate,
+                           num_workers=cfg.num_workers, drop_last=True)
+    val = None
+    if (Path(cfg.data) / "val" / "tiles.json").is_file():
+        val_ds = PreparedTiles(cfg.data, "val", augment_cfg=None, max_items=cfg.val_max_tiles)
+        if len(val_ds):
+            val = DataLoader(val_ds, batch_size=cfg.batch_size, collate_fn=collate, num_workers=cfg.num_workers)
+    return train, val
+
+
+class _EpochSetter(Callback):
+    """Re-seeds augmentation each epoch (reproducible, different per epoch)."""
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        ds = trainer.train_dataloader.dataset if trainer.train_dataloader is not None else None
+        if isinstance(ds, PreparedTiles):
+            ds.set_epoch(trainer.current_epoch)
+
+
+class WeightsDigest(Callback):
+    """Writes ``rank<R>.sha256`` (digest of all parameters) at the end of fit: proves DDP ranks agree."""
+
+    def __init__(self, out_dir: Path) -> None:
+        self.out_dir = out_dir
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        h = hashlib.sha256()
+        for name, p in sorted(pl_module.state_dict().items()):
+            h.update(name.encode())
+            h.update(p.detach().cpu().contiguous().numpy().tobytes())
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        (self.out_dir / f"rank{trainer.global_rank}.sha256").write_text(h.hexdigest())
+
+
+def train(cfg: TrainConfig, *, resume: bool = False, extra: dict[str, Any] | None = None) -> Path:
+    """Run one training stage; returns the path of the exported ``model.safetensors``.
+
+    Writes into ``cfg.output``: ``config.yaml`` (resolved config), ``checkpoints/`` (Lightning,
+    for exact resume with ``resume=True``), CSV and TensorBoard logs, and the exported model.
+    """
+    out = Path(cfg.output)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    L.seed_everything(cfg.seed, workers=True)
+    model = initial_model(cfg)
+    module = CellSAMModule(model, cfg)
+    train_loader, val_loader = make_loaders(cfg)
+    strategy: Any = cfg.strategy
+    if strategy == "ddp":
+        strategy = "ddp_find_unused_parameters_true"  # box prompts leave point embeddings unused
+    ckpt = ModelCheckpoint(dirpath=out / "checkpoints", every_n_train_steps=cfg.checkpoint_every_steps,
+                           save_last=True, save_top_k=-1 if cfg.checkpoint_every_steps else 0)
+    trainer = L.Trainer(
+        max_steps=cfg.max_steps,
+        max_epochs=-1,
+        accelerator=cfg.accelerator,
+        devices=cfg.devices,
+        num_nodes=cfg.num_nodes,
+        strategy=strategy,
+        precision=cfg.precision,  # type: ignore[arg-type]
+        gradient_clip_val=cfg.optim.clip_norm or None,
+        gradient_clip_algorithm="norm",
+        log_every_n_steps=cfg.log_every_steps,
+        val_check_interval=cfg.val_every_steps or None,
+        check_val_every_n_epoch=None if cfg.val_every_steps else 1,
+        num_sanity_val_steps=0,
+        limit_val_batches=1.0 if val_loader is not None else 0,
+        logger=[CSVLogger(out, name="logs"), TensorBoardLogger(out, name="tb")],
+        callbacks=[ckpt, _EpochSetter(), WeightsDigest(out)],
+        default_root_dir=out,
+        deterministic=False,
+        enable_progress_bar=True,
+    )
+    last = out / "checkpoints" / "last.ckpt"
+    trainer.fit(module, train_loader, val_loader, ckpt_path=str(last) if resume and last.is_file() else None)
+    dest = out / "model.safetensors"
+    if trainer.global_rank == 0:
+        from cellsam.weights import save_model
+
+        meta = {"training": cfg.to_dict(), "steps": trainer.global_step, **(extra or {})}
+        save_model(module.model, dest, version=cfg.version, metadata=meta)
+        (out / "summary.json").write_text(json.dumps(
+            {"steps": trainer.global_step, "metrics": {k: float(v) for k, v in trainer.callback_metrics.items()}},
+            indent=1))
+    return dest
