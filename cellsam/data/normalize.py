@@ -1,0 +1,152 @@
+"""Intensity normalisation and the CellSAM channel convention (paper Appendix A).
+
+Used both by ``cellsam prepare`` and at inference, so that a user's image is standardised
+exactly as the training tiles were.
+
+Channel convention: a standardised image is ``(3, H, W)`` float32 in [0, 1] with
+R (index 0) always empty, G (index 1) the nuclear channel, B (index 2) the whole-cell
+channel. An image with only ONE channel (nuclear-only, phase only, bright-field, H&E)
+puts that channel in BLUE and leaves green empty, as the reference places a C-channel input
+in the last C slots. Only when both a nuclear and a whole-cell channel exist is green used.
+
+RGB rule (:func:`rgb_to_channel`): an RGB(A) image becomes ONE grey channel.
+- Grey stored as RGB (R = G = B): that channel, unchanged.
+- Colour (e.g. H&E or other stained bright-field): luminance ``0.299 R + 0.587 G + 0.114 B``;
+  if it has a bright background (median luminance above half the value range), it is inverted
+  (``max - lum``), so that stained objects are bright on dark as in fluorescence.
+- Alpha is ignored.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import numpy as np
+
+CLAHE_KERNEL = 128
+CLIP_PERCENTILE = 99.9
+_LUMA = np.array([0.299, 0.587, 0.114])
+
+
+def _check_2d(x: np.ndarray, name: str) -> np.ndarray:
+    x = np.asarray(x)
+    if x.ndim != 2:
+        raise ValueError(f"{name}: expected a (H, W) array, got shape {x.shape}")
+    if x.size == 0:
+        raise ValueError(f"{name}: empty array of shape {x.shape}")
+    if not (np.issubdtype(x.dtype, np.number) or x.dtype == bool):
+        raise TypeError(f"{name}: expected a numeric array, got dtype {x.dtype}")
+    if np.iscomplexobj(x):
+        raise TypeError(f"{name}: complex images are not supported")
+    if np.issubdtype(x.dtype, np.floating) and not np.isfinite(x).all():
+        raise ValueError(f"{name}: contains NaN or infinite values")
+    return x
+
+
+def normalize_channel(x: np.ndarray, *, clahe: bool = True) -> np.ndarray:
+    """Normalise one channel as the reference CellSAM does.
+
+    Clip at the 99.9th percentile of the nonzero values, rescale min..max to [0, 1], then
+    CLAHE (``skimage.exposure.equalize_adapthist``, kernel 128, default clip 0.01).
+
+    Args:
+        x: (H, W) numeric array (any dtype); NaN/inf raise ``ValueError``.
+        clahe: apply CLAHE after rescaling (default True, as in training).
+    Returns:
+        (H, W) float32 in [0, 1]. A constant or all-zero channel gives zeros (never NaN).
+    """
+    x = _check_2d(x, "normalize_channel").astype(np.float64)
+    nonzero = x[x != 0]
+    if nonzero.size == 0:
+        return np.zeros(x.shape, np.float32)
+    hi = np.percentile(nonzero, CLIP_PERCENTILE)
+    x = np.minimum(x, hi)
+    lo, hi = float(x.min()), float(x.max())
+    if hi - lo <= 0:
+        return np.zeros(x.shape, np.float32)
+    x = (x - lo) / (hi - lo)
+    if clahe:
+        from skimage.exposure import equalize_adapthist
+
+        x = equalize_adapthist(x, kernel_size=CLAHE_KERNEL)
+    return np.clip(x, 0.0, 1.0).astype(np.float32)
+
+
+def normalize_image(img: np.ndarray, *, clahe: bool = True) -> np.ndarray:
+    """Apply :func:`normalize_channel` to each channel.
+
+    Args:
+        img: (C, H, W) numeric array.
+    Returns:
+        (C, H, W) float32 in [0, 1].
+    """
+    img = np.asarray(img)
+    if img.ndim != 3:
+        raise ValueError(f"normalize_image: expected a (C, H, W) array, got shape {img.shape}")
+    return np.stack([normalize_channel(c, clahe=clahe) for c in img]).astype(np.float32)
+
+
+def to_cellsam_channels(nuclear: np.ndarray | None, wholecell: np.ndarray | None) -> np.ndarray:
+    """Place channels in CellSAM's (R empty, G nuclear, B whole-cell) layout.
+
+    - both given: G = nuclear, B = whole-cell;
+    - only one given (nuclear OR whole-cell): it goes to BLUE, green stays empty
+      (the reference's rule: nuclear-only data sets move nuclear to blue);
+    - none: ``ValueError``.
+
+    Args:
+        nuclear, wholecell: (H, W) arrays (normally already normalised) or None.
+    Returns:
+        (3, H, W) float32; values are copied, not rescaled.
+    """
+    chans = [c for c in (nuclear, wholecell) if c is not None]
+    if not chans:
+        raise ValueError("to_cellsam_channels: at least one of nuclear / wholecell is required")
+    for c in chans:
+        _check_2d(c, "to_cellsam_channels")
+    if len(chans) == 2 and np.shape(nuclear) != np.shape(wholecell):
+        raise ValueError(
+            f"to_cellsam_channels: nuclear {np.shape(nuclear)} and whole-cell {np.shape(wholecell)} "
+            "differ in size"
+        )
+    h, w = np.shape(chans[0])
+    out = np.zeros((3, h, w), np.float32)
+    if len(chans) == 2:
+        out[1] = nuclear
+        out[2] = wholecell
+    else:
+        out[2] = chans[0]
+    return out
+
+
+def is_grey_rgb(rgb: np.ndarray) -> bool:
+    """True when an (H, W, 3|4) image has R = G = B everywhere."""
+    return bool(np.array_equal(rgb[..., 0], rgb[..., 1]) and np.array_equal(rgb[..., 0], rgb[..., 2]))
+
+
+def rgb_to_channel(rgb: np.ndarray, *, invert: bool | Literal["auto"] = "auto") -> np.ndarray:
+    """One grey channel from an RGB(A) image, by the module's documented RGB rule.
+
+    Args:
+        rgb: (H, W, 3) or (H, W, 4) numeric array, channels last (alpha ignored).
+        invert: ``"auto"`` inverts colour images with a bright background (H&E, stained
+            bright-field); True/False force it (grey-as-RGB images are then inverted too).
+    Returns:
+        (H, W) float32 in the input's value scale (not normalised).
+    """
+    rgb = np.asarray(rgb)
+    if rgb.ndim != 3 or rgb.shape[-1] not in (3, 4):
+        raise ValueError(f"rgb_to_channel: expected (H, W, 3) or (H, W, 4), got shape {rgb.shape}")
+    rgb = rgb[..., :3]
+    if np.issubdtype(rgb.dtype, np.floating) and not np.isfinite(rgb).all():
+        raise ValueError("rgb_to_channel: contains NaN or infinite values")
+    grey = is_grey_rgb(rgb)
+    lum = rgb[..., 0].astype(np.float32) if grey else (rgb.astype(np.float64) @ _LUMA).astype(np.float32)
+    if np.issubdtype(rgb.dtype, np.integer):
+        top = float(np.iinfo(rgb.dtype).max)
+    else:
+        top = max(float(lum.max()), 1.0)
+    do_invert = (not grey and float(np.median(lum)) > top / 2) if invert == "auto" else bool(invert)
+    if do_invert:
+        lum = (top - lum).astype(np.float32)
+    return lum
