@@ -87,31 +87,38 @@ class SetCriterion(nn.Module):
         if len(targets) != outputs["pred_logits"].shape[0]:
             raise ValueError(f"{len(targets)} targets for a batch of {outputs['pred_logits'].shape[0]}")
         if outputs["pred_logits"].shape[-1] != self.num_classes:
-            raise ValueError(f"pred_logits has {outputs['pred_logits'].shape[-1]} classes, expected {self.num_classes}")
+            k = outputs["pred_logits"].shape[-1]
+            raise ValueError(f"pred_logits has {k} classes, expected {self.num_classes}")
         for i, t in enumerate(targets):
             labels = t["labels"]
             if labels.numel() and (labels.min() < 0 or labels.max() >= self.num_classes):
-                raise ValueError(f"target {i}: labels must be in [0, {self.num_classes}), got {labels.tolist()}")
+                raise ValueError(
+                    f"target {i}: labels must be in [0, {self.num_classes}), got {labels.tolist()}"
+                )
 
     def _single(self, outputs: dict, targets: list[dict[str, Tensor]], num_boxes: float) -> dict[str, Tensor]:
         indices = self.matcher(outputs, targets)
         logits, boxes = outputs["pred_logits"], outputs["pred_boxes"]
         device = logits.device
+        pairs = list(zip(targets, indices, strict=True))
         batch_idx = torch.cat([torch.full_like(src, i) for i, (src, _) in enumerate(indices)]).to(device)
         src_idx = torch.cat([src for src, _ in indices]).to(device)
 
         onehot = torch.zeros_like(logits)
         if src_idx.numel():
-            labels = torch.cat([t["labels"].to(device)[j.to(device)] for t, (_, j) in zip(targets, indices, strict=True)])
+            labels = torch.cat([t["labels"].to(device)[j.to(device)] for t, (_, j) in pairs])
             onehot[batch_idx, src_idx, labels.long()] = 1.0
-        loss_ce = sigmoid_focal_loss(logits, onehot, alpha=self.focal_alpha, gamma=self.focal_gamma).sum() / num_boxes
+        focal = sigmoid_focal_loss(logits, onehot, alpha=self.focal_alpha, gamma=self.focal_gamma)
+        loss_ce = focal.sum() / num_boxes
 
         src_boxes = boxes[batch_idx, src_idx]
-        tgt_boxes = torch.cat([t["boxes"].to(device)[j.to(device)] for t, (_, j) in zip(targets, indices, strict=True)])
+        tgt_boxes = torch.cat([t["boxes"].to(device)[j.to(device)] for t, (_, j) in pairs])
         tgt_boxes = tgt_boxes.to(src_boxes.dtype).reshape(-1, 4)
         loss_bbox = F.l1_loss(src_boxes, tgt_boxes, reduction="none").sum() / num_boxes
         if src_boxes.shape[0]:
-            giou = torch.diag(generalized_box_iou(box_cxcywh_to_xyxy(src_boxes), box_cxcywh_to_xyxy(tgt_boxes)))
+            giou = torch.diag(
+                generalized_box_iou(box_cxcywh_to_xyxy(src_boxes), box_cxcywh_to_xyxy(tgt_boxes))
+            )
             loss_giou = (1 - giou).sum() / num_boxes
         else:  # no targets at all: zero, but still connected to the graph
             loss_giou = boxes.sum() * 0.0

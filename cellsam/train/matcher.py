@@ -70,10 +70,13 @@ class HungarianMatcher(nn.Module):
                 indices.append((empty, empty.clone()))
                 continue
             if tboxes.shape != (labels.shape[0], 4):
-                raise ValueError(f"target {b}: boxes {tuple(tboxes.shape)} do not match labels {tuple(labels.shape)}")
+                raise ValueError(
+                    f"target {b}: boxes {tuple(tboxes.shape)} do not match labels {tuple(labels.shape)}"
+                )
             cost = self.cost_matrix(logits[b], boxes[b], labels.long(), tboxes).cpu()
             if not torch.isfinite(cost).all():
                 raise ValueError(f"image {b}: the matching cost has non-finite values (NaN/inf predictions?)")
             rows, cols = linear_sum_assignment(cost.numpy())
-            indices.append((torch.as_tensor(rows, dtype=torch.int64), torch.as_tensor(cols, dtype=torch.int64)))
+            indices.append((torch.as_tensor(rows, dtype=torch.int64),
+                            torch.as_tensor(cols, dtype=torch.int64)))
         return indices
