@@ -86,6 +86,9 @@ class CellSAMConfig:
     # The official CellSAM checkpoint has a separate ViT for the detector; set True to
     # reproduce it faithfully. Our own models share ONE encoder pass.
     separate_detector_trunk: bool = False
+    # Side (pixels of the original image) of the tile one encoder input covers. The paper
+    # upsamples 512 tiles to the 1024 input of ViT-B; our CPU model sees 256 tiles at native scale.
+    tile_size: int = 512
     # SAM's pixel statistics, applied to images in [0, 255].
     pixel_mean: tuple[float, float, float] = (123.675, 116.28, 103.53)
     pixel_std: tuple[float, float, float] = (58.395, 57.12, 57.375)

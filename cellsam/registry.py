@@ -77,27 +77,27 @@ def vit_tiny() -> CellSAMConfig:
         d_model=32, nheads=2, enc_layers=1, dec_layers=2, dim_feedforward=64, dropout=0.0,
         num_query_position=16, spatial_prior="grid",
     )
-    return CellSAMConfig(encoder=enc, mask_decoder=dec, cellfinder=cf)
+    return CellSAMConfig(encoder=enc, mask_decoder=dec, cellfinder=cf, tile_size=64)
 
 
 @register_variant
 def vit_cpu() -> CellSAMConfig:
-    """The CPU-trainable model we ship: 512 input (a tile at native resolution), patch 8.
+    """The CPU-trainable model we ship: 256-pixel tiles at native resolution, patch 8.
 
     Windowed attention only: one global block over 4096 tokens costs 3x the rest of the
     encoder on the 2-core CPU (measured), and cells are local objects; the CellFinder's
     RCDA encoder adds image-wide context.
     """
     enc = EncoderConfig(
-        img_size=512, patch_size=8, embed_dim=128, depth=4, num_heads=4, out_chans=128,
+        img_size=256, patch_size=8, embed_dim=128, depth=4, num_heads=4, out_chans=128,
         window_size=16, global_attn_indexes=(),
     )
     dec = MaskDecoderConfig(transformer_mlp_dim=512, transformer_num_heads=4, iou_head_hidden_dim=128)
     cf = CellFinderConfig(
         d_model=128, nheads=4, enc_layers=1, dec_layers=3, dim_feedforward=512, dropout=0.0,
-        num_query_position=1024, spatial_prior="grid", num_classes=1,
+        num_query_position=576, spatial_prior="grid", num_classes=1,
     )
-    return CellSAMConfig(encoder=enc, mask_decoder=dec, cellfinder=cf)
+    return CellSAMConfig(encoder=enc, mask_decoder=dec, cellfinder=cf, tile_size=256)
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""``cellsam train --config configs/NAME.yaml [--set key=value ...] [--resume]``."""
+"""``cellsam train --config configs/NAME.yaml [--set key=value ...] [--resume]`` (one stage or a recipe)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import argparse
 
 import yaml
 
-from cellsam.train.config import load_train_config
+from cellsam.train.config import load_train_configs
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -30,9 +30,11 @@ def run(args: argparse.Namespace) -> int:
         overrides[k] = yaml.safe_load(v)
     if args.init:
         overrides["init"] = args.init
-    cfg = load_train_config(args.config, overrides)
+    configs = load_train_configs(args.config, overrides)
     from cellsam.train.run import train
 
-    path = train(cfg, resume=args.resume)
-    print(f"model written to {path}")
+    for i, cfg in enumerate(configs):
+        print(f"stage {i + 1}/{len(configs)}: {cfg.stage} -> {cfg.output}")
+        path = train(cfg, resume=args.resume)
+        print(f"model written to {path}")
     return 0

@@ -180,7 +180,9 @@ class CellSAM(nn.Module):
         results = []
         for b, det in enumerate(dets):
             lo, iou = self.decode(enc.embedding[b : b + 1], boxes=det["boxes"], chunk_size=chunk_size)
-            results.append({"boxes": det["boxes"], "scores": det["scores"], "low_res_logits": lo, "iou_pred": iou[:, 0]})
+            results.append(
+                {"boxes": det["boxes"], "scores": det["scores"], "low_res_logits": lo, "iou_pred": iou[:, 0]}
+            )
         return results
 
 

@@ -70,6 +70,7 @@ class TrainConfig:
     num_nodes: int = 1
     strategy: str = "auto"
     balance_sources: bool = True
+    crop_size: int | None = None  # random crops of the prepared tiles (None: whole tiles); val: centre crop
     prompts_per_image: int = 16  # ground-truth boxes decoded per image in the masks/joint stages
     box_jitter: float = 0.05  # relative noise added to prompt boxes (SAM-style)
     mask_trainable: tuple[str, ...] = ("neck", "prompt_encoder", "mask_decoder")
@@ -100,16 +101,43 @@ class TrainConfig:
         return dataclass_from_dict(cls, d)
 
 
-def load_train_config(path: str | Path, overrides: dict[str, Any] | None = None) -> TrainConfig:
-    """Read a YAML training config; ``overrides`` (dotted keys, e.g. ``optim.lr_head``) win."""
+def load_train_configs(path: str | Path, overrides: dict[str, Any] | None = None) -> list[TrainConfig]:
+    """Read a YAML training config: one stage, or a recipe of stages run in order.
+
+    A recipe has ``common:`` (keys shared by all stages) and ``stages:`` (a list of per-stage keys);
+    each stage after the first starts from the model the previous stage exported unless it sets
+    ``init`` itself. ``overrides`` (dotted keys, e.g. ``optim.lr_head``) apply to every stage.
+    """
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"training config not found: {p}")
     d = yaml.safe_load(p.read_text()) or {}
-    for key, value in (overrides or {}).items():
-        node = d
-        *parents, leaf = key.split(".")
-        for k in parents:
-            node = node.setdefault(k, {})
-        node[leaf] = value
-    return TrainConfig.from_dict(d)
+    if not isinstance(d, dict):
+        raise ValueError(f"{p}: expected a mapping at the top level")
+    if "stages" in d:
+        common = d.get("common") or {}
+        unknown = set(d) - {"common", "stages"}
+        if unknown:
+            raise ValueError(f"{p}: a recipe has only 'common' and 'stages', found {sorted(unknown)}")
+        stage_dicts = [_merge(common, s) for s in d["stages"]]
+    else:
+        stage_dicts = [d]
+    configs: list[TrainConfig] = []
+    for sd in stage_dicts:
+        for key, value in (overrides or {}).items():
+            node = sd
+            *parents, leaf = key.split(".")
+            for k in parents:
+                node = node.setdefault(k, {})
+            node[leaf] = value
+        if configs and not sd.get("init"):
+            sd["init"] = str(Path(configs[-1].output) / "model.safetensors")
+        configs.append(TrainConfig.from_dict(sd))
+    return configs
+
+
+def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in top.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out

@@ -36,7 +36,7 @@ def initial_model(cfg: TrainConfig) -> CellSAM:
 
 def make_loaders(cfg: TrainConfig) -> tuple[DataLoader, DataLoader | None]:
     """Training loader (balanced across sources) and validation loader (None if no val split)."""
-    train_ds = PreparedTiles(cfg.data, "train", augment_cfg=cfg.augment, seed=cfg.seed)
+    train_ds = PreparedTiles(cfg.data, "train", augment_cfg=cfg.augment, seed=cfg.seed, crop_size=cfg.crop_size)
     if len(train_ds) == 0:
         raise ValueError(f"no training tiles in {cfg.data}/train")
     if cfg.balance_sources:
@@ -49,7 +49,8 @@ def make_loaders(cfg: TrainConfig) -> tuple[DataLoader, DataLoader | None]:
                            num_workers=cfg.num_workers, drop_last=True)
     val = None
     if (Path(cfg.data) / "val" / "tiles.json").is_file():
-        val_ds = PreparedTiles(cfg.data, "val", augment_cfg=None, max_items=cfg.val_max_tiles)
+        val_ds = PreparedTiles(cfg.data, "val", augment_cfg=None, max_items=cfg.val_max_tiles,
+                              crop_size=cfg.crop_size)
         if len(val_ds):
             val = DataLoader(val_ds, batch_size=cfg.batch_size, collate_fn=collate, num_workers=cfg.num_workers)
     return train, val
