@@ -185,17 +185,22 @@ def _pass1(
     return records, src_info
 
 
-def assign_splits(records: list[ImageRecord], *, seed: int, max_distance: int) -> int:
-    """Set ``record.split`` for all records; returns how many duplicates were moved to train."""
+def assign_splits(records: list[ImageRecord], *, seed: int, max_distance: int) -> tuple[int, list[list[str]]]:
+    """Set ``record.split`` for all records.
+
+    Returns the number of images moved to train as duplicates, and the duplicate groups that
+    spanned several splits (image paths; all now in train).
+    """
     splits = []
     for r in records:
         own = r.own_split if r.own_split in SPLITS else None
         splits.append(own or hash_split(f"{r.source}/{r.image_id}", seed=seed))
     groups = duplicate_groups([r.hashes for r in records], max_distance=max_distance)
-    splits, moved = resolve_duplicates(splits, groups)
-    for r, s in zip(records, splits, strict=True):
+    new, moved = resolve_duplicates(splits, groups)
+    moved_groups = sorted({g for g, a, b in zip(groups, splits, new, strict=True) if a != b})
+    for r, s in zip(records, new, strict=True):
         r.split = s
-    return moved
+    return moved, [[r.path for r, g in zip(records, groups, strict=True) if g == mg] for mg in moved_groups]
 
 
 def _write_split(out: Path, work: Path, split: str, recs: list[ImageRecord], opts: PrepareOptions) -> None:
@@ -313,7 +318,7 @@ def prepare_dataset(
         records, src_info = _pass1([Path(s) for s in sources], work, opts, errors, drops)
         if not records:
             raise ValueError("no usable annotated images found in " + ", ".join(map(str, sources)))
-        moved = assign_splits(records, seed=opts.split_seed, max_distance=opts.max_hash_distance)
+        moved, dup_groups = assign_splits(records, seed=opts.split_seed, max_distance=opts.max_hash_distance)
         for split in SPLITS:
             shutil.rmtree(out / split, ignore_errors=True)
             recs = [r for r in records if r.split == split]
@@ -343,6 +348,7 @@ def prepare_dataset(
         "sources": src_info,
         "counts": report,
         "duplicates_moved_to_train": moved,
+        "duplicate_groups_moved_to_train": dup_groups,
         "errors": errors,
     }
     (out / "stats.json").unlink(missing_ok=True)
