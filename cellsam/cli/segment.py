@@ -1,0 +1,195 @@
+"""``cellsam segment INPUT... -o OUTDIR``: segment image files and write labels, overlays, tables.
+
+Per image ``<name>``: ``<name>_labels.tif`` (uint16, uint32 above 65535 cells), ``<name>_overlay.png``
+(outlines over the image), ``<name>_cells.csv`` and, with ``--coco``, ``<name>_coco.json``.
+A file that fails is reported and the others are still processed; the exit code is 1 if any failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+def sample_path() -> Path:
+    """The sample image shipped with the package (``cellsam/samples/nuclei.png``)."""
+    return Path(str(resources.files("cellsam") / "samples" / "nuclei.png"))
+
+
+def _channel(value: str) -> int | None:
+    if value.lower() in ("none", "-", "x"):
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"channel index must be an integer or 'none', got {value!r}"
+        ) from None
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Register ``segment`` on the ``cellsam`` command."""
+    p = subparsers.add_parser(
+        "segment",
+        help="segment cells in images",
+        description="Segment every cell in TIFF / PNG / JPEG / NPY / OME-Zarr images.",
+    )
+    p.add_argument("inputs", nargs="*", metavar="INPUT", help="image files, folders or glob patterns")
+    p.add_argument(
+        "-o",
+        "--output",
+        "--out",
+        dest="output",
+        type=Path,
+        default=None,
+        help="output folder (default: ./cellsam_output)",
+    )
+    p.add_argument("--sample", action="store_true", help="also segment the sample image bundled with cellsam")
+    p.add_argument(
+        "--model", default="default", help="weights name or checkpoint path (default: the shipped model)"
+    )
+    p.add_argument(
+        "--channel-axis",
+        type=int,
+        default=None,
+        help="channel axis of 3-D images (0 for CHW, -1 for HWC); read from the file when it says",
+    )
+    p.add_argument(
+        "--channels",
+        nargs=2,
+        type=_channel,
+        metavar=("NUCLEAR", "WHOLECELL"),
+        default=None,
+        help="channel indices of the nuclear and whole-cell stains ('none' for a missing one)",
+    )
+    p.add_argument("--box-threshold", type=float, default=0.4, help="minimum detector score (default 0.4)")
+    p.add_argument(
+        "--iou-threshold", type=float, default=0.5, help="minimum predicted mask IoU (default 0.5)"
+    )
+    p.add_argument(
+        "--mask-threshold", type=float, default=0.5, help="mask probability threshold (default 0.5)"
+    )
+    p.add_argument(
+        "--min-area", type=int, default=None, help="drop cells smaller than this many pixels (default 15)"
+    )
+    p.add_argument("--tile-size", type=int, default=512, help="tile side in image pixels (default 512)")
+    p.add_argument("--tile-overlap", type=float, default=0.25, help="tile overlap fraction (default 0.25)")
+    p.add_argument("--batch-size", type=int, default=4, help="tiles per forward pass (default 4)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto", help="default: auto")
+    p.add_argument("--coco", action="store_true", help="also write <name>_coco.json (RLE masks and scores)")
+    p.set_defaults(func=run)
+    return p
+
+
+def load_model(name: str, device: str) -> Any:
+    """The model for ``--model`` on ``--device`` (separate so tests can substitute a model)."""
+    from cellsam.inference.segment import resolve_device
+    from cellsam.weights import load_model as _load
+
+    return _load(name, device=resolve_device(device))
+
+
+def _unique_name(path: Path, used: set[str]) -> str:
+    from cellsam.io import image_name
+
+    name = image_name(path)
+    if name in used:
+        name = f"{name}_{path.suffix.lstrip('.').lower()}"
+    k = 2
+    base = name
+    while name in used:
+        name, k = f"{base}_{k}", k + 1
+    used.add(name)
+    return name
+
+
+def segment_file(path: Path, outdir: Path, name: str, model: Any, args: argparse.Namespace) -> int:
+    """Segment one file and write its outputs; returns the number of cells. Raises on any error."""
+    import numpy as np
+
+    from cellsam import io
+    from cellsam.data.normalize import is_grey_rgb
+    from cellsam.inference.preprocess import prepare_image
+    from cellsam.inference.segment import DEFAULT_MIN_AREA, segment
+
+    loaded = io.load_image(path)
+    axis = args.channel_axis if args.channel_axis is not None else loaded.channel_axis
+    channels = tuple(args.channels) if args.channels is not None else None
+    prepared = prepare_image(loaded.data, channel_axis=axis, channels=channels)
+    seg = segment(
+        prepared,
+        model,
+        channel_axis=0,
+        normalize=False,
+        box_threshold=args.box_threshold,
+        iou_threshold=args.iou_threshold,
+        mask_threshold=args.mask_threshold,
+        min_area=DEFAULT_MIN_AREA if args.min_area is None else args.min_area,
+        tile_size=args.tile_size,
+        tile_overlap=args.tile_overlap,
+        batch_size=args.batch_size,
+        progress=True,
+    )
+    if seg.message:
+        log.warning("%s: %s", path, seg.message)
+    display = io.display_image(prepared)
+    if channels is None and axis is not None and loaded.data.ndim == 3 and loaded.data.shape[axis] in (3, 4):
+        rgb = np.moveaxis(loaded.data, axis, -1)
+        if not is_grey_rgb(rgb):  # colour pictures (H&E) are shown as they are
+            display = io.rgb_display(rgb)
+    io.write_labels(outdir / f"{name}_labels.tif", seg.labels)
+    io.write_overlay(outdir / f"{name}_overlay.png", display, seg.labels)
+    io.write_cells_csv(outdir / f"{name}_cells.csv", io.cell_table(seg.labels, seg.scores, seg.ious))
+    if args.coco:
+        io.write_coco(outdir / f"{name}_coco.json", io.coco_dict(seg.labels, seg.scores, path.name))
+    return seg.n_cells
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``cellsam segment``; returns 0 when every image was segmented, else 1."""
+    from tqdm.auto import tqdm
+
+    from cellsam.io import find_images
+
+    inputs = list(args.inputs) + ([str(sample_path())] if args.sample else [])
+    if not inputs:
+        log.error("no inputs: give image files / folders / globs, or --sample")
+        return 2
+    paths, missing = find_images(inputs)
+    for m in missing:
+        log.error("%s: no images found", m)
+    if not paths:
+        return 1
+    outdir = args.output or Path("cellsam_output")
+    outdir.mkdir(parents=True, exist_ok=True)
+    try:
+        model = load_model(args.model, args.device)
+    except (KeyError, ValueError, OSError) as e:
+        log.error("cannot load model %r: %s", args.model, e)
+        return 1
+    t0 = time.perf_counter()
+    used: set[str] = set()
+    done: list[tuple[Path, int]] = []
+    failed: list[tuple[Path, str]] = []
+    for path in tqdm(paths, desc="images", unit="image", disable=len(paths) < 2):
+        try:
+            n = segment_file(path, outdir, _unique_name(path, used), model, args)
+        except (ValueError, TypeError, OSError) as e:
+            failed.append((path, str(e)))
+            log.error("%s: %s", path, e)
+            continue
+        done.append((path, n))
+    total = sum(n for _, n in done)
+    print(
+        f"cellsam segment: {len(done)} image(s) segmented, {total} cell(s), {len(failed) + len(missing)} "
+        f"failed, {time.perf_counter() - t0:.1f} s; outputs in {outdir}"
+    )
+    for path, reason in failed:
+        print(f"  FAILED {path}: {reason}")
+    return 1 if failed or missing else 0

@@ -1,0 +1,339 @@
+"""``cellsam.segment``: images in, one label image per image out.
+
+Pipeline per image (all sizes in pixels of the input image unless said otherwise):
+
+1. :func:`~cellsam.inference.preprocess.prepare_image`: validation, channel layout, normalisation
+   -> (3, H, W) in [0, 1].
+2. Tiles of ``tile_size`` (default 512, 25% overlap; a smaller image is one zero-padded tile), each
+   resized to the model's input side S (512 -> 1024 for ViT-B), ``batch_size`` tiles per encoder pass.
+3. CellFinder boxes with score >= ``box_threshold``; SAM masks decoded in chunks from the box prompts;
+   masks whose predicted IoU < ``iou_threshold`` dropped; logits upscaled back to the tile.
+4. Per cell: binarise at sigmoid(logit) > ``mask_threshold``, keep the largest island, fill holes.
+5. Stitching: copies of one cell from overlapping tiles are merged (see :mod:`.tiling`).
+6. One label image by arg-max over the cells' logits (a pixel goes to the cell with the highest
+   logit among those whose mask contains it); each label keeps its largest component; cells under
+   ``min_area`` pixels (default 15) are dropped; labels renumbered 1..N by descending box score.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from cellsam.inference.preprocess import Channels, as_numpy, prepare_image
+from cellsam.inference.tiling import Candidate, Tile, deduplicate, extract_tile, tile_grid
+from cellsam.ops.masks import CellMask, clean_cell_mask, clean_labels, logit_threshold, merge_by_argmax
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MIN_AREA = 15
+_MODEL_API = (
+    "img_size",
+    "preprocess",
+    "encode",
+    "detect",
+    "postprocess_detections",
+    "decode",
+    "upscale_logits",
+)
+
+
+@dataclass
+class Segmentation:
+    """The result for one image.
+
+    Attributes:
+        labels: (H, W) int32, 0 = background, 1..N = cells (ordered by descending box score).
+        boxes: (N, 4) float32 CellFinder boxes, xyxy in pixels of the input image; row k is label k+1.
+        scores: (N,) float32 CellFinder box scores.
+        ious: (N,) float32 predicted mask IoUs.
+        masks: with ``return_masks=True``, the N per-cell masks before the arg-max merge (overlapping
+            cells keep their full masks) as :class:`~cellsam.ops.masks.CellMask` crops; else None.
+        message: why the result is empty (empty string when cells were found).
+        stats: counts along the pipeline: tiles, boxes (above box_threshold), iou_passed, masks
+            (non-empty cleaned masks >= min_area), stitched (after removing copies).
+    """
+
+    labels: np.ndarray
+    boxes: np.ndarray
+    scores: np.ndarray
+    ious: np.ndarray
+    masks: list[CellMask] | None = None
+    message: str = ""
+    stats: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def n_cells(self) -> int:
+        return int(self.scores.shape[0])
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``None``/``"auto"``: cuda if available, else mps if available, else cpu; else ``torch.device(device)``."""
+    if device is None or device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' requested but CUDA is not available (use --device cpu or auto)")
+    if dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ValueError("device 'mps' requested but MPS is not available (use --device cpu or auto)")
+    return dev
+
+
+def _model_device(model: Any) -> torch.device:
+    dev = getattr(model, "device", None)
+    if isinstance(dev, torch.device):
+        return dev
+    params = getattr(model, "parameters", None)
+    if callable(params):
+        for p in params():
+            return p.device
+    return torch.device("cpu")
+
+
+def resolve_model(model: Any, device: str | torch.device | None = None) -> tuple[Any, torch.device]:
+    """A ready model and its device: a CellSAM-like object (moved only when ``device`` is given), or a
+    name / checkpoint path loaded with :func:`cellsam.weights.load_model`."""
+    if isinstance(model, (str, os.PathLike)):
+        from cellsam.weights import load_model  # lazy: only needed for names / paths
+
+        model = load_model(model)
+        dev = resolve_device(device)
+        return model.to(dev), dev
+    missing = [a for a in _MODEL_API if not hasattr(model, a)]
+    if missing:
+        raise TypeError(
+            f"model must be a CellSAM model or a model name / checkpoint path; "
+            f"{type(model).__name__} lacks {missing}"
+        )
+    if device is not None:
+        dev = resolve_device(device)
+        if hasattr(model, "to"):
+            model = model.to(dev)
+        return model, dev
+    return model, _model_device(model)
+
+
+def _image_list(image: Any, batch: bool) -> tuple[list[Any], bool]:
+    """(images, single) from one image, a list/tuple of images, or a batch array (``batch=True``)."""
+    if isinstance(image, (list, tuple)):
+        if batch:
+            raise ValueError("batch=True is for one array whose first axis indexes images, not for a list")
+        if len(image) == 0:
+            raise ValueError("got an empty list of images")
+        return list(image), False
+    if batch:
+        arr = as_numpy(image)
+        if arr.ndim < 3:
+            raise ValueError(f"batch=True needs an array (B, ...) of images, got shape {arr.shape}")
+        return list(arr), False
+    return [image], True
+
+
+def segment(
+    image: Any,
+    model: Any = "default",
+    *,
+    batch: bool = False,
+    channel_axis: int | None = None,
+    channels: Channels | None = None,
+    normalize: bool = True,
+    box_threshold: float = 0.4,
+    iou_threshold: float = 0.5,
+    mask_threshold: float = 0.5,
+    min_area: int = DEFAULT_MIN_AREA,
+    tile_size: int = 512,
+    tile_overlap: float = 0.25,
+    batch_size: int = 4,
+    decode_chunk: int = 32,
+    device: str | torch.device | None = None,
+    return_masks: bool = False,
+    progress: bool = False,
+) -> Segmentation | list[Segmentation]:
+    """Segment every cell of one image or of several images.
+
+    Args:
+        image: (H, W), or 3-D with ``channel_axis``; or a list of such images; or with ``batch=True`` an
+            array whose first axis indexes images. numpy arrays or torch tensors, any numeric dtype.
+        model: a CellSAM model, or a name / checkpoint path for :func:`cellsam.weights.load_model`
+            (``"default"``: the model shipped with the package).
+        channel_axis: channel axis of each 3-D image (never guessed; see :mod:`.preprocess`).
+        channels: ``(nuclear_idx, wholecell_idx)``, either may be None.
+        normalize: False for images already normalised to CellSAM's (3, H, W) [0, 1] layout.
+        box_threshold: minimum CellFinder box score.
+        iou_threshold: minimum predicted mask IoU (an uncalibrated regression output).
+        mask_threshold: probability (after sigmoid) above which a pixel belongs to a cell.
+        min_area: cells with fewer pixels in the final label image are dropped.
+        tile_size, tile_overlap: tiling in input pixels; each tile is resized to the model's input side.
+        batch_size: tiles per encoder pass. decode_chunk: box prompts per mask-decoder call.
+        device: "cpu", "cuda", "mps", "auto"; None keeps a given model where it is ("auto" for names).
+        return_masks: also return the per-cell masks before merging.
+        progress: show a tqdm bar over the tiles of large images.
+    Returns:
+        a :class:`Segmentation` for a single image, else a list of them.
+    """
+    for name, v in (("box_threshold", box_threshold), ("iou_threshold", iou_threshold)):
+        if not np.isfinite(v):
+            raise ValueError(f"{name} must be a finite number, got {v}")
+    logit_threshold(mask_threshold)  # validates (0, 1)
+    if batch_size < 1 or decode_chunk < 1:
+        raise ValueError(f"batch_size and decode_chunk must be >= 1, got {batch_size}, {decode_chunk}")
+    images, single = _image_list(image, batch)
+    prepared = [
+        prepare_image(im, channel_axis=channel_axis, channels=channels, normalize=normalize) for im in images
+    ]
+    tile_grid((1, 1), tile_size=tile_size, overlap=tile_overlap)  # validates before loading a model
+    net, dev = resolve_model(model, device)
+    params = dict(
+        box_threshold=box_threshold,
+        iou_threshold=iou_threshold,
+        mask_threshold=mask_threshold,
+        min_area=int(min_area),
+        tile_size=int(tile_size),
+        tile_overlap=float(tile_overlap),
+        batch_size=int(batch_size),
+        decode_chunk=int(decode_chunk),
+        return_masks=return_masks,
+        progress=progress,
+    )
+    was_training = bool(getattr(net, "training", False))
+    if hasattr(net, "eval"):
+        net.eval()
+    try:
+        with torch.inference_mode():
+            results = [segment_prepared(img, net, dev, **params) for img in prepared]
+    finally:
+        if was_training:
+            net.train(True)
+    return results[0] if single else results
+
+
+def _tile_candidates(
+    net: Any,
+    dev: torch.device,
+    tiles: Sequence[Tile],
+    ti: Sequence[int],
+    image: np.ndarray,
+    p: dict[str, Any],
+    stats: dict[str, int],
+) -> list[Candidate]:
+    """Run the model on the tiles ``ti`` (one encoder pass) and return their cells in image coordinates."""
+    t_size, s = p["tile_size"], int(net.img_size)
+    batch = torch.from_numpy(np.stack([extract_tile(image, tiles[i], t_size) for i in ti])).to(dev)
+    if s != t_size:
+        batch = F.interpolate(batch, size=(s, s), mode="bilinear", align_corners=False).clamp_(0.0, 1.0)
+    x = net.preprocess(batch)
+    enc = net.encode(x)
+    dets = net.postprocess_detections(net.detect(enc, x), box_threshold=p["box_threshold"])
+    thr = logit_threshold(p["mask_threshold"])
+    out: list[Candidate] = []
+    for b, tile_idx in enumerate(ti):
+        tile = tiles[tile_idx]
+        boxes, scores = dets[b]["boxes"], dets[b]["scores"]
+        stats["boxes"] += int(boxes.shape[0])
+        if boxes.shape[0] == 0:
+            continue
+        lo, iou = net.decode(
+            enc.embedding[b : b + 1], boxes=boxes, multimask_output=False, chunk_size=p["decode_chunk"]
+        )
+        iou = iou[:, 0]
+        keep = torch.nonzero(iou >= p["iou_threshold"]).flatten()
+        stats["iou_passed"] += int(keep.numel())
+        vh, vw = tile.y1 - tile.y0, tile.x1 - tile.x0
+        scale = t_size / s
+        for c0 in range(0, int(keep.numel()), p["decode_chunk"]):
+            k = keep[c0 : c0 + p["decode_chunk"]]
+            up = net.upscale_logits(lo[k])
+            if s != t_size:
+                up = F.interpolate(up, size=(t_size, t_size), mode="bilinear", align_corners=False)
+            up = up[:, 0, :vh, :vw].float().cpu().numpy()
+            bx = (boxes[k].float().cpu().numpy() * scale) + np.array([tile.x0, tile.y0, tile.x0, tile.y0])
+            bx = np.clip(bx, 0, [image.shape[2], image.shape[1]] * 2)  # padded tiles: keep boxes in the image
+            sc, io = scores[k].float().cpu().numpy(), iou[k].float().cpu().numpy()
+            for j in range(up.shape[0]):
+                cand = _crop_cell(up[j], thr, p["mask_threshold"], p["min_area"])
+                if cand is None:
+                    continue
+                (cy, cx), crop_logits, mask = cand
+                out.append(
+                    Candidate(
+                        tile=tile_idx,
+                        y0=tile.y0 + cy,
+                        x0=tile.x0 + cx,
+                        mask=mask,
+                        logits=crop_logits,
+                        box=bx[j].astype(np.float32),
+                        score=float(sc[j]),
+                        iou=float(io[j]),
+                    )
+                )
+    return out
+
+
+def _crop_cell(
+    logits: np.ndarray, thr: float, mask_threshold: float, min_area: int
+) -> tuple[tuple[int, int], np.ndarray, np.ndarray] | None:
+    """Crop one cell's (h, w) tile logits to its foreground and clean it; None if nothing is left."""
+    fg = logits > thr
+    rows, cols = np.flatnonzero(fg.any(axis=1)), np.flatnonzero(fg.any(axis=0))
+    if rows.size == 0:
+        return None
+    y0, y1, x0, x1 = int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
+    crop = np.ascontiguousarray(logits[y0:y1, x0:x1], dtype=np.float32)
+    mask = clean_cell_mask(crop, mask_threshold=mask_threshold)
+    if int(mask.sum()) < max(min_area, 1):
+        return None
+    return (y0, x0), crop, mask
+
+
+def segment_prepared(image: np.ndarray, net: Any, dev: torch.device, **p: Any) -> Segmentation:
+    """Segment one prepared (3, H, W) image in [0, 1] (see :func:`segment` for the parameters)."""
+    h, w = image.shape[1:]
+    tiles = tile_grid((h, w), tile_size=p["tile_size"], overlap=p["tile_overlap"])
+    stats = {"tiles": len(tiles), "boxes": 0, "iou_passed": 0}
+    starts = range(0, len(tiles), p["batch_size"])
+    if p["progress"] and len(tiles) > p["batch_size"]:
+        from tqdm.auto import tqdm
+
+        starts = tqdm(starts, desc="tiles", unit="batch", leave=False)
+    cands: list[Candidate] = []
+    for i0 in starts:
+        cands += _tile_candidates(
+            net, dev, tiles, list(range(i0, min(i0 + p["batch_size"], len(tiles)))), image, p, stats
+        )
+    stats["masks"] = len(cands)
+    keep = deduplicate(cands, tiles, (h, w))
+    kept = sorted((cands[i] for i in keep), key=lambda c: -c.score)
+    stats["stitched"] = len(kept)
+    merged = merge_by_argmax([(c.y0, c.x0, c.mask, c.logits) for c in kept], (h, w))
+    labels, old_ids = clean_labels(merged, min_area=p["min_area"])
+    final = [kept[i - 1] for i in old_ids]
+    n = len(final)
+    message = ""
+    if n == 0:
+        message = (
+            f"no cells found: {stats['boxes']} box(es) scored >= box_threshold={p['box_threshold']}, "
+            f"{stats['iou_passed']} mask(s) had predicted IoU >= iou_threshold={p['iou_threshold']}, "
+            f"{stats['masks']} mask(s) had >= min_area={p['min_area']} px above "
+            f"mask_threshold={p['mask_threshold']}"
+        )
+        log.info(message)
+    return Segmentation(
+        labels=labels,
+        boxes=np.array([c.box for c in final], np.float32).reshape(n, 4),
+        scores=np.array([c.score for c in final], np.float32),
+        ious=np.array([c.iou for c in final], np.float32),
+        masks=[CellMask(c.y0, c.x0, c.mask) for c in final] if p["return_masks"] else None,
+        message=message,
+        stats=stats,
+    )
