@@ -162,3 +162,16 @@ def test_cli_summary_and_stats(source: Path, tmp_path: Path, capsys: pytest.Capt
     assert (out / "stats.json").is_file() and "stats.json" in m["checksums"]
     rc = main(["prepare", str(tmp_path / "missing"), "-o", str(tmp_path / "x"), "--no-progress", "--on-error", "stop"])
     assert rc == 1 and "does not exist" in capsys.readouterr().err
+
+
+def test_rescale_bicubic_images_nearest_labels() -> None:
+    from cellsam.data.prepare import standardise
+    from cellsam.data.sample import Sample
+    from tests.conftest import make_blobs
+
+    img, lab = make_blobs((60, 70), n=4, radius=(4, 7))
+    s = Sample(image=img[None], labels=lab, roles=("nuclear",), source="x", image_id="a", path="x/a")
+    raw, image, labels = standardise(s, rescale=2.0)
+    assert raw.shape == (1, 120, 140) and image.shape == (3, 120, 140) and labels.shape == (120, 140)
+    assert set(np.unique(labels)) == set(np.unique(lab))  # nearest: no new label values
+    assert abs((labels > 0).sum() - 4 * (lab > 0).sum()) < 0.05 * 4 * (lab > 0).sum()
