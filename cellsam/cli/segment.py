@@ -78,7 +78,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument(
         "--min-area", type=int, default=None, help="drop cells smaller than this many pixels (default 15)"
     )
-    p.add_argument("--tile-size", type=int, default=512, help="tile side in image pixels (default 512)")
+    p.add_argument("--tile-size", type=int, default=None,
+                   help="tile side in image pixels (default: the model's own tile size, e.g. 256 for the default model)")
     p.add_argument("--tile-overlap", type=float, default=0.25, help="tile overlap fraction (default 0.25)")
     p.add_argument("--batch-size", type=int, default=4, help="tiles per forward pass (default 4)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto", help="default: auto")

@@ -4,7 +4,8 @@ Pipeline per image (all sizes in pixels of the input image unless said otherwise
 
 1. :func:`~cellsam.inference.preprocess.prepare_image`: validation, channel layout, normalisation
    -> (3, H, W) in [0, 1].
-2. Tiles of ``tile_size`` (default 512, 25% overlap; a smaller image is one zero-padded tile), each
+2. Tiles of ``tile_size`` (default: the model's ``cfg.tile_size``, 512 for the paper's ViT-B, 256 for
+   our CPU model; 25% overlap; a smaller image is one zero-padded tile), each
    resized to the model's input side S (512 -> 1024 for ViT-B), ``batch_size`` tiles per encoder pass.
 3. CellFinder boxes with score >= ``box_threshold``; SAM masks decoded in chunks from the box prompts;
    masks whose predicted IoU < ``iou_threshold`` dropped; logits upscaled back to the tile.
@@ -152,7 +153,7 @@ def segment(
     iou_threshold: float = 0.5,
     mask_threshold: float = 0.5,
     min_area: int = DEFAULT_MIN_AREA,
-    tile_size: int = 512,
+    tile_size: int | None = None,
     tile_overlap: float = 0.25,
     batch_size: int = 4,
     decode_chunk: int = 32,
@@ -175,6 +176,7 @@ def segment(
         mask_threshold: probability (after sigmoid) above which a pixel belongs to a cell.
         min_area: cells with fewer pixels in the final label image are dropped.
         tile_size, tile_overlap: tiling in input pixels; each tile is resized to the model's input side.
+            ``tile_size=None`` uses the model's own ``cfg.tile_size`` (the scale it was trained at).
         batch_size: tiles per encoder pass. decode_chunk: box prompts per mask-decoder call.
         device: "cpu", "cuda", "mps", "auto"; None keeps a given model where it is ("auto" for names).
         return_masks: also return the per-cell masks before merging.
@@ -192,8 +194,12 @@ def segment(
     prepared = [
         prepare_image(im, channel_axis=channel_axis, channels=channels, normalize=normalize) for im in images
     ]
-    tile_grid((1, 1), tile_size=tile_size, overlap=tile_overlap)  # validates before loading a model
+    if tile_size is not None:
+        tile_grid((1, 1), tile_size=tile_size, overlap=tile_overlap)  # validates before loading a model
     net, dev = resolve_model(model, device)
+    if tile_size is None:
+        cfg = getattr(net, "cfg", None)
+        tile_size = int(getattr(cfg, "tile_size", 512))
     params = dict(
         box_threshold=box_threshold,
         iou_threshold=iou_threshold,

@@ -181,13 +181,15 @@ class CellSAMModule(L.LightningModule):
             self.log("val/f1_50", f1, prog_bar=True, batch_size=images.shape[0], sync_dist=True)
 
     def _f1(self, images: Tensor, targets: list[dict[str, Tensor]]) -> float:
-        """Mean F1 at IoU 0.5 of full predictions (detector boxes -> masks -> labels) on this batch."""
+        """Mean F1 at IoU 0.5 (reference-code rule) of the full pipeline (boxes -> masks -> labels)."""
         if self.cfg.stage == "masks":
             return float("nan")  # the detector is not trained in this stage
-        from cellsam.eval.metrics import f1_per_image
-        from cellsam.inference.segment import predict_tiles
+        from cellsam.eval.metrics import evaluate_labels
+        from cellsam.inference.segment import segment
 
-        preds = predict_tiles(self.model, images, box_threshold=self.cfg.val_box_threshold)
-        scores = [f1_per_image(t["labels_image"].cpu().numpy(), p, iou_threshold=0.5)
-                  for t, p in zip(targets, preds)]
-        return float(sum(scores) / max(len(scores), 1))
+        imgs = [im.float().cpu().numpy() for im in images]
+        segs = segment(imgs, self.model, normalize=False, channel_axis=0, box_threshold=self.cfg.val_box_threshold,
+                       tile_size=self.model.cfg.tile_size)
+        gts = [t["labels_image"].cpu().numpy() for t in targets]
+        summary = evaluate_labels(gts, [s.labels for s in segs], deepcell=False, coco=False, per_image=False)
+        return float(summary["f1_mean"])
