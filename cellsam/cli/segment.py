@@ -79,7 +79,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         "--min-area", type=int, default=None, help="drop cells smaller than this many pixels (default 15)"
     )
     p.add_argument("--tile-size", type=int, default=None,
-                   help="tile side in image pixels (default: the model's own tile size, e.g. 256 for the default model)")
+                   help="tile side in image pixels (default: the model's own tile size, 256 for the default)")
     p.add_argument("--tile-overlap", type=float, default=0.25, help="tile overlap fraction (default 0.25)")
     p.add_argument("--batch-size", type=int, default=4, help="tiles per forward pass (default 4)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto", help="default: auto")
