@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import Dataset, WeightedRandomSampler
+from torch.utils.data import Dataset, Sampler
 
 from cellsam.train.targets import labels_to_targets
 from cellsam.train.transforms import AugmentConfig, augment
@@ -21,7 +22,7 @@ class PreparedTiles(Dataset):
 
     Each item is ``(image (3,T,T) float32, target)`` where target holds ``labels_image`` (T,T) int64
     and the detection targets of :func:`~cellsam.train.targets.labels_to_targets`. With an
-    ``augment`` config, augmentation is seeded by (seed, epoch, index) so runs are reproducible.
+    ``augment`` config, augmentation is seeded by (seed, stream position, index): reproducible.
     """
 
     def __init__(self, root: str | Path, split: str, *, augment_cfg: AugmentConfig | None = None, seed: int = 0,
@@ -41,16 +42,15 @@ class PreparedTiles(Dataset):
         self.augment_cfg = augment_cfg
         self.crop_size = crop_size
         self.seed = seed
-        self.epoch = 0
 
     def __len__(self) -> int:
         return self.n
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __getitem__(self, i: int) -> tuple[Tensor, dict[str, Tensor]]:
-        g = torch.Generator().manual_seed(hash((self.seed, self.epoch, i)) & 0x7FFFFFFF)
+    def __getitem__(self, key: int) -> tuple[Tensor, dict[str, Tensor]]:
+        """Tile ``key % len(self)``; ``key // len(self)`` is its position in the training stream,
+        which seeds the augmentation (see :class:`StreamSampler`)."""
+        i, position = key % self.n, key // self.n
+        g = torch.Generator().manual_seed(hash((self.seed, position, i)) & 0x7FFFFFFF)
         training = self.augment_cfg is not None and self.augment_cfg.enabled
         y0, x0, c = self._crop_window(i, g, random=training)
         image = torch.from_numpy(np.array(self.images[i, :, y0 : y0 + c, x0 : x0 + c], dtype=np.float32))
@@ -86,10 +86,47 @@ class PreparedTiles(Dataset):
         return [1.0 / counts[s] for s in sources]
 
 
-def balanced_sampler(ds: PreparedTiles, *, num_samples: int, seed: int) -> WeightedRandomSampler:
-    """Dataset-balanced sampling across sources (with replacement, ``num_samples`` per epoch)."""
-    g = torch.Generator().manual_seed(seed)
-    return WeightedRandomSampler(ds.source_weights(), num_samples=num_samples, replacement=True, generator=g)
+class StreamSampler(Sampler[int]):
+    """The whole run's sample stream, fixed by the seed, so that training resumes exactly.
+
+    Position ``p`` of the stream (0 <= p < ``total``) is tile ``idx[p]``, drawn with per-source
+    balanced weights (each source equally often, with replacement) or as shuffled passes over all
+    tiles. Keys are ``p * n_items + idx[p]`` (the dataset decodes both). After a restart,
+    ``start_step`` (set from the checkpoint's global step) skips what was consumed. Under DDP,
+    rank r of W takes positions r, r+W, ...: no Lightning sampler wrapping is needed.
+    """
+
+    def __init__(self, ds: PreparedTiles, *, steps: int, batch_size: int, seed: int, balanced: bool) -> None:
+        self.n_items = len(ds)
+        self.batch_size = batch_size
+        self.steps = steps
+        self.seed = seed
+        self.weights = torch.tensor(ds.source_weights(), dtype=torch.float64) if balanced else None
+        self.start_step = 0
+
+    def _world(self) -> tuple[int, int]:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            return dist.get_rank(), dist.get_world_size()
+        return 0, 1
+
+    def _indices(self, total: int) -> Tensor:
+        g = torch.Generator().manual_seed(self.seed)
+        if self.weights is not None:
+            return torch.multinomial(self.weights, total, replacement=True, generator=g)
+        passes = -(-total // self.n_items)
+        return torch.cat([torch.randperm(self.n_items, generator=g) for _ in range(passes)])[:total]
+
+    def __iter__(self) -> Iterator[int]:
+        rank, world = self._world()
+        total = self.steps * self.batch_size * world
+        idx = self._indices(total).tolist()
+        for p in range(self.start_step * self.batch_size * world + rank, total, world):
+            yield p * self.n_items + idx[p]
+
+    def __len__(self) -> int:
+        return max(0, self.steps - self.start_step) * self.batch_size
 
 
 def collate(batch: list[tuple[Tensor, dict[str, Tensor]]]) -> tuple[Tensor, list[dict[str, Tensor]]]:

@@ -47,6 +47,11 @@ class CellSAMModule(L.LightningModule):
         self.criterion = SetCriterion(model.cfg.cellfinder.num_classes, matcher, weight_dict,
                                       focal_alpha=lc.focal_alpha)
         self._set_trainable()
+        self.stream_sampler: Any = None  # set by cellsam.train.run; skips consumed samples on resume
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.stream_sampler is not None:
+            self.stream_sampler.start_step = int(checkpoint["global_step"])
 
     # ------------------------------------------------------------------ parameters
     def _groups(self) -> dict[str, list[torch.nn.Parameter]]:
@@ -143,13 +148,15 @@ class CellSAMModule(L.LightningModule):
             m = t["ids"].numel()
             if m == 0:
                 continue
-            sel = torch.randperm(m, device=t["ids"].device)[:k]
+            # seeded by (seed, step, image): a resumed run draws the same prompts
+            g = torch.Generator().manual_seed(hash((self.cfg.seed, self.global_step, b)) & 0x7FFFFFFF)
+            sel = torch.randperm(m, generator=g)[:k]
             boxes = t["boxes_xyxy"][sel].to(embedding)
             wh = (boxes[:, 2:] - boxes[:, :2]).repeat(1, 2)
-            boxes = boxes + self.cfg.box_jitter * wh * torch.randn_like(boxes)
+            boxes = boxes + self.cfg.box_jitter * wh * torch.randn(boxes.shape, generator=g).to(boxes)
             lo, iou = self.model.decode(embedding[b : b + 1], boxes=boxes * scale, chunk_size=None)
             logits = F.interpolate(lo, (tile, tile), mode="bilinear", align_corners=False)
-            tgt = (t["labels_image"][None] == t["ids"][sel][:, None, None]).float()[:, None]
+            tgt = (t["labels_image"][None] == t["ids"][sel.to(t["ids"].device)][:, None, None]).float()[:, None]
             all_logits.append(logits)
             all_iou.append(iou)
             all_tgt.append(tgt.to(logits))

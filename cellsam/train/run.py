@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader
 from cellsam.models.build import build_model
 from cellsam.models.cellsam import CellSAM
 from cellsam.train.config import TrainConfig
-from cellsam.train.dataset import PreparedTiles, balanced_sampler, collate
+from cellsam.train.dataset import PreparedTiles, StreamSampler, collate
 from cellsam.train.module import CellSAMModule
 
 log = logging.getLogger(__name__)
@@ -39,14 +39,10 @@ def make_loaders(cfg: TrainConfig) -> tuple[DataLoader, DataLoader | None]:
     train_ds = PreparedTiles(cfg.data, "train", augment_cfg=cfg.augment, seed=cfg.seed, crop_size=cfg.crop_size)
     if len(train_ds) == 0:
         raise ValueError(f"no training tiles in {cfg.data}/train")
-    if cfg.balance_sources:
-        sampler = balanced_sampler(train_ds, num_samples=len(train_ds), seed=cfg.seed)
-        train = DataLoader(train_ds, batch_size=cfg.batch_size, sampler=sampler, collate_fn=collate,
-                           num_workers=cfg.num_workers, drop_last=True)
-    else:
-        g = torch.Generator().manual_seed(cfg.seed)
-        train = DataLoader(train_ds, batch_size=cfg.batch_size, shuffle=True, generator=g, collate_fn=collate,
-                           num_workers=cfg.num_workers, drop_last=True)
+    sampler = StreamSampler(train_ds, steps=cfg.max_steps, batch_size=cfg.batch_size, seed=cfg.seed,
+                            balanced=cfg.balance_sources)
+    train = DataLoader(train_ds, batch_size=cfg.batch_size, sampler=sampler, collate_fn=collate,
+                       num_workers=cfg.num_workers, drop_last=True)
     val = None
     if (Path(cfg.data) / "val" / "tiles.json").is_file():
         val_ds = PreparedTiles(cfg.data, "val", augment_cfg=None, max_items=cfg.val_max_tiles,
@@ -54,15 +50,6 @@ def make_loaders(cfg: TrainConfig) -> tuple[DataLoader, DataLoader | None]:
         if len(val_ds):
             val = DataLoader(val_ds, batch_size=cfg.batch_size, collate_fn=collate, num_workers=cfg.num_workers)
     return train, val
-
-
-class _EpochSetter(Callback):
-    """Re-seeds augmentation each epoch (reproducible, different per epoch)."""
-
-    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        ds = trainer.train_dataloader.dataset if trainer.train_dataloader is not None else None
-        if isinstance(ds, PreparedTiles):
-            ds.set_epoch(trainer.current_epoch)
 
 
 class WeightsDigest(Callback):
@@ -80,11 +67,13 @@ class WeightsDigest(Callback):
         (self.out_dir / f"rank{trainer.global_rank}.sha256").write_text(h.hexdigest())
 
 
-def train(cfg: TrainConfig, *, resume: bool = False, extra: dict[str, Any] | None = None) -> Path:
+def train(cfg: TrainConfig, *, resume: bool = False, extra: dict[str, Any] | None = None,
+          callbacks: list[Callback] | None = None) -> Path:
     """Run one training stage; returns the path of the exported ``model.safetensors``.
 
     Writes into ``cfg.output``: ``config.yaml`` (resolved config), ``checkpoints/`` (Lightning,
     for exact resume with ``resume=True``), CSV and TensorBoard logs, and the exported model.
+    ``callbacks`` are extra Lightning callbacks (e.g. progress reporting in ``cellsam serve``).
     """
     out = Path(cfg.output)
     out.mkdir(parents=True, exist_ok=True)
@@ -93,6 +82,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, extra: dict[str, Any] | Non
     model = initial_model(cfg)
     module = CellSAMModule(model, cfg)
     train_loader, val_loader = make_loaders(cfg)
+    module.stream_sampler = train_loader.sampler  # resumes where the checkpoint stopped
     strategy: Any = cfg.strategy
     if strategy == "ddp":
         strategy = "ddp_find_unused_parameters_true"  # box prompts leave point embeddings unused
@@ -114,7 +104,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, extra: dict[str, Any] | Non
         num_sanity_val_steps=0,
         limit_val_batches=1.0 if val_loader is not None else 0,
         logger=[CSVLogger(out, name="logs"), TensorBoardLogger(out, name="tb")],
-        callbacks=[ckpt, _EpochSetter(), WeightsDigest(out)],
+        callbacks=[ckpt, WeightsDigest(out), *(callbacks or [])],
+        use_distributed_sampler=False,  # StreamSampler shards by rank itself
         default_root_dir=out,
         deterministic=False,
         enable_progress_bar=True,
