@@ -1,0 +1,234 @@
+"""A whole benchmark run: models x image sizes x cell counts x precisions, plus reference and Cellpose.
+
+:func:`run_suite` returns the JSON-serialisable result written by :mod:`.report` (schema
+``cellsam-bench/1``, documented in ``benchmarks/README.md``).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import logging
+import sys
+import tempfile
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cellsam.bench.pipeline import synthetic_scene, time_pipeline, write_scene
+
+log = logging.getLogger(__name__)
+SCHEMA = "cellsam-bench/1"
+PRECISIONS = ("fp32", "bf16")
+
+
+@dataclass
+class BenchSpec:
+    """What to run. ``reference``: None = no reference; empty = for every model; else those model names."""
+
+    models: list[str] = field(default_factory=lambda: ["default"])
+    sizes: list[int] = field(default_factory=lambda: [512])
+    cells: list[int] = field(default_factory=lambda: [10, 100, 500])
+    precisions: list[str] = field(default_factory=lambda: ["fp32"])
+    device: str | None = None
+    repeats: int = 3
+    warmup: int = 1
+    reference: list[str] | None = None
+    parity: bool = True
+    cellpose: bool = False
+    cellpose_path: str | None = None
+    batch_size: int = 4
+    decode_chunk: int = 32
+    clip_masks: str = "auto"  # auto: on for random weights
+    seed: int = 0
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the first bad field."""
+        if not self.models:
+            raise ValueError("give at least one model")
+        if not self.sizes or min(self.sizes) < 16:
+            raise ValueError(f"sizes must be >= 16 pixels, got {self.sizes}")
+        if not self.cells or min(self.cells) < 1:
+            raise ValueError(f"cells must be >= 1, got {self.cells}")
+        bad = [p for p in self.precisions if p not in PRECISIONS]
+        if bad or not self.precisions:
+            raise ValueError(f"precisions must be among {PRECISIONS}, got {self.precisions}")
+        if self.repeats < 1 or self.warmup < 0:
+            raise ValueError(f"repeats must be >= 1 and warmup >= 0, got {self.repeats}, {self.warmup}")
+        if self.batch_size < 1 or self.decode_chunk < 1:
+            raise ValueError(f"batch_size and decode_chunk must be >= 1, got {self.batch_size}, {self.decode_chunk}")
+        if self.clip_masks not in ("auto", "on", "off"):
+            raise ValueError(f"clip_masks must be auto, on or off, got {self.clip_masks!r}")
+        unknown = sorted(set(self.reference or []) - set(self.models))
+        if unknown:
+            raise ValueError(f"reference models {unknown} are not among --model {self.models}")
+
+
+def resolve_bench_model(name: str, device: torch.device, *, seed: int = 0) -> tuple[Any, dict[str, Any]]:
+    """(model in eval mode on ``device``, info). ``"default"`` falls back to random ``vit_cpu`` weights
+    when no default weights are registered; a variant name gives random weights; else a file / weights name.
+    """
+    from cellsam.models.build import build_model
+    from cellsam.registry import list_variants
+    from cellsam.weights import load_model
+
+    info: dict[str, Any] = {"name": name, "random_weights": False, "note": ""}
+    if name in list_variants():
+        torch.manual_seed(seed)
+        net, info["random_weights"] = build_model(name), True
+        info["note"] = f"architecture {name!r} with random weights"
+    else:
+        try:
+            net = load_model(name)
+        except KeyError as e:
+            if name != "default":
+                raise
+            torch.manual_seed(seed)
+            net, info["random_weights"] = build_model("vit_cpu"), True
+            info["note"] = f"no 'default' weights registered ({e.args[0][:80]}...): random vit_cpu weights used"
+    cfg = net.cfg
+    info["variant"] = _variant_name(cfg)
+    info["parameters"] = int(sum(p.numel() for p in net.parameters()))
+    info["tile_size"], info["model_side"] = int(cfg.tile_size), int(cfg.encoder.img_size)
+    return net.to(device).eval(), info
+
+
+def _variant_name(cfg: Any) -> str:
+    from cellsam.registry import get_config, list_variants
+
+    return next((v for v in list_variants() if get_config(v) == cfg), "custom")
+
+
+def _clip(spec: BenchSpec, info: dict[str, Any]) -> bool:
+    return info["random_weights"] if spec.clip_masks == "auto" else spec.clip_masks == "on"
+
+
+def run_suite(spec: BenchSpec, *, command: Sequence[str] | None = None) -> dict[str, Any]:
+    """Run every configuration of ``spec``; returns the result dict (see ``benchmarks/README.md``)."""
+    from cellsam.bench.report import machine_info
+    from cellsam.inference.segment import resolve_device
+
+    spec.validate()
+    dev = resolve_device(spec.device)
+    notes: list[str] = []
+    models = {}
+    for name in spec.models:
+        models[name] = resolve_bench_model(name, dev, seed=spec.seed)
+        if models[name][1]["note"]:
+            notes.append(f"{name}: {models[name][1]['note']}")
+    refs = {}
+    if spec.reference is not None:
+        from cellsam.bench.reference import ReferencePipeline
+
+        for name in spec.reference or spec.models:
+            refs[name] = ReferencePipeline(models[name][0])
+    cp_ok = False
+    if spec.cellpose:
+        from cellsam.bench.cellpose_ref import import_cellpose
+
+        mod, msg = import_cellpose(spec.cellpose_path)
+        cp_ok = mod is not None
+        if not cp_ok:
+            notes.append(f"Cellpose skipped: {msg}")
+    runs: list[dict[str, Any]] = []
+    parity: list[dict[str, Any]] = []
+    parity_done: set[str] = set()
+    parity_cells = min(spec.cells, key=lambda c: abs(c - 100))
+    with tempfile.TemporaryDirectory() as tmp:
+        for size in spec.sizes:
+            for cells in spec.cells:
+                scene = synthetic_scene(size, cells=cells, seed=spec.seed, keep_labels=cp_ok)
+                path = write_scene(scene, tmp, f"scene_{size}_{cells}")
+                for name, (net, info) in models.items():
+                    for prec in spec.precisions:
+                        r = time_pipeline(
+                            net, scene, image_path=path, precision=prec, repeats=spec.repeats,
+                            warmup=spec.warmup, batch_size=spec.batch_size, decode_chunk=spec.decode_chunk,
+                            clip_masks=_clip(spec, info), model_name=name,
+                        )
+                        runs.append(r)
+                        _log_run(r)
+                    if name in refs and size == info["tile_size"]:
+                        runs.append(_reference_run(refs[name], scene, path, spec, info, name))
+                        _log_run(runs[-1])
+                        if spec.parity and cells == parity_cells and name not in parity_done:
+                            parity += _parity(net, refs[name], scene, spec, name)
+                            parity_done.add(name)
+                    elif name in refs:
+                        notes.append(f"reference for {name} runs only at size {info['tile_size']} (one tile); "
+                                     f"skipped at {size}")
+                if cp_ok:
+                    from cellsam.bench.cellpose_ref import time_cellpose
+
+                    runs.append(time_cellpose(scene, path, repeats=spec.repeats, warmup=spec.warmup,
+                                              device=dev, path=spec.cellpose_path))
+                    notes.append(f"cellpose3: {runs[-1]['model_detail']}; masks built from the ideal flows of "
+                                 "the scene's cells (random weights give meaningless flows)")
+                    _log_run(runs[-1])
+    return {
+        "schema": SCHEMA,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "command": list(command) if command is not None else sys.argv,
+        "machine": machine_info(dev),
+        "spec": asdict(spec),
+        "models": {name: info for name, (_, info) in models.items()},
+        "runs": runs,
+        "comparisons": comparisons(runs),
+        "parity": parity,
+        "notes": sorted(set(notes)),
+    }
+
+
+def _reference_run(ref: Any, scene: Any, path: Path, spec: BenchSpec, info: dict, name: str) -> dict[str, Any]:
+    from cellsam.bench.reference import time_reference
+
+    return time_reference(ref, scene, path, repeats=spec.repeats, warmup=spec.warmup,
+                          clip_masks=_clip(spec, info), model_name=name)
+
+
+def _parity(net: Any, ref: Any, scene: Any, spec: BenchSpec, name: str) -> list[dict[str, Any]]:
+    from cellsam.bench.reference import parity_check
+    from cellsam.inference.preprocess import prepare_image
+
+    tile = prepare_image(scene.image)
+    out = []
+    for prec in spec.precisions:
+        p = parity_check(net, ref, tile, scene.boxes, precision=prec, decode_chunk=spec.decode_chunk)
+        out.append({"model": name, "cells": scene.cells, **p})
+        log.info("parity %s %s: same embedding identical=%s min IoU %.4f; own encoders min IoU %.4f",
+                 name, prec, p["same_embedding"]["identical"], p["same_embedding"]["min_iou"],
+                 p["own_encoders"]["min_iou"])
+    return out
+
+
+def _log_run(r: dict[str, Any]) -> None:
+    log.info("%-9s %-10s %5s %5d cells/512^2 %s: %.3f s (IQR %.3f)", r["pipeline"], r["model"][:10],
+             "x".join(map(str, r["size"])), r["cells"], r["precision"], r["end_to_end"]["median"],
+             r["end_to_end"]["iqr"])
+
+
+def comparisons(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per run of ours: the reference (same model, size, cells; fp32) and Cellpose (same size, cells),
+    with ratios ``reference / ours`` and ``cellpose / ours`` (> 1: ours is faster)."""
+    def key(r: dict[str, Any]) -> tuple:
+        return tuple(r["size"]), r["cells"]
+
+    refs = {(r["model"], *key(r)): r for r in runs if r["pipeline"] == "reference"}
+    cps = {key(r): r for r in runs if r["pipeline"] == "cellpose"}
+    out = []
+    for r in runs:
+        if r["pipeline"] != "cellsam":
+            continue
+        ours = r["end_to_end"]["median"]
+        ref, cp = refs.get((r["model"], *key(r))), cps.get(key(r))
+        ref_s = ref["end_to_end"]["median"] if ref else None
+        cp_s = cp["end_to_end"]["median"] if cp else None
+        out.append({
+            "model": r["model"], "size": r["size"], "cells": r["cells"], "n_cells": r["n_cells"],
+            "precision": r["precision"], "ours_s": ours, "reference_s": ref_s, "cellpose_s": cp_s,
+            "speedup_vs_reference": ref_s / ours if ref_s and ours > 0 else None,
+            "speedup_vs_cellpose": cp_s / ours if cp_s and ours > 0 else None,
+        })
+    return out

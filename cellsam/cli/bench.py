@@ -1,0 +1,111 @@
+"""``cellsam bench``: time the segmentation pipeline per stage; optionally the reference design and Cellpose.
+
+Writes ``OUT.json`` (all measurements), ``OUT.md`` (tables) and ``OUT.png`` (scaling plot, when
+matplotlib is installed and sizes or cell counts vary). See ``benchmarks/README.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Register ``bench`` on the ``cellsam`` command."""
+    p = subparsers.add_parser(
+        "bench",
+        help="time the pipeline stage by stage (and the reference design / Cellpose)",
+        description="Time read, normalise, encoder, CellFinder, mask decoder, postprocess, stitching and merge "
+        "on synthetic images with a chosen number of cells (boxes supplied). Run on a quiet machine with "
+        "OMP_WAIT_POLICY=PASSIVE.",
+    )
+    p.add_argument("--model", nargs="+", default=["default"],
+                   help="weights name, checkpoint path or architecture variant (random weights); several allowed "
+                        "(default: 'default', random vit_cpu weights when none are registered)")
+    p.add_argument("--sizes", nargs="+", type=int, default=[512], help="image sides in pixels (default 512)")
+    p.add_argument("--cells", nargs="+", type=int, default=[10, 100, 500],
+                   help="cells per 512x512 pixels (default 10 100 500)")
+    p.add_argument("--precision", nargs="+", choices=("fp32", "bf16"), default=["fp32"],
+                   help="fp32 and/or bf16 autocast for our pipeline (default fp32)")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs per configuration (default 3)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed runs first (default 1)")
+    p.add_argument("--device", default=None, help="cpu, cuda, mps or auto (default auto)")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
+    p.add_argument("--reference", nargs="*", default=None, metavar="MODEL",
+                   help="also time the reference design (2 encoder passes, per-box decoding) built from "
+                        "segment_anything with the same weights, at the model's tile size; without names: "
+                        "for every --model")
+    p.add_argument("--no-parity", dest="parity", action="store_false",
+                   help="skip the mask-parity check that --reference runs")
+    p.add_argument("--cellpose", action="store_true", help="also time Cellpose 3 (network + mask building)")
+    p.add_argument("--cellpose-path", default=None,
+                   help="folder with Cellpose 3 installed by pip --target (put first on sys.path)")
+    p.add_argument("--batch-size", type=int, default=4, help="tiles per encoder pass (default 4)")
+    p.add_argument("--decode-chunk", type=int, default=32, help="boxes per mask-decoder call (default 32)")
+    p.add_argument("--clip-masks", choices=("auto", "on", "off"), default="auto",
+                   help="clip decoder logits to the boxes (auto: only for random weights)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the synthetic scenes and random weights")
+    p.add_argument("--no-plot", dest="plot", action="store_false", help="do not write OUT.png")
+    p.add_argument("--out", type=Path, default=Path("benchmarks") / "bench",
+                   help="output path stem: writes OUT.json and OUT.md (default benchmarks/bench)")
+    p.set_defaults(func=run)
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    from cellsam.bench.report import write_report
+    from cellsam.bench.suite import BenchSpec, run_suite
+
+    if args.threads is not None:
+        if args.threads < 1:
+            log.error("--threads must be >= 1, got %d", args.threads)
+            return 2
+        import torch
+
+        torch.set_num_threads(args.threads)
+    if os.environ.get("OMP_WAIT_POLICY", "").upper() != "PASSIVE":
+        log.warning("OMP_WAIT_POLICY is not PASSIVE: on a shared CPU, spinning OpenMP threads can make small "
+                    "kernels much slower; export OMP_WAIT_POLICY=PASSIVE before starting Python")
+    spec = BenchSpec(
+        models=list(args.model), sizes=list(args.sizes), cells=list(args.cells), precisions=list(args.precision),
+        device=args.device, repeats=args.repeats, warmup=args.warmup,
+        reference=None if args.reference is None else list(args.reference), parity=args.parity,
+        cellpose=args.cellpose, cellpose_path=args.cellpose_path, batch_size=args.batch_size,
+        decode_chunk=args.decode_chunk, clip_masks=args.clip_masks, seed=args.seed,
+    )
+    try:
+        spec.validate()
+        result = run_suite(spec, command=_command_line(args))
+    except (ValueError, KeyError, FileNotFoundError) as e:
+        log.error("%s", e)
+        return 2
+    for path in write_report(result, args.out, plot=args.plot):
+        print(path)
+    return 0
+
+
+def _command_line(args: argparse.Namespace) -> list[str]:
+    """The ``cellsam bench`` command equivalent to ``args`` (recorded in the report)."""
+    cmd = ["cellsam", "bench", "--model", *args.model, "--sizes", *map(str, args.sizes),
+           "--cells", *map(str, args.cells), "--precision", *args.precision,
+           "--repeats", str(args.repeats), "--warmup", str(args.warmup)]
+    if args.device:
+        cmd += ["--device", args.device]
+    if args.threads:
+        cmd += ["--threads", str(args.threads)]
+    if args.reference is not None:
+        cmd += ["--reference", *args.reference]
+    if not args.parity:
+        cmd.append("--no-parity")
+    if args.cellpose:
+        cmd.append("--cellpose")
+    if args.cellpose_path:
+        cmd += ["--cellpose-path", args.cellpose_path]
+    cmd += ["--batch-size", str(args.batch_size), "--decode-chunk", str(args.decode_chunk),
+            "--clip-masks", args.clip_masks, "--seed", str(args.seed), "--out", str(args.out)]
+    return cmd
