@@ -113,6 +113,7 @@ class CellSAM(nn.Module):
         mask_input: Tensor | None = None,
         multimask_output: bool = False,
         chunk_size: int | None = 64,
+        memory_budget_mb: float | None = None,
     ) -> tuple[Tensor, Tensor]:
         """Decode N prompts on ONE image embedding, in chunks of ``chunk_size`` prompts.
 
@@ -123,6 +124,8 @@ class CellSAM(nn.Module):
             mask_input: (N,1,4h,4w) low-res logits from an earlier prediction.
             multimask_output: return SAM's 3 masks per prompt instead of 1.
             chunk_size: prompts per decoder call (bounds memory); ``None`` = all at once.
+            memory_budget_mb: if given, the chunk is instead the number of prompts whose decoder
+                activations fit this budget (see :meth:`prompt_bytes`).
         Returns:
             low_res_logits (N,M,4h,4w) and iou_pred (N,M), M = 3 if multimask_output else 1.
         """
@@ -134,6 +137,8 @@ class CellSAM(nn.Module):
             side = self.low_res_size
             empty = embedding.new_zeros((0, m, side, side))
             return empty, embedding.new_zeros((0, m))
+        if memory_budget_mb is not None:
+            chunk_size = max(1, int(memory_budget_mb * 2**20 // self.prompt_bytes(multimask_output)))
         step = n if chunk_size is None else max(1, int(chunk_size))
         image_pe = self.prompt_encoder.get_dense_pe()
         logits, ious = [], []
@@ -154,6 +159,18 @@ class CellSAM(nn.Module):
             logits.append(lo)
             ious.append(iou)
         return torch.cat(logits), torch.cat(ious)
+
+    def prompt_bytes(self, multimask_output: bool = False) -> int:
+        """Approximate float32 activation bytes the mask decoder needs per prompt.
+
+        Per prompt SAM's decoder holds a few copies of the (D,h,w) image tokens in the two-way
+        transformer, the upscaled (D/8,4h,4w) features and the (M,4h,4w) logits.
+        """
+        d, side = self.cfg.encoder.out_chans, self.cfg.encoder.embedding_size
+        m = self.cfg.mask_decoder.num_multimask_outputs + 1 if multimask_output else 1
+        tokens = 4 * d * side * side  # src, keys, attention outputs, residuals
+        upscaled = 2 * (d // 8) * (4 * side) ** 2 + (d // 4) * (2 * side) ** 2
+        return 4 * (tokens + upscaled + m * (4 * side) ** 2)
 
     def upscale_logits(self, low_res: Tensor) -> Tensor:
         """(N,M,4h,4w) low-res logits -> (N,M,S,S) by bilinear interpolation (SAM's postprocess)."""

@@ -1,0 +1,118 @@
+"""The composition root: one encoder pass serves both heads; batched, chunked mask decoding."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from cellsam.models.build import build_model
+from cellsam.registry import get_config, list_variants
+
+
+@pytest.fixture()
+def tiny() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return build_model("vit_tiny").eval()
+
+
+def _count_calls(module: torch.nn.Module) -> list[int]:
+    calls = [0]
+    module.register_forward_hook(lambda *a: calls.__setitem__(0, calls[0] + 1))
+    return calls
+
+
+def test_one_encoder_pass_serves_detector_and_masks(tiny: torch.nn.Module) -> None:
+    enc_calls = _count_calls(tiny.image_encoder)
+    cf_calls = _count_calls(tiny.cellfinder)
+    x = torch.rand(3, 3, 64, 64)
+    out = tiny(x, box_threshold=0.0)
+    assert enc_calls[0] == 1 and cf_calls[0] == 1  # a batch of 3 images: one pass of each
+    assert len(out) == 3
+    for r in out:
+        n = r["boxes"].shape[0]
+        assert n == tiny.cfg.cellfinder.num_query_position  # threshold 0 keeps every query
+        assert r["low_res_logits"].shape == (n, 1, tiny.low_res_size, tiny.low_res_size)
+        assert ((r["scores"] >= 0) & (r["scores"] <= 1)).all()
+        assert (r["scores"][:-1] >= r["scores"][1:]).all()  # sorted
+        b = r["boxes"]
+        assert (b >= 0).all() and (b <= tiny.img_size).all() and (b[:, 2:] >= b[:, :2]).all()
+
+
+def test_chunked_decoding_equals_one_batch_and_bounds_calls(tiny: torch.nn.Module) -> None:
+    x = tiny.preprocess(torch.rand(1, 3, 64, 64))
+    emb = tiny.encode(x).embedding
+    boxes = torch.tensor([[4.0, 4, 20, 20], [10, 30, 40, 60], [0, 0, 63, 63], [30, 5, 50, 25], [1, 2, 3, 4]])
+    dec_calls = _count_calls(tiny.mask_decoder)
+    with torch.no_grad():
+        full, iou_full = tiny.decode(emb, boxes=boxes, chunk_size=None)
+        assert dec_calls[0] == 1
+        chunked, iou_chunked = tiny.decode(emb, boxes=boxes, chunk_size=2)
+        assert dec_calls[0] == 1 + 3
+    torch.testing.assert_close(full, chunked, atol=1e-5, rtol=0)
+    torch.testing.assert_close(iou_full, iou_chunked, atol=1e-5, rtol=0)
+    # a memory budget sets the chunk: room for exactly 2 prompts -> 3 calls for 5 prompts
+    budget = 2.5 * tiny.prompt_bytes() / 2**20
+    dec_calls[0] = 0
+    with torch.no_grad():
+        tiny.decode(emb, boxes=boxes, memory_budget_mb=budget)
+    assert dec_calls[0] == math.ceil(5 / 2)
+
+
+def test_decode_validates_prompts(tiny: torch.nn.Module) -> None:
+    emb = torch.zeros(1, 32, 8, 8)
+    with pytest.raises(ValueError, match="at least one prompt"):
+        tiny.decode(emb)
+    with pytest.raises(ValueError, match="disagree"):
+        tiny.decode(emb, boxes=torch.zeros(2, 4), points=(torch.zeros(3, 1, 2), torch.ones(3, 1)))
+    with pytest.raises(ValueError, match="one image embedding"):
+        tiny.decode(torch.zeros(2, 32, 8, 8), boxes=torch.zeros(2, 4))
+    lo, iou = tiny.decode(emb, boxes=torch.zeros(0, 4))
+    assert lo.shape == (0, 1, 32, 32) and iou.shape == (0, 1)
+    with pytest.raises(ValueError, match="expected images of shape"):
+        tiny.preprocess(torch.rand(1, 3, 32, 32))
+
+
+def test_gradient_reaches_every_parameter_used_by_box_prompts() -> None:
+    torch.manual_seed(0)
+    model = build_model("vit_tiny")
+    x = model.preprocess(torch.rand(2, 3, 64, 64))
+    enc = model.encode(x)
+    out = model.detect(enc)
+    loss = out["pred_logits"].sum() + out["pred_boxes"].sum()
+    loss = loss + sum(a["pred_logits"].sum() + a["pred_boxes"].sum() for a in out["aux_outputs"])
+    lo, iou = model.decode(enc.embedding[:1], boxes=torch.tensor([[4.0, 4, 30, 30]]))
+    lo2, iou2 = model.decode(enc.embedding[1:], points=(torch.tensor([[[10.0, 10]]]), torch.tensor([[1]])),
+                             mask_input=torch.zeros(1, 1, 32, 32), multimask_output=True)
+    (loss + lo.sum() + iou.sum() + lo2.sum() + iou2.sum()).backward()
+    # point prompts use the point embeddings; the 4th mask token only serves multimask (used above)
+    unused = {"prompt_encoder.point_embeddings.2.weight", "prompt_encoder.point_embeddings.3.weight",
+              "prompt_encoder.not_a_point_embed.weight"}  # box corners / padding: not in this graph
+    missing = [n for n, p in model.named_parameters() if p.grad is None and n not in unused]
+    assert not missing, missing
+
+
+def test_separate_detector_trunk_feeds_cellfinder() -> None:
+    cfg = get_config("vit_tiny").replace(separate_detector_trunk=True)
+    model = build_model(cfg).eval()
+    x = model.preprocess(torch.rand(1, 3, 64, 64))
+    enc = model.encode(x)
+    with pytest.raises(ValueError, match="separate detector trunk"):
+        model.detect(enc)
+    trunk_calls = _count_calls(model.detector_trunk)
+    out = model.detect(enc, x)
+    assert trunk_calls[0] == 1
+    expected = model.cellfinder(model.detector_trunk(x).trunk)
+    torch.testing.assert_close(out["pred_logits"], expected["pred_logits"])
+    assert not torch.allclose(out["pred_logits"], model.cellfinder(enc.trunk)["pred_logits"])
+
+
+@pytest.mark.parametrize("name", list_variants())
+def test_every_variant_builds_with_consistent_sizes(name: str) -> None:
+    cfg = get_config(name)
+    assert cfg.encoder.img_size % cfg.encoder.patch_size == 0
+    if cfg.encoder.embed_dim <= 256:  # big variants: config only, building them is slow
+        model = build_model(cfg)
+        assert model.low_res_size == 4 * cfg.encoder.embedding_size
+        assert model.cellfinder.transformer is not None
