@@ -1,0 +1,88 @@
+"""``cellsam serve [FOLDER_OR_PROJECT]``: the browser labeling app (FastAPI + uvicorn).
+
+A folder of images opens as a project (its images are used in place; ``*_masks`` / ``*_labels``
+files next to them are imported as labels); a path that does not exist becomes a new, empty
+project. Listens on 127.0.0.1; any other ``--host`` requires an access token (``--token``, or a
+generated one that is printed with the address).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import secrets
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Register ``serve`` on the ``cellsam`` command."""
+    p = subparsers.add_parser(
+        "serve",
+        help="label cells in the browser (segment, correct, export, fine-tune)",
+        description="Start the labeling web app on a project folder or a folder of images.",
+    )
+    p.add_argument("project", nargs="?", default="cellsam_project", type=Path,
+                   help="project folder, folder of images, or a new folder (default: ./cellsam_project)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default 127.0.0.1; others require a token)")
+    p.add_argument("--model", default=None,
+                   help="weights name or checkpoint path (default: the project's fine-tuned model if it has one, "
+                        "else the shipped model)")
+    p.add_argument("--token", default=None, help="access token (default: none on localhost, generated otherwise)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto", help="default: auto")
+    p.add_argument("--max-upload-mb", type=int, default=1024, help="largest accepted upload (default 1024 MB)")
+    p.add_argument("--max-megapixels", type=float, default=200.0, help="largest accepted image (default 200 MP)")
+    p.add_argument("--cache-mb", type=int, default=1024, help="memory for cached embeddings (default 1024 MB)")
+    p.set_defaults(func=run)
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    """Start the server; returns when it stops (Ctrl+C)."""
+    try:
+        import uvicorn
+
+        from cellsam.server.app import create_app
+    except ImportError as e:
+        log.error("cellsam serve needs the server extras: pip install 'cellsam[serve]' (%s)", e)
+        return 1
+    from cellsam.inference.segment import resolve_device
+    from cellsam.server.images import Limits
+    from cellsam.server.storage import Project, ProjectError
+    from cellsam.weights import load_model
+
+    if args.port < 1 or args.port > 65535:
+        log.error("--port must be in 1..65535, got %d", args.port)
+        return 2
+    token = args.token
+    if args.host not in LOCAL_HOSTS and not token:
+        token = secrets.token_urlsafe(24)
+    try:
+        project = Project.open(args.project)
+    except (ProjectError, OSError) as e:
+        log.error("cannot open project %s: %s", args.project, e)
+        return 1
+    model_name = args.model
+    if model_name is None:
+        saved = project.get_meta("model")
+        model_name = str(project.resolve(saved)) if saved and project.resolve(saved).is_file() else "default"
+    try:
+        model = load_model(model_name, device=resolve_device(args.device))
+    except (KeyError, ValueError, OSError) as e:
+        log.error("cannot load model %r: %s", model_name, e)
+        return 1
+    limits = Limits(max_bytes=args.max_upload_mb << 20, max_pixels=int(args.max_megapixels * 1e6))
+    app = create_app(project, model, model_name=str(model_name), token=token, limits=limits,
+                     cache_bytes=args.cache_mb << 20)
+    host = f"[{args.host}]" if ":" in args.host else args.host
+    url = f"http://{host}:{args.port}/" + (f"?token={token}" if token else "")
+    print(f"cellsam serve: project {project.root} ({len(project.images())} images), model {model_name}")
+    print(f"open {url}   (API docs: http://{host}:{args.port}/docs)")
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    return 0

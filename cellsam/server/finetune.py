@@ -1,0 +1,276 @@
+"""Fine-tune the current model on the project's corrected images, in a background thread.
+
+A job: (1) saves the current model and writes a prepared dataset (docs/ARCHITECTURE.md layout,
+``train`` split only, tiles of the model's own ``tile_size``) from the corrected images (reviewed,
+or edited by hand, with at least one cell); (2) scores the current model on those images; (3) runs
+stage 1 ("detection", only when asked) and stage 2 ("masks") with :func:`cellsam.train.run.train`;
+(4) scores the new model the same way. Scores are :func:`cellsam.eval.metrics.evaluate_labels`'s
+``f1_mean`` (F1 at IoU 0.5) and ``ap50`` of :func:`cellsam.segment` against the corrected labels:
+they are measured on the training images, so they show how well the model learnt the corrections,
+not how it generalises. The new model is only offered; :meth:`FinetuneManager.use` switches to it.
+"""
+
+from __future__ import annotations
+
+import csv
+import inspect
+import json
+import logging
+import shutil
+import threading
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cellsam.server.session import ModelSession
+from cellsam.server.storage import ImageRecord, Project, ProjectError
+
+log = logging.getLogger(__name__)
+
+FINETUNE_DIR = "finetune"
+
+
+@dataclass(frozen=True)
+class FinetuneOptions:
+    """Steps of each stage (``detection_steps=0`` skips stage 1), batch size, trainer accelerator."""
+
+    mask_steps: int = 200
+    detection_steps: int = 0
+    batch_size: int = 2
+    accelerator: str = "auto"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.mask_steps < 1 or self.detection_steps < 0 or self.batch_size < 1:
+            raise ValueError("mask_steps and batch_size must be >= 1 and detection_steps >= 0")
+
+
+@dataclass
+class JobState:
+    """What the page shows about a job. ``model`` is project-relative once the job is done."""
+
+    id: str
+    state: str = "running"  # running | done | failed | cancelled
+    phase: str = "starting"
+    progress: float = 0.0
+    message: str = ""
+    images: int = 0
+    tiles: int = 0
+    before: dict[str, Any] | None = None
+    after: dict[str, Any] | None = None
+    model: str | None = None
+    started: float = field(default_factory=time.time)
+    finished: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class Cancelled(Exception):
+    """The user cancelled the job."""
+
+
+def corrected_images(project: Project) -> list[ImageRecord]:
+    """Images the user reviewed or edited by hand, with at least one cell."""
+    return [r for r in project.images() if r.n_cells > 0 and (r.reviewed or r.edits > 0)]
+
+
+def write_prepared(project: Project, recs: list[ImageRecord], out: Path, *, tile: int) -> int:
+    """Write ``out/train/{images.npy, labels.npy, tiles.json}``; returns the number of tiles (those
+    with at least one cell after the paper's label filters)."""
+    from cellsam.data.labels import filter_labels
+    from cellsam.data.tiling import crop, tile_grid
+    from cellsam.server.export import export_labels
+    from cellsam.server.images import load_raw, prepare
+
+    imgs, labs, meta = [], [], []
+    for rec in recs:
+        image = prepare(load_raw(project.image_path(rec), rec), rec)
+        labels = export_labels(project, rec.id)
+        for y0, x0 in tile_grid(labels.shape, tile=tile):
+            lab, _ = filter_labels(crop(labels, y0, x0, tile=tile))
+            if lab.max() == 0:
+                continue
+            imgs.append(crop(image, y0, x0, tile=tile).astype(np.float32))
+            labs.append(lab[None].astype(np.int32))
+            meta.append({"source": "project", "image": rec.name, "kind": "unknown", "y0": y0, "x0": x0,
+                         "cells": int(lab.max())})
+    d = out / "train"
+    d.mkdir(parents=True, exist_ok=True)
+    if imgs:
+        np.save(d / "images.npy", np.stack(imgs))
+        np.save(d / "labels.npy", np.stack(labs))
+    (d / "tiles.json").write_text(json.dumps(meta))
+    (out / "dataset.json").write_text(json.dumps({"format_version": 1, "command": "cellsam serve fine-tune",
+                                                  "sources": [{"name": "project", "path": str(project.root)}]}))
+    return len(meta)
+
+
+def score(model: Any, images: list[np.ndarray], gts: list[np.ndarray]) -> dict[str, Any]:
+    """F1 at IoU 0.5 (``f1_mean``), AP50 and per-image F1 of :func:`cellsam.segment` against ``gts``."""
+    from cellsam.eval.metrics import evaluate_labels
+    from cellsam.inference.segment import segment
+
+    preds = [segment(im, model, channel_axis=0, normalize=False).labels for im in images]
+    ev = evaluate_labels(gts, preds, deepcell=False, coco=False, per_image=True)
+    return {"f1": ev["f1_mean"], "ap50": ev["ap50"], "n_true": ev["n_true"], "n_pred": ev["n_pred"],
+            "per_image_f1": [row["f1"]["0.50"] for row in ev["per_image"]]}
+
+
+def _last_step(run_dir: Path) -> int:
+    """Latest training step logged by Lightning's CSV logger under ``run_dir`` (0 if none yet)."""
+    step = 0
+    for f in run_dir.glob("logs/version_*/metrics.csv"):
+        try:
+            with open(f, newline="") as fh:
+                for row in csv.DictReader(fh):
+                    if row.get("step"):
+                        step = max(step, int(float(row["step"])) + 1)
+        except (OSError, ValueError):
+            continue
+    return step
+
+
+class FinetuneManager:
+    """At most one job at a time per project."""
+
+    def __init__(self, project: Project, session: ModelSession) -> None:
+        self.project, self.session = project, session
+        self.job: JobState | None = None
+        self._opts: FinetuneOptions | None = None
+        self._thread: threading.Thread | None = None
+        self._cancel = threading.Event()
+        self._stage: tuple[Path, int, float, float] | None = None  # run dir, steps, progress from, to
+
+    def start(self, opts: FinetuneOptions) -> JobState:
+        if self.job is not None and self.job.state == "running":
+            raise ProjectError("a fine-tuning job is already running")
+        recs = corrected_images(self.project)
+        if not recs:
+            raise ProjectError("no corrected images yet: edit an image or mark it reviewed first")
+        job_id = time.strftime("%Y%m%d-%H%M%S")
+        self.job = JobState(id=job_id, images=len(recs))
+        self._opts, self._cancel = opts, threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(self.job, opts, recs), daemon=True,
+                                        name=f"finetune-{job_id}")
+        self._thread.start()
+        return self.job
+
+    def status(self) -> JobState | None:
+        job = self.job
+        if job is not None and job.state == "running" and self._stage is not None:
+            run, steps, p0, p1 = self._stage
+            job.progress = p0 + (p1 - p0) * min(_last_step(run) / steps, 1.0)
+        return job
+
+    def cancel(self) -> JobState:
+        if self.job is None or self.job.state != "running":
+            raise ProjectError("no fine-tuning job is running")
+        self._cancel.set()
+        self.job.message = "cancelling after the current phase"
+        return self.job
+
+    def wait(self, timeout: float | None = None) -> JobState | None:
+        if self._thread is not None:
+            self._thread.join(timeout)
+        return self.job
+
+    def use(self) -> str:
+        """Switch the session to the job's new model; returns its project-relative path."""
+        from cellsam.weights import load_model
+
+        job = self.job
+        if job is None or job.state != "done" or job.model is None:
+            raise ProjectError("no fine-tuned model to use yet")
+        path = self.project.resolve(job.model)
+        device = next(self.session.model.parameters()).device
+        self.session.set_model(load_model(path, device=device), name=job.model)
+        self.project.set_meta("model", job.model)
+        return job.model
+
+    # ------------------------------------------------------------------ the job
+    def _phase(self, job: JobState, phase: str, progress: float) -> None:
+        if self._cancel.is_set():
+            raise Cancelled
+        job.phase, job.progress = phase, progress
+        log.info("fine-tune %s: %s", job.id, phase)
+
+    def _run(self, job: JobState, opts: FinetuneOptions, recs: list[ImageRecord]) -> None:
+        try:
+            self._run_inner(job, opts, recs)
+            job.state, job.phase, job.progress = "done", "done", 1.0
+        except Cancelled:
+            job.state, job.message = "cancelled", "cancelled by the user"
+        except Exception as e:  # noqa: BLE001 - reported to the page; the server keeps running
+            log.exception("fine-tune %s failed", job.id)
+            job.state, job.message = "failed", f"{type(e).__name__}: {e}"
+        finally:
+            self._stage = None
+            job.finished = time.time()
+
+    def _run_inner(self, job: JobState, opts: FinetuneOptions, recs: list[ImageRecord]) -> None:
+        from cellsam.server.export import export_labels
+        from cellsam.server.images import load_raw, prepare
+        from cellsam.train.config import TrainConfig
+        from cellsam.weights import load_model, save_model
+
+        root = self.project.root / FINETUNE_DIR / job.id
+        root.mkdir(parents=True, exist_ok=True)
+        self._phase(job, "preparing data", 0.01)
+        with self.session.lock:
+            start = save_model(self.session.model, root / "start", version="start",
+                               metadata={"description": f"model before fine-tune {job.id}"})
+            tile = self.session.tile_size
+        job.tiles = write_prepared(self.project, recs, root / "data", tile=tile)
+        if job.tiles == 0:
+            raise ProjectError("the corrected images have no usable cells (after the label filters)")
+        images = [prepare(load_raw(self.project.image_path(r), r), r) for r in recs]
+        gts = [export_labels(self.project, r.id) for r in recs]
+        self._phase(job, "scoring the current model", 0.05)
+        job.before = score(load_model(start), images, gts)
+        total = opts.detection_steps + opts.mask_steps
+        base = TrainConfig(
+            data=str(root / "data"), seed=opts.seed, batch_size=min(opts.batch_size, job.tiles),
+            accelerator=opts.accelerator, balance_sources=False, log_every_steps=1, checkpoint_every_steps=0,
+            val_every_steps=0, version=f"finetune-{job.id}",
+        )
+        init, done = str(start), 0
+        for stage, steps in (("detection", opts.detection_steps), ("masks", opts.mask_steps)):
+            if steps == 0:
+                continue
+            p0 = 0.1 + 0.8 * done / total
+            p1 = 0.1 + 0.8 * (done + steps) / total
+            self._phase(job, f"training stage {'1 (boxes)' if stage == 'detection' else '2 (masks)'}", p0)
+            out = root / f"stage_{stage}"
+            cfg = replace(base, stage=stage, init=init, output=str(out), max_steps=steps)
+            self._stage = (out, steps, p0, p1)
+            init = str(self._train(cfg))
+            self._stage = None
+            shutil.rmtree(out / "checkpoints", ignore_errors=True)  # resume state: large, not needed
+            done += steps
+        self._phase(job, "scoring the new model", 0.9)
+        job.after = score(load_model(init), images, gts)
+        job.model = Path(init).relative_to(self.project.root).as_posix()
+
+    def _train(self, cfg: Any) -> Path:
+        from cellsam.train.run import train
+
+        kwargs: dict[str, Any] = {"extra": {"finetuned_on": str(self.project.root)}}
+        if "callbacks" in inspect.signature(train).parameters:  # progress + cancel while training
+            kwargs["callbacks"] = [_StopOnCancel(self._cancel)]
+        return Path(train(cfg, **kwargs))
+
+
+def _StopOnCancel(event: threading.Event) -> Any:  # noqa: N802 - a factory standing in for a class
+    """A Lightning callback that stops training when ``event`` is set."""
+    from lightning.pytorch.callbacks import Callback
+
+    class StopOnCancel(Callback):
+        def on_train_batch_end(self, trainer: Any, *args: Any) -> None:
+            if event.is_set():
+                trainer.should_stop = True
+
+    return StopOnCancel()

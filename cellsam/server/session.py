@@ -1,0 +1,289 @@
+"""The model, loaded once, and the per-image caches that make prompts fast.
+
+An image is split into the model's tiles (``cfg.tile_size`` pixels, 25 % overlap, zero-padded like
+:func:`cellsam.segment`); each tile is embedded once, on first use, by a
+:class:`~cellsam.inference.predictor.Predictor` kept in an LRU cache bounded by count and bytes.
+A prompt then runs only the prompt encoder and mask decoder on the tile that holds it best.
+Normalised images ((3, H, W) in [0, 1]) are cached the same way. All model calls hold one lock.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from cellsam.inference.predictor import Predictor
+from cellsam.inference.tiling import Tile, extract_tile, tile_grid
+from cellsam.ops.masks import clean_cell_mask, merge_by_argmax
+
+TILE_OVERLAP = 0.25
+
+
+class LRUCache:
+    """Least-recently-used cache bounded by item count and by total bytes (``size_of(value)``)."""
+
+    def __init__(self, *, max_items: int, max_bytes: int, size_of: Callable[[Any], int]) -> None:
+        if max_items < 1 or max_bytes < 1:
+            raise ValueError(f"cache bounds must be >= 1, got max_items={max_items}, max_bytes={max_bytes}")
+        self.max_items, self.max_bytes, self.size_of = max_items, max_bytes, size_of
+        self._d: OrderedDict[Hashable, tuple[Any, int]] = OrderedDict()
+        self.bytes = 0
+        self.hits = 0
+        self.misses = 0
+
+    def get(self, key: Hashable) -> Any:
+        hit = self._d.get(key)
+        if hit is None:
+            self.misses += 1
+            return None
+        self.hits += 1
+        self._d.move_to_end(key)
+        return hit[0]
+
+    def put(self, key: Hashable, value: Any) -> None:
+        if key in self._d:
+            self.bytes -= self._d.pop(key)[1]
+        size = int(self.size_of(value))
+        self._d[key] = (value, size)
+        self.bytes += size
+        while len(self._d) > 1 and (len(self._d) > self.max_items or self.bytes > self.max_bytes):
+            self.bytes -= self._d.popitem(last=False)[1][1]
+
+    def drop(self, pred: Callable[[Hashable], bool]) -> None:
+        for k in [k for k in self._d if pred(k)]:
+            self.bytes -= self._d.pop(k)[1]
+
+    def clear(self) -> None:
+        self._d.clear()
+        self.bytes = 0
+
+    def __len__(self) -> int:
+        return len(self._d)
+
+
+def _predictor_bytes(p: Predictor) -> int:
+    f = p._features
+    total = 0
+    for t in (getattr(f, "trunk", None), getattr(f, "embedding", None), p._input):
+        if isinstance(t, torch.Tensor):
+            total += t.numel() * t.element_size()
+    return total
+
+
+@dataclass
+class CellProposal:
+    """One cell from the model: its mask on a window (y0, x0) and logits there."""
+
+    y0: int
+    x0: int
+    mask: np.ndarray  # (h, w) bool
+    logits: np.ndarray  # (h, w) float32
+    score: float
+
+
+class ModelSession:
+    """Owns the model and the caches; safe to call from several threads."""
+
+    def __init__(
+        self, model: Any, *, name: str = "model", cache_items: int = 16, cache_bytes: int = 1 << 30
+    ) -> None:
+        self.lock = threading.RLock()
+        self.embeddings = LRUCache(max_items=cache_items, max_bytes=cache_bytes, size_of=_predictor_bytes)
+        self.images = LRUCache(max_items=12, max_bytes=max(cache_bytes // 2, 1), size_of=lambda a: a.nbytes)
+        self.generation = 0
+        self.set_model(model, name=name)
+
+    def set_model(self, model: Any, *, name: str) -> None:
+        """Use another model (e.g. a fine-tuned one); every cached embedding is dropped."""
+        with self.lock:
+            model.eval()
+            self.model, self.name = model, name
+            self.tile_size = int(getattr(model.cfg, "tile_size", model.img_size))
+            self.generation += 1
+            self.embeddings.clear()
+
+    # ------------------------------------------------------------------ images and tiles
+    def prepared(self, key: Hashable, load: Callable[[], np.ndarray]) -> np.ndarray:
+        """The normalised (3, H, W) image for ``key`` (computed by ``load`` on a miss)."""
+        with self.lock:
+            img = self.images.get(key)
+            if img is None:
+                img = load()
+                self.images.put(key, img)
+            return img
+
+    def forget(self, image_id: int) -> None:
+        """Drop cached images and embeddings of one image (channels changed, image deleted)."""
+        with self.lock:
+            self.images.drop(lambda k: k[0] == image_id)
+            self.embeddings.drop(lambda k: k[0] == image_id)
+
+    def tiles(self, shape: tuple[int, int]) -> list[Tile]:
+        return tile_grid(shape, tile_size=self.tile_size, overlap=TILE_OVERLAP)
+
+    def _predictor(self, key: Hashable, image: np.ndarray, tiles: list[Tile], i: int) -> Predictor:
+        full = (*key, i, self.generation) if isinstance(key, tuple) else (key, i, self.generation)
+        p = self.embeddings.get(full)
+        if p is None:
+            p = Predictor(self.model)
+            p.set_image(extract_tile(image, tiles[i], self.tile_size), channel_axis=0, normalize=False)
+            self.embeddings.put(full, p)
+        return p
+
+    @staticmethod
+    def best_tile(tiles: list[Tile], box: tuple[float, float, float, float]) -> int:
+        """Index of the tile that holds the (x0, y0, x1, y1) box with the widest margin (or most of it)."""
+        bx0, by0, bx1, by1 = box
+        best, score = 0, -np.inf
+        for i, t in enumerate(tiles):
+            margin = min(bx0 - t.x0, by0 - t.y0, t.x1 - bx1, t.y1 - by1)
+            inter = max(0.0, min(bx1, t.x1) - max(bx0, t.x0)) * max(0.0, min(by1, t.y1) - max(by0, t.y0))
+            s = margin if margin >= 0 else -1e9 + inter
+            if s > score:
+                best, score = i, s
+        return best
+
+    # ------------------------------------------------------------------ prompts
+    @torch.no_grad()
+    def predict(
+        self,
+        key: Hashable,
+        image: np.ndarray,
+        *,
+        points: list[tuple[float, float]] | None = None,
+        point_labels: list[int] | None = None,
+        box: tuple[float, float, float, float] | None = None,
+    ) -> CellProposal:
+        """One cell from point and / or box prompts (x, y pixels of the whole image).
+
+        Args:
+            image: (3, H, W) normalised image. points: (P, 2) xy; point_labels: (P,) 1 = inside,
+            0 = outside. box: xyxy.
+        Returns:
+            the cleaned mask (largest island, holes filled) on its tile window.
+        Raises:
+            ValueError: no prompt, no positive point and no box, or an empty mask.
+        """
+        pts = np.asarray(points or [], np.float32).reshape(-1, 2)
+        lab = np.asarray(point_labels or [], np.int64).reshape(-1)
+        if pts.shape[0] != lab.shape[0]:
+            raise ValueError(f"{pts.shape[0]} points but {lab.shape[0]} point labels")
+        if box is None and not (lab == 1).any():
+            raise ValueError("give a box or at least one positive point (inside the cell)")
+        h, w = image.shape[1:]
+        if box is not None:
+            region = tuple(float(v) for v in box)
+        else:
+            pos = pts[lab == 1]
+            region = (float(pos[:, 0].min()), float(pos[:, 1].min()), float(pos[:, 0].max()), float(pos[:, 1].max()))
+        for v, side in zip(region, (w, h, w, h), strict=True):
+            if not -1 <= v <= side + 1:
+                raise ValueError(f"prompt coordinate {v:g} lies outside the {w}x{h} image")
+        with self.lock:
+            tiles = self.tiles((h, w))
+            i = self.best_tile(tiles, region)  # type: ignore[arg-type]
+            t = tiles[i]
+            p = self._predictor(key, image, tiles, i)
+            off = np.array([t.x0, t.y0], np.float32)
+            kw: dict[str, Any] = {}
+            if pts.shape[0]:
+                kw["point_coords"], kw["point_labels"] = pts - off, lab
+            if box is not None:
+                kw["box"] = np.asarray(region, np.float32) - np.tile(off, 2)
+            multimask = box is None and pts.shape[0] == 1
+            logits, scores, _ = p.predict(**kw, multimask_output=multimask, return_logits=True)
+        k = int(np.argmax(scores))
+        lo = logits[k][: t.y1 - t.y0, : t.x1 - t.x0].astype(np.float32)
+        mask = clean_cell_mask(lo)
+        if not mask.any():
+            raise ValueError("the model found no cell there; add a box or more points")
+        return CellProposal(t.y0, t.x0, mask, lo, float(scores[k]))
+
+    @torch.no_grad()
+    def detect(self, key: Hashable, image: np.ndarray, *, box_threshold: float) -> tuple[np.ndarray, np.ndarray]:
+        """CellFinder boxes over the whole image: (N, 4) xyxy float32 and (N,) scores, best first.
+
+        Tiles are run one by one (each embedding cached); a box is kept by the tile whose core (the
+        tile without half the overlap at inner edges) holds its centre, then near-duplicates
+        (IoU > 0.7) are removed.
+        """
+        h, w = image.shape[1:]
+        all_boxes, all_scores = [], []
+        with self.lock:
+            tiles = self.tiles((h, w))
+            m = int(round(self.tile_size * TILE_OVERLAP / 2))
+            for i, t in enumerate(tiles):
+                boxes, scores = self._predictor(key, image, tiles, i).detect(box_threshold)
+                boxes = boxes + np.array([t.x0, t.y0, t.x0, t.y0], np.float32)
+                boxes[:, 0::2] = boxes[:, 0::2].clip(0, w)
+                boxes[:, 1::2] = boxes[:, 1::2].clip(0, h)
+                cx, cy = (boxes[:, 0] + boxes[:, 2]) / 2, (boxes[:, 1] + boxes[:, 3]) / 2
+                core = (
+                    (cx >= (t.x0 + m if t.x0 > 0 else 0)) & (cx < (t.x1 - m if t.x1 < w else w + 1))
+                    & (cy >= (t.y0 + m if t.y0 > 0 else 0)) & (cy < (t.y1 - m if t.y1 < h else h + 1))
+                )
+                all_boxes.append(boxes[core])
+                all_scores.append(scores[core])
+        boxes = np.concatenate(all_boxes) if all_boxes else np.zeros((0, 4), np.float32)
+        scores = np.concatenate(all_scores) if all_scores else np.zeros((0,), np.float32)
+        order = np.argsort(-scores, kind="stable")
+        keep = _nms(boxes[order], 0.7)
+        return boxes[order][keep].astype(np.float32), scores[order][keep].astype(np.float32)
+
+    @torch.no_grad()
+    def decode_boxes(self, key: Hashable, image: np.ndarray, boxes: np.ndarray) -> list[CellProposal]:
+        """One proposal per box (N, 4) xyxy; boxes whose mask comes out empty are skipped."""
+        h, w = image.shape[1:]
+        out: list[CellProposal] = []
+        with self.lock:
+            tiles = self.tiles((h, w))
+            groups: dict[int, list[int]] = {}
+            for j, b in enumerate(np.asarray(boxes, np.float32).reshape(-1, 4)):
+                groups.setdefault(self.best_tile(tiles, tuple(b)), []).append(j)
+            for i, idx in groups.items():
+                t = tiles[i]
+                p = self._predictor(key, image, tiles, i)
+                local = boxes[idx] - np.array([t.x0, t.y0, t.x0, t.y0], np.float32)
+                logits, scores, _ = p.predict(box=local, multimask_output=False, return_logits=True)
+                for n in range(len(idx)):
+                    lo = logits[n, 0][: t.y1 - t.y0, : t.x1 - t.x0].astype(np.float32)
+                    mask = clean_cell_mask(lo)
+                    if mask.any():
+                        out.append(CellProposal(t.y0, t.x0, mask, lo, float(scores[n, 0])))
+        return out
+
+    def segment_all(self, image: np.ndarray, **kwargs: Any) -> Any:
+        """:func:`cellsam.segment` on a normalised (3, H, W) image with this session's model."""
+        from cellsam.inference.segment import segment
+
+        with self.lock:
+            return segment(image, self.model, channel_axis=0, normalize=False, **kwargs)
+
+
+def proposals_to_labels(props: list[CellProposal], shape: tuple[int, int]) -> np.ndarray:
+    """(H, W) int32 labels 1..N from proposals (overlaps resolved by the highest logit)."""
+    cells = [(p.y0, p.x0, p.mask, np.where(p.mask, p.logits, -np.inf).astype(np.float32)) for p in props]
+    return merge_by_argmax(cells, shape)
+
+
+def _nms(boxes: np.ndarray, iou_max: float) -> list[int]:
+    """Greedy non-maximum suppression of score-sorted (N, 4) xyxy boxes; indices kept."""
+    keep: list[int] = []
+    area = np.maximum(boxes[:, 2] - boxes[:, 0], 0) * np.maximum(boxes[:, 3] - boxes[:, 1], 0)
+    for i in range(boxes.shape[0]):
+        if keep:
+            k = np.asarray(keep)
+            ix = np.clip(np.minimum(boxes[k, 2], boxes[i, 2]) - np.maximum(boxes[k, 0], boxes[i, 0]), 0, None)
+            iy = np.clip(np.minimum(boxes[k, 3], boxes[i, 3]) - np.maximum(boxes[k, 1], boxes[i, 1]), 0, None)
+            inter = ix * iy
+            iou = inter / np.maximum(area[k] + area[i] - inter, 1e-9)
+            if (iou > iou_max).any():
+                continue
+        keep.append(i)
+    return keep
