@@ -96,7 +96,7 @@ class CellSAM(nn.Module):
         if self.detector_trunk is not None:
             if images is None:
                 raise ValueError("this model has a separate detector trunk: pass the preprocessed images")
-            trunk = self.detector_trunk(images).trunk
+            trunk = self.detector_trunk.forward_trunk(images)
         return self.cellfinder(trunk)
 
     def postprocess_detections(self, outputs: dict[str, Any], *, box_threshold: float) -> list[dict[str, Tensor]]:

@@ -233,6 +233,11 @@ class ImageEncoderViT(nn.Module):
 
     def forward(self, x: torch.Tensor) -> EncoderOutput:
         """Encode a batch of preprocessed images (B, in_chans, S, S), S = ``cfg.img_size``."""
+        trunk = self.forward_trunk(x)
+        return EncoderOutput(trunk=trunk, embedding=self.neck(trunk))
+
+    def forward_trunk(self, x: torch.Tensor) -> torch.Tensor:
+        """The ViT blocks only (no neck): (B, in_chans, S, S) -> (B, embed_dim, h, w)."""
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"expected a torch.Tensor, got {type(x).__name__}")
         if not x.is_floating_point():
@@ -248,5 +253,4 @@ class ImageEncoderViT(nn.Module):
             tokens = tokens + self.pos_embed
         for block in self.blocks:
             tokens = block(tokens)
-        trunk = tokens.permute(0, 3, 1, 2)  # (B, C, h, w)
-        return EncoderOutput(trunk=trunk, embedding=self.neck(trunk))
+        return tokens.permute(0, 3, 1, 2)  # (B, C, h, w)

@@ -115,7 +115,7 @@ class CellSAMModule(L.LightningModule):
         total = images.new_zeros(())
         if stage == "masks":
             with torch.no_grad():
-                trunk = self.model.image_encoder(x).trunk
+                trunk = self.model.image_encoder.forward_trunk(x)
             embedding = self.model.image_encoder.neck(trunk) if "neck" in self.cfg.mask_trainable else (
                 self.model.image_encoder.neck(trunk).detach())
             enc = None
