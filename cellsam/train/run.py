@@ -30,7 +30,7 @@ def initial_model(cfg: TrainConfig) -> CellSAM:
     if cfg.init:
         from cellsam.weights import load_model
 
-        return load_model(cfg.init)
+        return load_model(cfg.init).train()  # load_model returns eval mode (dropout off)
     return build_model(cfg.model)
 
 
