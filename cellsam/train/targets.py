@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from cellsam.ops.boxes import box_xyxy_to_cxcywh, masks_to_boxes
+
 
 def labels_to_targets(labels: Tensor, *, min_area: int = 4) -> dict[str, Tensor]:
     """Boxes and ids of the objects of one label image.
@@ -18,28 +20,14 @@ def labels_to_targets(labels: Tensor, *, min_area: int = 4) -> dict[str, Tensor]
         (the single "cell" class).
     """
     h, w = labels.shape
-    flat = labels.flatten()
-    ids, counts = torch.unique(flat, return_counts=True)
-    keep = (ids > 0) & (counts >= min_area)
+    ids, counts = torch.unique(labels[labels > 0], return_counts=True)
+    keep = counts >= min_area
+    xyxy = masks_to_boxes(labels)[keep]  # rows follow the sorted ids
     ids = ids[keep]
-    if ids.numel() == 0:
-        z = torch.zeros((0, 4))
-        return {"ids": ids, "boxes_xyxy": z, "boxes": z.clone(), "labels": torch.zeros(0, dtype=torch.long)}
-    # rows / cols where each object appears: min and max via scatter_reduce
-    index = torch.searchsorted(ids, flat.clamp_min(0))
-    index = index.clamp_max(ids.numel() - 1)
-    valid = ids[index] == flat
-    idx = index[valid]
-    pos = torch.nonzero(valid).squeeze(1)
-    ys, xs = (pos // w).float(), (pos % w).float()
-    m = ids.numel()
-    inf = torch.full((m,), float("inf"))
-    x1 = inf.clone().scatter_reduce(0, idx, xs, "amin")
-    y1 = inf.clone().scatter_reduce(0, idx, ys, "amin")
-    x2 = (-inf).scatter_reduce(0, idx, xs, "amax") + 1
-    y2 = (-inf).scatter_reduce(0, idx, ys, "amax") + 1
-    xyxy = torch.stack([x1, y1, x2, y2], 1)
     scale = torch.tensor([w, h, w, h], dtype=torch.float32)
-    n = xyxy / scale
-    cxcywh = torch.stack([(n[:, 0] + n[:, 2]) / 2, (n[:, 1] + n[:, 3]) / 2, n[:, 2] - n[:, 0], n[:, 3] - n[:, 1]], 1)
-    return {"ids": ids, "boxes_xyxy": xyxy, "boxes": cxcywh, "labels": torch.zeros(m, dtype=torch.long)}
+    return {
+        "ids": ids,
+        "boxes_xyxy": xyxy,
+        "boxes": box_xyxy_to_cxcywh(xyxy / scale),
+        "labels": torch.zeros(ids.numel(), dtype=torch.long),
+    }
