@@ -84,6 +84,11 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=4, help="tiles per forward pass (default 4)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto", help="default: auto")
     p.add_argument("--coco", action="store_true", help="also write <name>_coco.json (RLE masks and scores)")
+    p.add_argument(
+        "--dask", nargs="?", const="local", default=None, metavar="ADDRESS",
+        help="run on Dask: a LocalCluster, or the scheduler at ADDRESS (tcp://host:8786); files go to "
+        "workers, images above 4096x4096 px are cut into blocks and written to <name>_labels.ome.zarr",
+    )
     p.set_defaults(func=run)
     return p
 
@@ -158,6 +163,9 @@ def run(args: argparse.Namespace) -> int:
 
     from cellsam.io import find_images
 
+    dask = getattr(args, "dask", None)
+    if dask not in (None, "local") and ":" not in dask:  # `--dask IMAGE ...`: an input, not an address
+        args.inputs, args.dask = [dask, *args.inputs], "local"
     inputs = list(args.inputs) + ([str(sample_path())] if args.sample else [])
     if not inputs:
         log.error("no inputs: give image files / folders / globs, or --sample")
@@ -169,6 +177,10 @@ def run(args: argparse.Namespace) -> int:
         return 1
     outdir = args.output or Path("cellsam_output")
     outdir.mkdir(parents=True, exist_ok=True)
+    if getattr(args, "dask", None) is not None:
+        from cellsam.distributed.files import run_cli
+
+        return run_cli(args, paths, len(missing), outdir)
     try:
         model = load_model(args.model, args.device)
     except (KeyError, ValueError, OSError) as e:

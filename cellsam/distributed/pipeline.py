@@ -1,0 +1,382 @@
+"""``segment_dask``: one large image through the block pipeline of :mod:`.blocks` on a Dask cluster.
+
+Stages (each a set of Dask tasks, each failure reported by position through :func:`.cluster.wait_all`):
+global statistics sample -> block segmentation -> copy edges inside and across blocks -> per-component
+``deduplicate`` -> per-block final cells -> label ids (score descending, as single-process) -> OME-Zarr
+level 0 by regions of whole chunks -> pyramid levels. Only small per-cell metadata (ids, scores, copy
+edges) comes back to the client; masks stay on the workers.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cellsam.distributed import blocks as B
+from cellsam.distributed import omezarr
+from cellsam.distributed.cluster import BlockFailure, close_client, get_client, wait_all, worker_model
+from cellsam.distributed.source import ImageSource, fit_normalizer, open_source, sample_step
+
+__all__ = ["BlockFailure", "LargeResult", "segment_dask"]
+
+
+# ----------------------------------------------------------------------------------- worker tasks
+def _block_task(
+    model: Any,
+    device: Any,
+    source: ImageSource,
+    norm: Any,
+    block: B.Block,
+    grid: B.GridTiles,
+    params: dict[str, Any],
+) -> B.BlockCells:
+    import torch
+
+    net, dev = worker_model(model, device)
+    with torch.inference_mode():
+        return B.block_cells(net, dev, source, norm, block, grid, params)
+
+
+def _tile_size_task(model: Any, device: Any) -> int:
+    net, _ = worker_model(model, device)
+    return int(getattr(getattr(net, "cfg", None), "tile_size", 512))
+
+
+def _sample_task(source: ImageSource, rect: B.Rect, step: int) -> np.ndarray:
+    y0, x0, _, _ = rect
+    return source.read((y0 + (-y0) % step, x0 + (-x0) % step, rect[2], rect[3]), step)
+
+
+def _ids_task(cells: B.BlockCells) -> tuple[np.ndarray, np.ndarray]:
+    return cells.gids, cells.edges
+
+
+def _order_task(fin: B.FinalCells) -> tuple[np.ndarray, np.ndarray]:
+    return fin.gids, fin.scores
+
+
+def _write_task(path: str, region: B.Rect, finals: list[B.FinalCells], ids: list[np.ndarray]) -> int:
+    return omezarr.write_region(path, region, B.paint(region, list(zip(finals, ids, strict=True))))
+
+
+def _rows_task(fin: B.FinalCells, ids: np.ndarray) -> list[dict[str, Any]]:
+    rows = []
+    for (y0, x0, m), lab, s, q in zip(fin.cells, ids, fin.scores, fin.ious, strict=True):
+        ys, xs = np.nonzero(m)
+        rows.append(
+            {
+                "label": int(lab),
+                "area": int(ys.size),
+                "centroid_y": round(float(ys.mean() + y0), 2),
+                "centroid_x": round(float(xs.mean() + x0), 2),
+                "bbox_y0": y0 + int(ys.min()),
+                "bbox_x0": x0 + int(xs.min()),
+                "bbox_y1": y0 + int(ys.max()) + 1,
+                "bbox_x1": x0 + int(xs.max()) + 1,
+                "score": round(float(s), 4),
+                "iou_pred": round(float(q), 4),
+            }
+        )
+    return rows
+
+
+# ------------------------------------------------------------------------------------ the pipeline
+@dataclass
+class LargeResult:
+    """What :func:`segment_dask` wrote: ``path`` (OME-Zarr), image ``shape``, ``n_cells``, ``levels``,
+    ``rows`` (one :func:`cellsam.io.cell_table`-like dict per label), ``stats`` and ``seconds``."""
+
+    path: Path
+    shape: tuple[int, int]
+    n_cells: int
+    levels: int
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    stats: dict[str, int] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+def _check_params(p: dict[str, Any]) -> None:
+    from cellsam.ops.masks import logit_threshold
+
+    for name in ("box_threshold", "iou_threshold"):
+        if not np.isfinite(p[name]):
+            raise ValueError(f"{name} must be a finite number, got {p[name]}")
+    logit_threshold(p["mask_threshold"])
+    if p["batch_size"] < 1 or p["decode_chunk"] < 1:
+        raise ValueError(
+            f"batch_size and decode_chunk must be >= 1, got {p['batch_size']}, {p['decode_chunk']}"
+        )
+
+
+def segment_dask(
+    image: Any,
+    model: Any = "default",
+    *,
+    output: str | Path,
+    client: Any = None,
+    n_workers: int | None = None,
+    channel_axis: int | None = None,
+    channels: tuple[int | None, int | None] | None = None,
+    normalize: bool = True,
+    box_threshold: float = 0.4,
+    iou_threshold: float = 0.5,
+    mask_threshold: float = 0.5,
+    min_area: int = 15,
+    tile_size: int | None = None,
+    tile_overlap: float = 0.25,
+    batch_size: int = 4,
+    decode_chunk: int = 32,
+    device: Any = None,
+    block_tiles: int = 4,
+    chunk: int = 1024,
+    levels: int | None = None,
+    region_chunks: int = 2,
+    retries: int = 2,
+) -> LargeResult:
+    """Segment one large image on Dask and write its labels to ``output`` (an ``.ome.zarr`` folder).
+
+    Args:
+        image: a path (OME-Zarr / Zarr, TIFF, NPY; read lazily) or an array (H, W) / 3-D with
+            ``channel_axis``.
+        model: weights name / checkpoint path (loaded once per worker) or a model object (scattered).
+        client: a ``distributed.Client``, a scheduler address, or None for a LocalCluster of ``n_workers``.
+        block_tiles: blocks are ``block_tiles`` x ``block_tiles`` tiles of the global tile grid.
+        chunk: OME-Zarr chunk side; levels: pyramid levels (None: until one chunk holds the image);
+        region_chunks: level-0 regions written per task, in chunks per side.
+        retries: Dask retries per task. The other arguments are those of :func:`cellsam.segment`.
+    Raises:
+        BlockFailure: a block / region failed after all retries (positions in the message).
+    """
+    t0 = time.perf_counter()
+    params = dict(
+        box_threshold=float(box_threshold),
+        iou_threshold=float(iou_threshold),
+        mask_threshold=float(mask_threshold),
+        min_area=int(min_area),
+        tile_overlap=float(tile_overlap),
+        batch_size=int(batch_size),
+        decode_chunk=int(decode_chunk),
+        return_masks=False,
+        progress=False,
+    )
+    _check_params(params)
+    if tile_size is not None:
+        B.tile_grid((1, 1), tile_size=tile_size, overlap=tile_overlap)
+    source = open_source(image, channel_axis=channel_axis)
+    client, owned = get_client(client, n_workers=n_workers)
+    run = uuid.uuid4().hex[:8]
+
+    def submit(fn: Any, *args: Any, key: str) -> Any:
+        return client.submit(fn, *args, key=f"cellsam-{run}-{key}", retries=retries, pure=False)
+
+    try:
+        src = client.scatter(source, broadcast=True) if source.array is not None else source
+        net = model if isinstance(model, (str, os.PathLike)) else client.scatter(model, broadcast=True)
+        if tile_size is None:
+            tile_size = submit(_tile_size_task, net, device, key="tile-size").result()
+        params["tile_size"] = int(tile_size)
+        h, w = source.shape
+        # 1. global normalisation statistics from a strided sample, read in parallel
+        samples: list[np.ndarray] = []
+        if normalize:
+            step = sample_step((h, w))
+            regs = omezarr.regions((h, w), 4096)
+            futs = {
+                f"sample region y {r[0]}:{r[2]}, x {r[1]}:{r[3]}": submit(
+                    _sample_task, src, r, step, key=f"sample-{i}"
+                )
+                for i, r in enumerate(regs)
+            }
+            samples = [f.result() for f in wait_all("sample", futs).values()]
+        norm = fit_normalizer(samples, source.n_channels, channels=channels, normalize=normalize)
+        # 2. segment the blocks
+        grid = B.GridTiles((h, w), tile_size=int(tile_size), overlap=float(tile_overlap))
+        blocks = B.plan_blocks(grid, block_tiles)
+        cells = wait_all(
+            "segment",
+            {
+                b.describe(): submit(
+                    _block_task, net, device, src, norm, b, grid, params, key=f"block-{b.index}"
+                )
+                for b in blocks
+            },
+        )
+        cells = list(cells.values())
+        # 3. copies across block borders
+        rects = np.array([b.rect for b in blocks], np.int64)
+        pairs = [(a, blocks[j]) for a in blocks for j in B.touching(rects, a.rect) if j > a.index]
+        cross = {
+            f"border of blocks {a.index} and {b.index}": submit(
+                B.copy_edges,
+                submit(B.select, cells[a.index], b.rect, key=f"sel-{a.index}-{b.index}"),
+                submit(B.select, cells[b.index], a.rect, key=f"sel-{b.index}-{a.index}"),
+                grid,
+                key=f"edges-{a.index}-{b.index}",
+            )
+            for a, b in pairs
+        }
+        ids = [
+            f.result()
+            for f in wait_all(
+                "ids", {str(i): submit(_ids_task, c, key=f"ids-{i}") for i, c in enumerate(cells)}
+            ).values()
+        ]
+        edges = [e for _, e in ids] + [f.result() for f in wait_all("edges", cross).values()]
+        # 4. connected components of the copy graph; deduplicate per component
+        kept = _resolve(
+            submit, cells, blocks, grid, np.concatenate([g for g, _ in ids]), np.concatenate(edges)
+        )
+        # 5. final cells per block, label ids by (score desc, gid)
+        kept_cells = [submit(B.pick, cells[b.index], kept[b.index], key=f"kept-{b.index}") for b in blocks]
+        nbrs = defaultdict(list)
+        for a, b in pairs:
+            nbrs[a.index].append(
+                submit(B.select, kept_cells[b.index], a.rect, key=f"ksel-{b.index}-{a.index}")
+            )
+            nbrs[b.index].append(
+                submit(B.select, kept_cells[a.index], b.rect, key=f"ksel-{a.index}-{b.index}")
+            )
+        finals = wait_all(
+            "final",
+            {
+                b.describe(): submit(
+                    B.final_cells,
+                    kept_cells[b.index],
+                    nbrs[b.index],
+                    b.rect,
+                    int(min_area),
+                    key=f"final-{b.index}",
+                )
+                for b in blocks
+            },
+        )
+        finals = list(finals.values())
+        del cells, kept_cells, nbrs, cross
+        order = [
+            f.result()
+            for f in wait_all(
+                "order", {str(i): submit(_order_task, f, key=f"order-{i}") for i, f in enumerate(finals)}
+            ).values()
+        ]
+        label_ids = _label_ids(order)
+        # 6. OME-Zarr: level 0 by regions of whole chunks, then the pyramid
+        arrays = omezarr.create(
+            output,
+            (h, w),
+            chunk=chunk,
+            levels=levels,
+            name=Path(output).name,
+            extra={"source": str(image) if source.path else "array"},
+        )
+        out = str(output)
+        writes = {}
+        for i, reg in enumerate(omezarr.regions((h, w), chunk * max(1, int(region_chunks)))):
+            touch = B.touching(rects, reg).tolist()
+            writes[f"region y {reg[0]}:{reg[2]}, x {reg[1]}:{reg[3]}"] = submit(
+                _write_task,
+                out,
+                reg,
+                [finals[k] for k in touch],
+                [label_ids[k] for k in touch],
+                key=f"write-{i}",
+            )
+        wait_all("write", writes)
+        for lev in range(1, len(arrays)):
+            shp = arrays[lev].shape
+            wait_all(
+                f"level {lev}",
+                {
+                    f"level {lev} region {r}": submit(
+                        omezarr.downsample_level, out, lev, r, key=f"level-{lev}-{i}"
+                    )
+                    for i, r in enumerate(omezarr.regions(shp, chunk * 4))
+                },
+            )
+        rows_f = wait_all(
+            "table",
+            {str(i): submit(_rows_task, f, label_ids[i], key=f"rows-{i}") for i, f in enumerate(finals)},
+        )
+        rows = sorted((r for f in rows_f.values() for r in f.result()), key=lambda r: r["label"])
+        stats = {
+            "blocks": len(blocks),
+            "tiles": len(grid),
+            "candidates": int(sum(g.size for g, _ in ids)),
+            "kept": int(sum(k.size for k in kept)),
+            "cells": len(rows),
+        }
+        return LargeResult(
+            Path(output), (h, w), len(rows), len(arrays), rows, stats, time.perf_counter() - t0
+        )
+    finally:
+        if owned:
+            close_client(client)
+
+
+def _resolve(
+    submit: Any,
+    cells: list[Any],
+    blocks: list[B.Block],
+    grid: B.GridTiles,
+    gids: np.ndarray,
+    edges: np.ndarray,
+) -> list[np.ndarray]:
+    """Kept gids per block: singletons kept, each component of the copy graph deduplicated on the
+    worker of the block holding its smallest gid (its cells from other blocks are fetched)."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    block_of_tile = np.zeros(len(grid), np.int64)
+    for b in blocks:
+        block_of_tile[list(b.tiles)] = b.index
+    gids = np.sort(gids)
+    owner = block_of_tile[gids >> B.GID_SHIFT]
+    kept: list[list[np.ndarray]] = [[] for _ in blocks]
+    if gids.size == 0:
+        return [np.zeros(0, np.int64) for _ in blocks]
+    e = np.searchsorted(gids, edges) if edges.size else np.zeros((0, 2), np.int64)
+    graph = coo_matrix((np.ones(len(e)), (e[:, 0], e[:, 1])), shape=(gids.size, gids.size))
+    n_comp, comp = connected_components(graph, directed=False)
+    size = np.bincount(comp, minlength=n_comp)
+    single = size[comp] == 1
+    for b in blocks:
+        kept[b.index].append(gids[single & (owner == b.index)])
+    multi = np.flatnonzero(~single)
+    by_comp = defaultdict(list)
+    for i in multi[np.argsort(comp[multi], kind="stable")]:
+        by_comp[int(comp[i])].append(i)
+    jobs: dict[int, list[np.ndarray]] = defaultdict(list)
+    for members in by_comp.values():
+        jobs[int(owner[members[0]])].append(gids[members])
+    futs = {}
+    for bi, comps in jobs.items():
+        need = np.concatenate(comps)
+        others = sorted(set(owner[np.searchsorted(gids, need)].tolist()) - {bi})
+        extras = [submit(B.pick, cells[o], need, key=f"pick-{bi}-{o}") for o in others]
+        futs[blocks[bi].describe()] = submit(B.resolve, cells[bi], extras, comps, grid, key=f"resolve-{bi}")
+    for f in wait_all("stitch", futs).values():
+        res = f.result()
+        for bi in np.unique(block_of_tile[res >> B.GID_SHIFT]):
+            kept[int(bi)].append(res[block_of_tile[res >> B.GID_SHIFT] == bi])
+    return [np.sort(np.concatenate(k)) for k in kept]
+
+
+def _label_ids(order: list[tuple[np.ndarray, np.ndarray]]) -> list[np.ndarray]:
+    """Per block, the label id of each final cell: rank by (score descending, gid ascending), from 1."""
+    gids = np.concatenate([g for g, _ in order]) if order else np.zeros(0, np.int64)
+    scores = np.concatenate([s for _, s in order]) if order else np.zeros(0, np.float32)
+    rank = np.empty(gids.size, np.int64)
+    rank[np.lexsort((gids, -scores.astype(np.float64)))] = np.arange(1, gids.size + 1)
+    if gids.size >= 2**32:
+        raise ValueError("more than 2**32 - 1 cells do not fit uint32 labels")
+    out, k = [], 0
+    for g, _ in order:
+        out.append(rank[k : k + g.size].astype(np.uint32))
+        k += g.size
+    return out
