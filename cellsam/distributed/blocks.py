@@ -2,7 +2,7 @@
 
 A *block* is a rectangle of tiles of the image's global tile grid
 (:func:`~cellsam.inference.tiling.tile_grid`), so neighbouring blocks overlap by the tiles' overlap and
-every tile is segmented once, by the same code as in :func:`cellsam.segment` (``_tile_candidates``).
+every tile is segmented once, by the same code as in :func:`cellsam.segment` (``tile_candidates``).
 Each cell found gets a global id
 ``gid = tile_index * 2**16 + k`` (k-th cell of that tile), whose order is the single-process order.
 
@@ -143,7 +143,7 @@ def block_cells(
 ) -> BlockCells:
     """Segment the tiles of ``block`` (``params`` as in :func:`cellsam.inference.segment.segment_prepared`)
     and find the copies among its cells."""
-    from cellsam.inference.segment import _tile_candidates
+    from cellsam.inference.segment import tile_candidates
 
     oy, ox = block.rect[:2]
     image = prepare_window(source, norm, block.rect)
@@ -155,7 +155,7 @@ def block_cells(
     bs = int(params["batch_size"])
     cells: list[Candidate] = []
     for i0 in range(0, len(local), bs):
-        cells += _tile_candidates(
+        cells += tile_candidates(
             net, dev, local, list(range(i0, min(i0 + bs, len(local)))), image, params, stats
         )
     gids, count = [], dict.fromkeys(block.tiles, 0)

@@ -222,9 +222,9 @@ def channel_picks(
 ) -> tuple[int | None, int | None]:
     """(green, blue) picks by :func:`cellsam.inference.preprocess.prepare_image`'s channel rules."""
     if channels is not None:
-        from cellsam.inference.preprocess import _check_channels
+        from cellsam.inference.preprocess import check_channels
 
-        nuc, wc = _check_channels(channels, n_channels)
+        nuc, wc = check_channels(channels, n_channels)
         return (nuc, wc) if nuc is not None and wc is not None else (None, nuc if wc is None else wc)
     if n_channels == 1:
         return None, 0

@@ -1,8 +1,8 @@
 """Baselines on prepared images (3, H, W) float32 in [0, 1] (R empty, G nuclear, B whole-cell).
 
 **Classical floor** (:func:`otsu_watershed`): Otsu threshold of the blue (main) channel (bright
-objects), small specks removed, then a watershed on the distance transform seeded by its local maxima. No training, no parameters tuned per data set: every
-table gets a floor.
+objects), small specks removed, then a watershed on the distance transform seeded by its local
+maxima. No training, no parameters tuned per data set: every table gets a floor.
 
 **Cellpose 3, trained from scratch** (:func:`train_cellpose`, :func:`cellpose_predict`): Cellpose's
 CPnet (6.6 M parameters, no downloaded weights) trained on the same prepared training tiles as CellSAM

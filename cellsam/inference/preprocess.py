@@ -93,7 +93,7 @@ def to_channels_last(image: Any, *, channel_axis: int | None = None) -> np.ndarr
     return _check_dtype(x)
 
 
-def _check_channels(channels: Any, n_channels: int) -> Channels:
+def check_channels(channels: Any, n_channels: int) -> Channels:
     if not isinstance(channels, (tuple, list)) or len(channels) != 2:
         raise ValueError(
             f"channels must be (nuclear_idx, wholecell_idx) with None for a missing one, got {channels!r}"
@@ -148,7 +148,7 @@ def prepare_image(
             raise ValueError("normalize=False expects values in [0, 1]")
         return np.ascontiguousarray(np.moveaxis(x, -1, 0))
     if channels is not None:
-        nuc_i, wc_i = _check_channels(channels, c)
+        nuc_i, wc_i = check_channels(channels, c)
         nuc = None if nuc_i is None else normalize_channel(x[..., nuc_i])
         wc = None if wc_i is None else normalize_channel(x[..., wc_i])
         return to_cellsam_channels(nuc, wc)

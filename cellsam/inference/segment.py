@@ -224,7 +224,7 @@ def segment(
     return results[0] if single else results
 
 
-def _tile_candidates(
+def tile_candidates(
     net: Any,
     dev: torch.device,
     tiles: Sequence[Tile],
@@ -314,7 +314,7 @@ def segment_prepared(image: np.ndarray, net: Any, dev: torch.device, **p: Any) -
         starts = tqdm(starts, desc="tiles", unit="batch", leave=False)
     cands: list[Candidate] = []
     for i0 in starts:
-        cands += _tile_candidates(
+        cands += tile_candidates(
             net, dev, tiles, list(range(i0, min(i0 + p["batch_size"], len(tiles)))), image, p, stats
         )
     stats["masks"] = len(cands)
