@@ -148,3 +148,20 @@ def test_no_cells_in_an_empty_scene() -> None:
     seg = segment(coord_image(empty), FakeModel(empty, 64), channel_axis=0, normalize=False, tile_size=64)
     assert seg.n_cells == 0 and seg.labels.shape == (90, 100) and seg.labels.max() == 0
     assert seg.boxes.shape == (0, 4) and "0 box(es)" in seg.message
+
+
+def test_bf16_autocast_runs_and_stays_close_to_fp32(tiny: torch.nn.Module) -> None:
+    img, _ = make_blobs((100, 130), n=8)
+    a = segment(img, tiny, tile_size=64, **OPEN)
+    b = segment(img, tiny, tile_size=64, precision="bf16", **OPEN)
+    assert b.labels.dtype == np.int32 and b.labels.shape == a.labels.shape
+    # same detections (same queries pass an open threshold); masks differ by bf16 rounding only
+    assert abs(a.n_cells - b.n_cells) <= max(2, a.n_cells // 5)
+    with pytest.raises(ValueError, match="precision"):
+        segment(img, tiny, precision="fp16")
+
+
+def test_default_tile_size_is_the_models_own(tiny: torch.nn.Module) -> None:
+    img, _ = make_blobs((100, 130), n=8)
+    seg = segment(img, tiny, **OPEN)
+    assert seg.stats["tiles"] == 6  # vit_tiny's cfg.tile_size is 64: 2 x 3 tiles of 64 at 25% overlap

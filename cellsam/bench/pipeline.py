@@ -40,6 +40,7 @@ import numpy as np
 import torch
 
 from cellsam.bench.timing import PeakMemory, StageTimer, merge_peaks, summarize, synchronize
+from cellsam.inference.segment import autocast_context
 
 AREA_UNIT = 512 * 512  # "cells" are given per 512 x 512 pixels
 STAGES = ("read", "normalise", "tiling", "encoder", "cellfinder", "mask_decoder", "postprocess", "stitching",
@@ -271,15 +272,6 @@ def _recording(fn: Any, oracle: BoxOracle) -> Any:
         return fn(image, tile, tile_size)
 
     return extract
-
-
-def autocast_context(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
-    """``fp32``: nothing; ``bf16``: ``torch.autocast(device.type, dtype=torch.bfloat16)``."""
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    if precision == "bf16":
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    raise ValueError(f"precision must be 'fp32' or 'bf16', got {precision!r}")
 
 
 # ---------------------------------------------------------------------------------------------- runs

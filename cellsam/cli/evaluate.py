@@ -57,6 +57,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--plots", type=Path, default=None, help="write PNG plots into this folder")
     p.add_argument("--worst", type=int, default=6, help="worst images per method in the plots (default 6)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto", help="default: auto")
+    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="CellSAM autocast precision")
     p.add_argument("--box-threshold", type=float, default=0.4, help="minimum detector score (default 0.4)")
     p.add_argument("--iou-threshold", type=float, default=0.5, help="minimum predicted mask IoU (default 0.5)")
     p.add_argument("--mask-threshold", type=float, default=0.5, help="mask probability threshold (default 0.5)")
@@ -195,7 +196,7 @@ def _methods(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
 
         net, _ = resolve_model(model_name, args.device)
         kw = dict(box_threshold=args.box_threshold, iou_threshold=args.iou_threshold,
-                  mask_threshold=args.mask_threshold, tile_size=args.tile_size)
+                  mask_threshold=args.mask_threshold, tile_size=args.tile_size, precision=args.precision)
         methods["cellsam"] = cellsam_method(net, **kw)
         settings["cellsam"] = {"model": model_name, **kw}
         if args.prompt_study:

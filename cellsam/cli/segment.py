@@ -82,6 +82,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help="tile side in image pixels (default: the model's own tile size, 256 for the default)")
     p.add_argument("--tile-overlap", type=float, default=0.25, help="tile overlap fraction (default 0.25)")
     p.add_argument("--batch-size", type=int, default=4, help="tiles per forward pass (default 4)")
+    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                   help="bf16 runs the networks under bfloat16 autocast (faster on CPUs with bf16 units)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto", help="default: auto")
     p.add_argument("--coco", action="store_true", help="also write <name>_coco.json (RLE masks and scores)")
     p.add_argument(
@@ -141,6 +143,7 @@ def segment_file(path: Path, outdir: Path, name: str, model: Any, args: argparse
         tile_overlap=args.tile_overlap,
         batch_size=args.batch_size,
         progress=True,
+        precision=args.precision,
     )
     if seg.message:
         log.warning("%s: %s", path, seg.message)
