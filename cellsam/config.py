@@ -76,6 +76,19 @@ class CellFinderConfig:
 
 
 @dataclass(frozen=True)
+class InferenceConfig:
+    """Default thresholds of a trained model (the paper's values unless the model says otherwise).
+
+    They travel with the checkpoint because they belong to the weights: the IoU head is an
+    uncalibrated regression and detector scores depend on the training run.
+    """
+
+    box_threshold: float = 0.4
+    iou_threshold: float = 0.5
+    mask_threshold: float = 0.5
+
+
+@dataclass(frozen=True)
 class CellSAMConfig:
     """The whole model: encoder, detector and SAM prompt/mask heads."""
 
@@ -89,6 +102,7 @@ class CellSAMConfig:
     # Side (pixels of the original image) of the tile one encoder input covers. The paper
     # upsamples 512 tiles to the 1024 input of ViT-B; our CPU model sees 256 tiles at native scale.
     tile_size: int = 512
+    inference: InferenceConfig = field(default_factory=InferenceConfig)
     # SAM's pixel statistics, applied to images in [0, 255].
     pixel_mean: tuple[float, float, float] = (123.675, 116.28, 103.53)
     pixel_std: tuple[float, float, float] = (58.395, 57.12, 57.375)

@@ -165,3 +165,20 @@ def test_default_tile_size_is_the_models_own(tiny: torch.nn.Module) -> None:
     img, _ = make_blobs((100, 130), n=8)
     seg = segment(img, tiny, **OPEN)
     assert seg.stats["tiles"] == 6  # vit_tiny's cfg.tile_size is 64: 2 x 3 tiles of 64 at 25% overlap
+
+
+def test_thresholds_default_to_the_models_own() -> None:
+    from cellsam.config import InferenceConfig
+
+    torch.manual_seed(0)
+    model = build_model("vit_tiny").eval()
+    img, _ = make_blobs((100, 130), n=8)
+    paper = segment(img, model, tile_size=64)  # random weights: nothing passes 0.4 / 0.5
+    assert paper.n_cells == 0
+    model.cfg = model.cfg.replace(inference=InferenceConfig(box_threshold=0.0, iou_threshold=-1e9))
+    own = segment(img, model, tile_size=64)
+    explicit = segment(img, model, tile_size=64, **OPEN)
+    assert own.n_cells > 0
+    np.testing.assert_array_equal(own.labels, explicit.labels)
+    # an explicit argument still wins over the model's value
+    assert segment(img, model, tile_size=64, box_threshold=0.99).n_cells == 0

@@ -58,9 +58,10 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--worst", type=int, default=6, help="worst images per method in the plots (default 6)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto", help="default: auto")
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="CellSAM autocast precision")
-    p.add_argument("--box-threshold", type=float, default=0.4, help="minimum detector score (default 0.4)")
-    p.add_argument("--iou-threshold", type=float, default=0.5, help="minimum predicted mask IoU (default 0.5)")
-    p.add_argument("--mask-threshold", type=float, default=0.5, help="mask probability threshold (default 0.5)")
+    p.add_argument("--box-threshold", type=float, default=None,
+                   help="minimum detector score (default: the model's own, 0.4 in the paper)")
+    p.add_argument("--iou-threshold", type=float, default=None, help="minimum predicted mask IoU (default: model's)")
+    p.add_argument("--mask-threshold", type=float, default=None, help="mask probability threshold (default: model's)")
     p.add_argument("--tile-size", type=int, default=None, help="tile side (default: the model's own)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
@@ -195,15 +196,18 @@ def _methods(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
         from cellsam.inference.segment import resolve_model
 
         net, _ = resolve_model(model_name, args.device)
-        kw = dict(box_threshold=args.box_threshold, iou_threshold=args.iou_threshold,
-                  mask_threshold=args.mask_threshold, tile_size=args.tile_size, precision=args.precision)
+        inf = net.cfg.inference  # the model's own thresholds unless given
+        kw = dict(box_threshold=inf.box_threshold if args.box_threshold is None else args.box_threshold,
+                  iou_threshold=inf.iou_threshold if args.iou_threshold is None else args.iou_threshold,
+                  mask_threshold=inf.mask_threshold if args.mask_threshold is None else args.mask_threshold,
+                  tile_size=args.tile_size, precision=args.precision)
         methods["cellsam"] = cellsam_method(net, **kw)
         settings["cellsam"] = {"model": model_name, **kw}
         if args.prompt_study:
             from cellsam.eval.prompts import prompt_method
 
             for prompt in ("box", "point"):
-                methods[f"prompt:{prompt}"] = prompt_method(net, prompt, mask_threshold=args.mask_threshold,
+                methods[f"prompt:{prompt}"] = prompt_method(net, prompt, mask_threshold=kw["mask_threshold"],
                                                             tile_size=args.tile_size)
             settings["prompt_study"] = "ground-truth prompts, one per cell; masks scored by predicted IoU"
     elif args.prompt_study:

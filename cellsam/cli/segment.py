@@ -68,12 +68,13 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         default=None,
         help="channel indices of the nuclear and whole-cell stains ('none' for a missing one)",
     )
-    p.add_argument("--box-threshold", type=float, default=0.4, help="minimum detector score (default 0.4)")
+    p.add_argument("--box-threshold", type=float, default=None,
+                   help="minimum detector score (default: the model's own, 0.4 in the paper)")
     p.add_argument(
-        "--iou-threshold", type=float, default=0.5, help="minimum predicted mask IoU (default 0.5)"
+        "--iou-threshold", type=float, default=None, help="minimum predicted mask IoU (default: the model's own)"
     )
     p.add_argument(
-        "--mask-threshold", type=float, default=0.5, help="mask probability threshold (default 0.5)"
+        "--mask-threshold", type=float, default=None, help="mask probability threshold (default: the model's own)"
     )
     p.add_argument(
         "--min-area", type=int, default=None, help="drop cells smaller than this many pixels (default 15)"

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from cellsam.config import InferenceConfig
 from cellsam.inference.preprocess import Channels, as_numpy, prepare_image
 from cellsam.inference.tiling import Candidate, Tile, deduplicate, extract_tile, tile_grid
 from cellsam.ops.masks import CellMask, clean_cell_mask, clean_labels, logit_threshold, merge_by_argmax
@@ -159,9 +160,9 @@ def segment(
     channel_axis: int | None = None,
     channels: Channels | None = None,
     normalize: bool = True,
-    box_threshold: float = 0.4,
-    iou_threshold: float = 0.5,
-    mask_threshold: float = 0.5,
+    box_threshold: float | None = None,
+    iou_threshold: float | None = None,
+    mask_threshold: float | None = None,
     min_area: int = DEFAULT_MIN_AREA,
     tile_size: int | None = None,
     tile_overlap: float = 0.25,
@@ -185,6 +186,8 @@ def segment(
         box_threshold: minimum CellFinder box score.
         iou_threshold: minimum predicted mask IoU (an uncalibrated regression output).
         mask_threshold: probability (after sigmoid) above which a pixel belongs to a cell.
+            ``None`` (the default for all three) takes the model's own ``cfg.inference`` values
+            (0.4 / 0.5 / 0.5, the paper's, unless the model was shipped with others).
         min_area: cells with fewer pixels in the final label image are dropped.
         tile_size, tile_overlap: tiling in input pixels; each tile is resized to the model's input side.
             ``tile_size=None`` uses the model's own ``cfg.tile_size`` (the scale it was trained at).
@@ -198,9 +201,10 @@ def segment(
         a :class:`Segmentation` for a single image, else a list of them.
     """
     for name, v in (("box_threshold", box_threshold), ("iou_threshold", iou_threshold)):
-        if not np.isfinite(v):
+        if v is not None and not np.isfinite(v):
             raise ValueError(f"{name} must be a finite number, got {v}")
-    logit_threshold(mask_threshold)  # validates (0, 1)
+    if mask_threshold is not None:
+        logit_threshold(mask_threshold)  # validates (0, 1)
     autocast_context(precision, torch.device("cpu"))  # validates the name
     if batch_size < 1 or decode_chunk < 1:
         raise ValueError(f"batch_size and decode_chunk must be >= 1, got {batch_size}, {decode_chunk}")
@@ -211,9 +215,13 @@ def segment(
     if tile_size is not None:
         tile_grid((1, 1), tile_size=tile_size, overlap=tile_overlap)  # validates before loading a model
     net, dev = resolve_model(model, device)
+    cfg = getattr(net, "cfg", None)
     if tile_size is None:
-        cfg = getattr(net, "cfg", None)
         tile_size = int(getattr(cfg, "tile_size", 512))
+    defaults = getattr(cfg, "inference", None) or InferenceConfig()
+    box_threshold = defaults.box_threshold if box_threshold is None else box_threshold
+    iou_threshold = defaults.iou_threshold if iou_threshold is None else iou_threshold
+    mask_threshold = defaults.mask_threshold if mask_threshold is None else mask_threshold
     params = dict(
         box_threshold=box_threshold,
         iou_threshold=iou_threshold,
