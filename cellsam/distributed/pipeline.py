@@ -44,9 +44,15 @@ def _block_task(
         return B.block_cells(net, dev, source, norm, block, grid, params)
 
 
-def _tile_size_task(model: Any, device: Any) -> int:
+def _model_defaults_task(model: Any, device: Any) -> dict[str, Any]:
+    """The model's own tile size and thresholds (``cfg.tile_size``, ``cfg.inference``)."""
+    from cellsam.config import InferenceConfig
+
     net, _ = worker_model(model, device)
-    return int(getattr(getattr(net, "cfg", None), "tile_size", 512))
+    cfg = getattr(net, "cfg", None)
+    inf = getattr(cfg, "inference", None) or InferenceConfig()
+    return {"tile_size": int(getattr(cfg, "tile_size", 512)), "box_threshold": inf.box_threshold,
+            "iou_threshold": inf.iou_threshold, "mask_threshold": inf.mask_threshold}
 
 
 def _sample_task(source: ImageSource, rect: B.Rect, step: int) -> np.ndarray:
@@ -125,9 +131,9 @@ def segment_dask(
     channel_axis: int | None = None,
     channels: tuple[int | None, int | None] | None = None,
     normalize: bool = True,
-    box_threshold: float = 0.4,
-    iou_threshold: float = 0.5,
-    mask_threshold: float = 0.5,
+    box_threshold: float | None = None,
+    iou_threshold: float | None = None,
+    mask_threshold: float | None = None,
     min_area: int = 15,
     tile_size: int | None = None,
     tile_overlap: float = 0.25,
@@ -150,15 +156,15 @@ def segment_dask(
         block_tiles: blocks are ``block_tiles`` x ``block_tiles`` tiles of the global tile grid.
         chunk: OME-Zarr chunk side; levels: pyramid levels (None: until one chunk holds the image);
         region_chunks: level-0 regions written per task, in chunks per side.
-        retries: Dask retries per task. The other arguments are those of :func:`cellsam.segment`.
+        retries: Dask retries per task. The other arguments are those of :func:`cellsam.segment`
+            (``None`` thresholds and tile size: the model's own).
     Raises:
         BlockFailure: a block / region failed after all retries (positions in the message).
     """
     t0 = time.perf_counter()
-    params = dict(
-        box_threshold=float(box_threshold),
-        iou_threshold=float(iou_threshold),
-        mask_threshold=float(mask_threshold),
+    given = {"box_threshold": box_threshold, "iou_threshold": iou_threshold, "mask_threshold": mask_threshold}
+    params: dict[str, Any] = dict(
+        {k: float(v) for k, v in given.items() if v is not None},
         min_area=int(min_area),
         tile_overlap=float(tile_overlap),
         batch_size=int(batch_size),
@@ -166,7 +172,7 @@ def segment_dask(
         return_masks=False,
         progress=False,
     )
-    _check_params(params)
+    _check_params({"box_threshold": 0.0, "iou_threshold": 0.0, "mask_threshold": 0.5, **params})
     if tile_size is not None:
         B.tile_grid((1, 1), tile_size=tile_size, overlap=tile_overlap)
     source = open_source(image, channel_axis=channel_axis)
@@ -179,8 +185,11 @@ def segment_dask(
     try:
         src = client.scatter(source, broadcast=True) if source.array is not None else source
         net = model if isinstance(model, (str, os.PathLike)) else client.scatter(model, broadcast=True)
-        if tile_size is None:
-            tile_size = submit(_tile_size_task, net, device, key="tile-size").result()
+        if tile_size is None or any(v is None for v in given.values()):  # left to the model
+            defaults = submit(_model_defaults_task, net, device, key="model-defaults").result()
+            tile_size = defaults["tile_size"] if tile_size is None else tile_size
+            for k in given:
+                params.setdefault(k, float(defaults[k]))
         params["tile_size"] = int(tile_size)
         h, w = source.shape
         # 1. global normalisation statistics from a strided sample, read in parallel

@@ -232,14 +232,16 @@ class Predictor:
 
     # ------------------------------------------------------------------ detection
     @torch.no_grad()
-    def detect(self, box_threshold: float = 0.4) -> tuple[np.ndarray, np.ndarray]:
-        """CellFinder on the cached features.
+    def detect(self, box_threshold: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """CellFinder on the cached features (``box_threshold=None``: the model's own default).
 
         Returns:
             boxes (N, 4) float32 xyxy pixels of the original image (clipped to it; boxes lying
             wholly in the padding dropped) and scores (N,) float32, sorted by descending score.
         """
         self._require_image("detect")
+        if box_threshold is None:
+            box_threshold = self.model.cfg.inference.box_threshold
         if not 0.0 <= float(box_threshold) < 1.0:
             raise ValueError(f"box_threshold must be in [0, 1), got {box_threshold}")
         if self._detections is None:

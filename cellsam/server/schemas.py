@@ -77,7 +77,7 @@ class PaintRequest(BaseModel):
 
 
 class DetectRequest(BaseModel):
-    box_threshold: float = Field(0.4, ge=0.0, lt=1.0)
+    box_threshold: float | None = Field(None, ge=0.0, lt=1.0)
 
 
 class DetectResponse(BaseModel):
@@ -93,8 +93,8 @@ class DecodeRequest(BaseModel):
 
 
 class SegmentRequest(BaseModel):
-    box_threshold: float = Field(0.4, ge=0.0, lt=1.0)
-    iou_threshold: float = 0.5
+    box_threshold: float | None = Field(None, ge=0.0, lt=1.0)  # None: the model's own default
+    iou_threshold: float | None = None
     min_area: int = Field(15, ge=0)
 
 

@@ -206,7 +206,7 @@ class ModelSession:
         return CellProposal(t.y0, t.x0, mask, lo, float(scores[k]))
 
     @torch.no_grad()
-    def detect(self, key: Hashable, image: np.ndarray, *, box_threshold: float) -> tuple[np.ndarray, np.ndarray]:
+    def detect(self, key: Hashable, image: np.ndarray, *, box_threshold: float | None) -> tuple[np.ndarray, np.ndarray]:
         """CellFinder boxes over the whole image: (N, 4) xyxy float32 and (N,) scores, best first.
 
         Tiles are run one by one (each embedding cached); a box is kept by the tile whose core (the
