@@ -72,6 +72,10 @@ class CellFinderConfig:
     attention_type: Literal["RCDA", "nn.MultiheadAttention"] = "RCDA"
     activation: Literal["relu", "gelu"] = "relu"
     prior_prob: float = 0.01  # focal-loss bias initialisation of the class head
+    # Positions in [0, 1] are multiplied by this before the sine encodings. 1 (Anchor DETR): the
+    # highest frequency is one cycle per image, so attention is broad. For small, dense cells set it
+    # to the token-grid side (one cycle per token): sharp local attention (see registry.vit_cpu).
+    pos_scale: float = 1.0
     aux_loss: bool = True
 
 

@@ -178,3 +178,15 @@ def test_bad_input_raises() -> None:
         CellFinder(dataclasses.replace(TINY, attention_type="bogus"), in_channels=8)
     with pytest.raises(TypeError):
         CellFinder({"d_model": 32}, in_channels=8)  # type: ignore[arg-type]
+
+
+def test_pos_scale_sharpens_position_encodings() -> None:
+    """With pos_scale = grid side, neighbouring anchors get clearly different position codes."""
+    import torch.nn.functional as F
+
+    a = torch.tensor([[0.50, 0.5], [0.50 + 1 / 24, 0.5]])
+    broad = F.cosine_similarity(*pos2posemb2d(a, num_pos_feats=64), dim=0)
+    sharp = F.cosine_similarity(*pos2posemb2d(a, num_pos_feats=64, scale=32.0), dim=0)
+    assert broad > 0.99 and sharp < 0.9
+    with pytest.raises(ValueError, match="pos_scale"):
+        CellFinder(dataclasses.replace(TINY, pos_scale=0.0), in_channels=8)

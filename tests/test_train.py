@@ -216,3 +216,21 @@ def _digest(model: torch.nn.Module) -> str:
         h.update(("model." + name).encode())
         h.update(p.detach().contiguous().numpy().tobytes())
     return h.hexdigest()
+
+
+def test_model_overrides_and_weights_only_init(tmp_path: Path) -> None:
+    from cellsam.train.run import model_config
+    from cellsam.weights import save_model
+
+    cfg = tiny_cfg(tmp_path, model_overrides={"cellfinder": {"pos_scale": 3.0}})
+    assert model_config(cfg).cellfinder.pos_scale == 3.0
+    assert model_config(cfg).encoder == model_config(tiny_cfg(tmp_path)).encoder  # the rest is the variant's
+    src = initial_model(cfg)
+    assert src.cellfinder.transformer.pos_scale == 3.0
+    path = save_model(src, tmp_path / "src", version="t")
+    cont = initial_model(dataclasses.replace(cfg, init=str(path), init_weights_only=True, model_overrides={}))
+    assert cont.cellfinder.transformer.pos_scale == model_config(tiny_cfg(tmp_path)).cellfinder.pos_scale
+    for (k, a), (_, b) in zip(src.state_dict().items(), cont.state_dict().items()):
+        assert torch.equal(a, b), k
+    with pytest.raises(ValueError, match="unknown config keys"):
+        model_config(tiny_cfg(tmp_path, model_overrides={"cellfinder": {"pos_scal": 3.0}}))

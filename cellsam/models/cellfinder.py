@@ -76,6 +76,7 @@ class CellFinder(nn.Module):
             spatial_prior=cfg.spatial_prior,
             attention_type=cfg.attention_type,
             prior_prob=cfg.prior_prob,
+            pos_scale=cfg.pos_scale,
         )
 
     @property

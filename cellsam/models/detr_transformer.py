@@ -219,14 +219,14 @@ class AnchorDETRTransformer(nn.Module):
         dropout, activation, num_query_position (anchor points), num_query_pattern, num_classes
         (sigmoid classes), spatial_prior ("learned": uniform(0,1) init; "grid": regular grid init,
         needs a square count), attention_type ("RCDA" or "nn.MultiheadAttention"), prior_prob
-        (class bias init -log((1-p)/p)).
+        (class bias init -log((1-p)/p)), pos_scale (positions x pos_scale before the sine encodings).
     """
 
     def __init__(self, *, d_model: int = 256, nhead: int = 8, num_encoder_layers: int = 6,
                  num_decoder_layers: int = 6, dim_feedforward: int = 1024, dropout: float = 0.0,
                  activation: str = "relu", num_query_position: int = 300, num_query_pattern: int = 3,
                  num_classes: int = 2, spatial_prior: str = "learned", attention_type: str = "RCDA",
-                 prior_prob: float = 0.01) -> None:
+                 prior_prob: float = 0.01, pos_scale: float = 1.0) -> None:
         super().__init__()
         if d_model <= 0 or d_model % 4:
             raise ValueError(f"d_model must be a positive multiple of 4, got {d_model}")
@@ -243,7 +243,9 @@ class AnchorDETRTransformer(nn.Module):
             raise ValueError(f"spatial_prior must be 'learned' or 'grid', got {spatial_prior!r}")
         if not 0.0 < prior_prob < 1.0:
             raise ValueError(f"prior_prob must be in (0, 1), got {prior_prob}")
-        self.d_model, self.num_classes = d_model, num_classes
+        if not pos_scale > 0:
+            raise ValueError(f"pos_scale must be > 0, got {pos_scale}")
+        self.d_model, self.num_classes, self.pos_scale = d_model, num_classes, float(pos_scale)
         self.attention_type = attention_type
         self.num_position, self.num_pattern = num_query_position, num_query_pattern
 
@@ -278,11 +280,11 @@ class AnchorDETRTransformer(nn.Module):
         """Adapted position embeddings of the feature-map pixels (batch independent)."""
         ys, xs = pixel_centre_positions(h, device=device), pixel_centre_positions(w, device=device)
         if self.attention_type == "RCDA":
-            row = self.adapt_pos1d(pos2posemb1d(xs, num_pos_feats=self.d_model))  # (W, C)
-            col = self.adapt_pos1d(pos2posemb1d(ys, num_pos_feats=self.d_model))  # (H, C)
+            row = self.adapt_pos1d(pos2posemb1d(xs, num_pos_feats=self.d_model, scale=self.pos_scale))  # (W, C)
+            col = self.adapt_pos1d(pos2posemb1d(ys, num_pos_feats=self.d_model, scale=self.pos_scale))  # (H, C)
             return {"row": row[None, None], "col": col[None, :, None]}
         yy, xx = torch.meshgrid(ys, xs, indexing="ij")
-        emb = pos2posemb2d(torch.stack((xx, yy), dim=-1), num_pos_feats=self.d_model // 2)
+        emb = pos2posemb2d(torch.stack((xx, yy), dim=-1), num_pos_feats=self.d_model // 2, scale=self.pos_scale)
         return {"2d": self.adapt_pos2d(emb)[None]}  # (1, H, W, C)
 
     def forward(self, src: Tensor) -> tuple[Tensor, Tensor]:
@@ -303,9 +305,9 @@ class AnchorDETRTransformer(nn.Module):
 
         ref = self.position.weight.repeat(self.num_pattern, 1)  # (Q, 2) anchors (x, y)
         query_pos = {
-            "2d": self.adapt_pos2d(pos2posemb2d(ref, num_pos_feats=self.d_model // 2)),
-            "x": self.adapt_pos1d(pos2posemb1d(ref[:, 0], num_pos_feats=self.d_model)),
-            "y": self.adapt_pos1d(pos2posemb1d(ref[:, 1], num_pos_feats=self.d_model)),
+            "2d": self.adapt_pos2d(pos2posemb2d(ref, num_pos_feats=self.d_model // 2, scale=self.pos_scale)),
+            "x": self.adapt_pos1d(pos2posemb1d(ref[:, 0], num_pos_feats=self.d_model, scale=self.pos_scale)),
+            "y": self.adapt_pos1d(pos2posemb1d(ref[:, 1], num_pos_feats=self.d_model, scale=self.pos_scale)),
         }
         tgt = self.pattern.weight.repeat_interleave(self.num_position, dim=0)  # (Q, C)
         tgt = tgt.unsqueeze(0).expand(b, -1, -1)

@@ -26,17 +26,19 @@ def _sine(pos: Tensor, num_pos_feats: int, temperature: float) -> Tensor:
     return torch.stack((x[..., 0::2].sin(), x[..., 1::2].cos()), dim=-1).flatten(-2)
 
 
-def pos2posemb1d(pos: Tensor, *, num_pos_feats: int = 256, temperature: float = 10000.0) -> Tensor:
-    """Encode 1-D positions: (...) in [0, 1] -> (..., num_pos_feats) float32."""
-    return _sine(pos, num_pos_feats, temperature)
+def pos2posemb1d(pos: Tensor, *, num_pos_feats: int = 256, temperature: float = 10000.0,
+                 scale: float = 1.0) -> Tensor:
+    """Encode 1-D positions: (...) in [0, 1] -> (..., num_pos_feats) float32 (``pos * scale`` encoded)."""
+    return _sine(pos * scale, num_pos_feats, temperature)
 
 
-def pos2posemb2d(pos: Tensor, *, num_pos_feats: int = 128, temperature: float = 10000.0) -> Tensor:
+def pos2posemb2d(pos: Tensor, *, num_pos_feats: int = 128, temperature: float = 10000.0,
+                 scale: float = 1.0) -> Tensor:
     """Encode 2-D points: (..., 2) as (x, y) in [0, 1] -> (..., 2 * num_pos_feats), ordered [y, x]."""
     if pos.shape[-1] != 2:
         raise ValueError(f"pos must end in a dimension of size 2 (x, y), got shape {tuple(pos.shape)}")
-    emb_x = _sine(pos[..., 0], num_pos_feats, temperature)
-    emb_y = _sine(pos[..., 1], num_pos_feats, temperature)
+    emb_x = _sine(pos[..., 0] * scale, num_pos_feats, temperature)
+    emb_y = _sine(pos[..., 1] * scale, num_pos_feats, temperature)
     return torch.cat((emb_y, emb_x), dim=-1)
 
 

@@ -58,6 +58,11 @@ class TrainConfig:
     stage: Stage = "detection"
     model: str = "vit_cpu"  # variant name (random init) ...
     init: str | None = None  # ... or a checkpoint to start from (ours, Meta SAM .pth, official .pt)
+    # Changes to the variant's architecture config, e.g. {cellfinder: {pos_scale: 1.0}}.
+    model_overrides: dict[str, Any] = field(default_factory=dict)
+    # True: build ``model`` (+ overrides) and load only the weights of ``init`` into it (strictly),
+    # e.g. to continue training with a changed non-parametric setting such as pos_scale.
+    init_weights_only: bool = False
     data: str = "prepared"
     output: str = "runs/default"
     seed: int = 0
@@ -119,7 +124,7 @@ def load_train_configs(path: str | Path, overrides: dict[str, Any] | None = None
         unknown = set(d) - {"common", "stages"}
         if unknown:
             raise ValueError(f"{p}: a recipe has only 'common' and 'stages', found {sorted(unknown)}")
-        stage_dicts = [_merge(common, s) for s in d["stages"]]
+        stage_dicts = [merge_dicts(common, s) for s in d["stages"]]
     else:
         stage_dicts = [d]
     configs: list[TrainConfig] = []
@@ -136,8 +141,8 @@ def load_train_configs(path: str | Path, overrides: dict[str, Any] | None = None
     return configs
 
 
-def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+def merge_dicts(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
     out = dict(base)
     for k, v in top.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        out[k] = merge_dicts(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out

@@ -15,23 +15,37 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from torch.utils.data import DataLoader
 
+from cellsam.config import CellSAMConfig
 from cellsam.models.build import build_model
 from cellsam.models.cellsam import CellSAM
-from cellsam.train.config import TrainConfig
+from cellsam.registry import get_config
+from cellsam.train.config import TrainConfig, merge_dicts
 from cellsam.train.dataset import PreparedTiles, StreamSampler, collate
 from cellsam.train.module import CellSAMModule
 
 log = logging.getLogger(__name__)
 
 
+def model_config(cfg: TrainConfig) -> CellSAMConfig:
+    """The variant ``cfg.model`` with ``cfg.model_overrides`` applied (nested keys)."""
+    base = get_config(cfg.model).to_dict()
+    return CellSAMConfig.from_dict(merge_dicts(base, cfg.model_overrides))
+
+
 def initial_model(cfg: TrainConfig) -> CellSAM:
-    """The model a run starts from: ``cfg.init`` checkpoint if given, else ``cfg.model`` at random init."""
+    """The model a run starts from: the ``cfg.init`` checkpoint if given (with ``init_weights_only``:
+    its weights in the ``cfg.model`` architecture), else ``cfg.model`` at random init."""
     torch.manual_seed(cfg.seed)
     if cfg.init:
         from cellsam.weights import load_model
 
-        return load_model(cfg.init).train()  # load_model returns eval mode (dropout off)
-    return build_model(cfg.model)
+        loaded = load_model(cfg.init)
+        if not cfg.init_weights_only:
+            return loaded.train()  # load_model returns eval mode (dropout off)
+        model = build_model(model_config(cfg))
+        model.load_state_dict(loaded.state_dict(), strict=True)
+        return model
+    return build_model(model_config(cfg))
 
 
 def make_loaders(cfg: TrainConfig) -> tuple[DataLoader, DataLoader | None]:
