@@ -165,6 +165,13 @@ def test_errors_are_json(client: TestClient, image_id: int) -> None:
     assert r.status_code == 400 and "no cell 77" in r.json()["error"]
 
 
+def test_answers_carry_server_timing(client: TestClient, image_id: int) -> None:
+    for r in (client.post(f"/api/images/{image_id}/cells", json={"box": [4, 4, 30, 30]}),
+              client.get("/api/images/999"), client.get("/")):
+        name, _, dur = r.headers["server-timing"].partition(";dur=")
+        assert name == "app" and float(dur) > 0
+
+
 def test_page_and_openapi(client: TestClient) -> None:
     r = client.get("/")
     assert r.status_code == 200 and "/static/app.js" in r.text and "Keyboard shortcuts" in r.text

@@ -4,13 +4,15 @@ Routes live in :mod:`.routes_images` (project, images, uploads, display, exports
 :mod:`.routes_edit` (model prompts and label edits) and :mod:`.routes_jobs` (fine-tuning).
 Errors are JSON ``{"error": "..."}`` with a 4xx status; an unexpected error is logged and answered
 with a 500 that holds no stack trace. With a ``token``, every ``/api`` request must carry it (header
-``X-CellSAM-Token``, or the cookie set when the page is opened as ``/?token=...``).
+``X-CellSAM-Token``, or the cookie set when the page is opened as ``/?token=...``). Every answer carries
+``Server-Timing: app;dur=<ms>``, the time the server spent on it (``cellsam bench --prompts`` reads it).
 """
 
 from __future__ import annotations
 
 import logging
 import secrets
+import time
 from pathlib import Path
 from typing import Any
 
@@ -77,6 +79,7 @@ def create_app(
     app.state.ctx = ctx
     app.add_middleware(GZipMiddleware, minimum_size=2048)
     _add_guards(app, ctx)
+    _add_timing(app)
     _add_error_handlers(app)
 
     from cellsam.server import routes_edit, routes_images, routes_jobs
@@ -123,6 +126,15 @@ def _add_guards(app: FastAPI, ctx: ServerContext) -> None:
             return JSONResponse({"error": f"request of {length} bytes is over the upload limit of "
                                  f"{ctx.limits.max_bytes}"}, status_code=413)
         return await call_next(request)
+
+
+def _add_timing(app: FastAPI) -> None:
+    @app.middleware("http")
+    async def server_timing(request: Request, call_next: Any) -> Response:
+        t0 = time.perf_counter()
+        resp = await call_next(request)
+        resp.headers["Server-Timing"] = f"app;dur={(time.perf_counter() - t0) * 1e3:.2f}"
+        return resp
 
 
 def _add_error_handlers(app: FastAPI) -> None:

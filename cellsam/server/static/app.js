@@ -16,7 +16,7 @@ const S = {
   prompt: null,                                       // {cell, points: [[x,y]], labels: [1|0]}
   drag: null, stroke: null, boxDrag: null, spaceDown: false,
   review: null,                                       // {boxes: [{box, score, on}]}
-  pending: 0, lastError: "", queue: Promise.resolve(), ft: null, ftTimer: null,
+  pending: 0, done: 0, lastError: "", queue: Promise.resolve(), ft: null, ftTimer: null,
 };
 
 // ---------------------------------------------------------------- server calls
@@ -54,7 +54,7 @@ function edit(path, body) {
       S.lastError = e.message;
       return null;
     } finally {
-      S.pending--; showSave();
+      S.pending--; S.done++; showSave();
     }
   });
   S.queue = job.catch(() => null);
@@ -85,6 +85,7 @@ async function applyEdit(res) {
 
 function showSave() {
   const el = $("st-save");
+  el.dataset.pending = String(S.pending); el.dataset.done = String(S.done);  // for tests: edits in flight / finished
   if (S.pending > 0) { el.className = "saving"; el.textContent = "saving…"; }
   else if (S.lastError) { el.className = "error"; el.textContent = "edit failed (earlier edits are saved): " + S.lastError; }
   else if (S.image) { el.className = "saved"; el.textContent = `saved ✓ (v${S.version})`; }
@@ -202,7 +203,7 @@ async function importLabels(file) {
   S.pending++; showSave();
   try { await applyEdit(await api("POST", `/api/images/${S.image.id}/labels`, fd, true)); S.lastError = ""; }
   catch (e) { S.lastError = e.message; }
-  finally { S.pending--; showSave(); }
+  finally { S.pending--; S.done++; showSave(); }
 }
 
 // ---------------------------------------------------------------- colours and overlay
