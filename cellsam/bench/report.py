@@ -7,6 +7,7 @@ import math
 import os
 import platform
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -187,17 +188,21 @@ def _fmt_e(x: float) -> str:
     return f"{x:.2e}"
 
 
-def write_report(result: dict[str, Any], out: str | Path, *, plot: bool = True) -> list[Path]:
+def write_report(
+    result: dict[str, Any], out: str | Path, *, plot: bool = True,
+    render: Callable[[dict[str, Any]], str] = render_markdown,
+) -> list[Path]:
     """Write ``out.json`` and ``out.md`` (and ``out.png`` when ``plot`` and matplotlib is available).
 
     ``out`` is a path stem such as ``benchmarks/cpu_2core``; a ``.json``/``.md`` suffix is dropped.
+    ``render`` turns the result into the markdown (another for ``cellsam bench --prompts``).
     """
     out = Path(out)
     stem = out.with_suffix("") if out.suffix in (".json", ".md") else out
     stem.parent.mkdir(parents=True, exist_ok=True)
     paths = [Path(f"{stem}.json"), Path(f"{stem}.md")]
     paths[0].write_text(json.dumps(result, indent=1, default=_json_default) + "\n")
-    paths[1].write_text(render_markdown(result))
+    paths[1].write_text(render(result))
     if plot:
         png = plot_scaling(result, Path(f"{stem}.png"))
         if png is not None:

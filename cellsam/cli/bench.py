@@ -1,7 +1,9 @@
 """``cellsam bench``: time the segmentation pipeline per stage; optionally the reference design and Cellpose.
 
 Writes ``OUT.json`` (all measurements), ``OUT.md`` (tables) and ``OUT.png`` (scaling plot, when
-matplotlib is installed and sizes or cell counts vary). See ``benchmarks/README.md``.
+matplotlib is installed and sizes or cell counts vary). ``--prompts`` instead times single point and
+box prompts on an image whose embedding is cached (the labeling server's path; :mod:`cellsam.bench.prompts`).
+See ``benchmarks/README.md``.
 """
 
 from __future__ import annotations
@@ -32,8 +34,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help="cells per 512x512 pixels (default 10 100 500)")
     p.add_argument("--precision", nargs="+", choices=("fp32", "bf16"), default=["fp32"],
                    help="fp32 and/or bf16 autocast for our pipeline (default fp32)")
-    p.add_argument("--repeats", type=int, default=3, help="timed runs per configuration (default 3)")
-    p.add_argument("--warmup", type=int, default=1, help="untimed runs first (default 1)")
+    p.add_argument("--repeats", type=int, default=None,
+                   help="timed runs per configuration (default 3; with --prompts: prompts of each kind, default 50)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed runs first (default 1; with --prompts 5)")
     p.add_argument("--device", default=None, help="cpu, cuda, mps or auto (default auto)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     p.add_argument("--reference", nargs="*", default=None, metavar="MODEL",
@@ -51,8 +54,16 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help="clip decoder logits to the boxes (auto: only for random weights)")
     p.add_argument("--seed", type=int, default=0, help="seed of the synthetic scenes and random weights")
     p.add_argument("--no-plot", dest="plot", action="store_false", help="do not write OUT.png")
-    p.add_argument("--out", type=Path, default=Path("benchmarks") / "bench",
-                   help="output path stem: writes OUT.json and OUT.md (default benchmarks/bench)")
+    p.add_argument("--out", type=Path, default=None,
+                   help="output path stem: writes OUT.json and OUT.md (default benchmarks/bench; with --prompts "
+                        "benchmarks/prompts)")
+    g = p.add_argument_group("prompt latency (--prompts)")
+    g.add_argument("--prompts", action="store_true",
+                   help="time point and box prompts on an image whose tiles are embedded (the labeling server's "
+                        "path: HTTP route, server model call, Predictor.predict) instead of the pipeline; uses the "
+                        "first --model, --repeats, --warmup, --device, --threads, --seed")
+    g.add_argument("--image", type=Path, default=None, help="image for --prompts (default: the bundled sample)")
+    g.add_argument("--budget-ms", type=float, default=100.0, help="latency budget reported by --prompts (default 100)")
     p.set_defaults(func=run)
     return p
 
@@ -71,6 +82,11 @@ def run(args: argparse.Namespace) -> int:
     if os.environ.get("OMP_WAIT_POLICY", "").upper() != "PASSIVE":
         log.warning("OMP_WAIT_POLICY is not PASSIVE: on a shared CPU, spinning OpenMP threads can make small "
                     "kernels much slower; export OMP_WAIT_POLICY=PASSIVE before starting Python")
+    if args.prompts:
+        return _run_prompts(args)
+    args.repeats = 3 if args.repeats is None else args.repeats
+    args.warmup = 1 if args.warmup is None else args.warmup
+    args.out = Path("benchmarks") / "bench" if args.out is None else args.out
     spec = BenchSpec(
         models=list(args.model), sizes=list(args.sizes), cells=list(args.cells), precisions=list(args.precision),
         device=args.device, repeats=args.repeats, warmup=args.warmup,
@@ -86,6 +102,43 @@ def run(args: argparse.Namespace) -> int:
         return 2
     for path in write_report(result, args.out, plot=args.plot):
         print(path)
+    return 0
+
+
+def _run_prompts(args: argparse.Namespace) -> int:
+    from cellsam.bench.prompts import PromptBenchSpec, render_prompts_markdown, run_prompt_bench
+    from cellsam.bench.report import write_report
+
+    if args.reference is not None or args.cellpose:
+        log.error("--prompts times the labeling server's prompt path; it takes no --reference or --cellpose")
+        return 2
+    if len(args.model) > 1:
+        log.warning("--prompts times one model: %s (ignoring %s)", args.model[0], args.model[1:])
+    spec = PromptBenchSpec(
+        model=args.model[0], image=None if args.image is None else str(args.image),
+        repeats=50 if args.repeats is None else args.repeats, warmup=5 if args.warmup is None else args.warmup,
+        device=args.device, seed=args.seed, budget_ms=args.budget_ms,
+    )
+    out = Path("benchmarks") / "prompts" if args.out is None else args.out
+    cmd = ["cellsam", "bench", "--prompts", "--model", spec.model, "--repeats", str(spec.repeats),
+           "--warmup", str(spec.warmup), "--budget-ms", f"{spec.budget_ms:g}", "--seed", str(spec.seed)]
+    cmd += (["--image", spec.image] if spec.image else []) + (["--device", args.device] if args.device else [])
+    cmd += (["--threads", str(args.threads)] if args.threads else []) + ["--out", str(out)]
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per in-process request otherwise
+    try:
+        result = run_prompt_bench(spec, command=cmd)
+    except (ValueError, KeyError, FileNotFoundError) as e:
+        log.error("%s", e)
+        return 2
+    for path in write_report(result, out, plot=False, render=render_prompts_markdown):
+        print(path)
+    for r in result["runs"]:
+        s = r["seconds"]
+        if not r["n"]:
+            log.info("%-11s %-5s no prompt made a cell (%d failed)", r["path"], r["prompt"], r["failed"])
+            continue
+        log.info("%-11s %-5s median %.1f ms (IQR %.1f, max %.1f), n=%d", r["path"], r["prompt"], s["median"] * 1e3,
+                 s["iqr"] * 1e3, s["max"] * 1e3, r["n"])
     return 0
 
 
