@@ -177,6 +177,7 @@ def test_page_and_openapi(client: TestClient) -> None:
     assert r.status_code == 200 and "/static/app.js" in r.text and "Keyboard shortcuts" in r.text
     assert "function applyEdit" in client.get("/static/app.js").text
     assert client.get("/static/style.css").status_code == 200
+    assert client.get("/favicon.ico").status_code == 204
     assert client.get("/docs").status_code == 200
     paths = client.get("/openapi.json").json()["paths"]
     for p in ("/api/images", "/api/images/{image_id}/cells", "/api/images/{image_id}/undo", "/api/finetune",

@@ -96,6 +96,10 @@ def create_app(
             resp.set_cookie(TOKEN_COOKIE, given, httponly=True, samesite="strict")
         return resp
 
+    @app.get("/favicon.ico", include_in_schema=False)
+    def favicon() -> Response:
+        return Response(status_code=204)  # no icon; a 404 here was logged on every page load
+
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     return app
 
