@@ -234,3 +234,17 @@ def test_model_overrides_and_weights_only_init(tmp_path: Path) -> None:
         assert torch.equal(a, b), k
     with pytest.raises(ValueError, match="unknown config keys"):
         model_config(tiny_cfg(tmp_path, model_overrides={"cellfinder": {"pos_scal": 3.0}}))
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (Path(__file__).parents[1] / "configs").glob("*.yaml")))
+def test_shipped_configs_parse_and_build(name: str) -> None:
+    """Every config in configs/ resolves to valid stages whose architecture builds (no training)."""
+    from cellsam.train.run import model_config
+
+    configs = load_train_configs(Path(__file__).parents[1] / "configs" / name, {})
+    assert configs
+    for prev, cfg in zip(configs, configs[1:]):
+        assert cfg.init == str(Path(prev.output) / "model.safetensors")  # stages chain
+    for cfg in configs:
+        mc = model_config(cfg)
+        assert mc.tile_size > 0 and cfg.max_steps >= 1
