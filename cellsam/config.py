@@ -76,6 +76,11 @@ class CellFinderConfig:
     # highest frequency is one cycle per image, so attention is broad. For small, dense cells set it
     # to the token-grid side (one cycle per token): sharp local attention (see registry.vit_cpu).
     pos_scale: float = 1.0
+    # Content of each query at the first decoder layer: "pattern" (Anchor DETR: the pattern embedding
+    # only, so queries differ only by position) or "features": pattern + the encoder memory sampled
+    # (bilinear) at the query's anchor, so each query starts from what lies at its anchor (the idea of
+    # two-stage / query-selection DETRs; no extra parameters). See registry.vit_cpu.
+    query_content: Literal["pattern", "features"] = "pattern"
     aux_loss: bool = True
 
 

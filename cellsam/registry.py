@@ -89,7 +89,11 @@ def vit_cpu() -> CellSAMConfig:
     RCDA encoder adds image-wide context. ``pos_scale=32`` (one sine cycle per token of the
     32 x 32 grid): with Anchor DETR's 1 cycle per image, queries attend almost uniformly and the
     detector did not learn on dense small cells (measured: overfitting 4 real tiles, focal loss
-    0.40 -> 0.15 after 150 steps with the sharper encoding).
+    0.40 -> 0.15 after 150 steps with the sharper encoding). ``query_content="features"``: queries
+    start from the encoder memory at their anchor; after 750 steps from scratch the detector scored
+    cells locally but all queries still shared one box size, and the features let each query see its
+    anchor from the first decoder layer (measured on 3 training tiles: mean score near a cell centre
+    0.23 vs 0.04 elsewhere, against 0.20 vs 0.055 without).
     """
     enc = EncoderConfig(
         img_size=256, patch_size=8, embed_dim=128, depth=4, num_heads=4, out_chans=128,
@@ -98,7 +102,7 @@ def vit_cpu() -> CellSAMConfig:
     dec = MaskDecoderConfig(transformer_mlp_dim=512, transformer_num_heads=4, iou_head_hidden_dim=128)
     cf = CellFinderConfig(
         d_model=128, nheads=4, enc_layers=1, dec_layers=3, dim_feedforward=512, dropout=0.0,
-        num_query_position=576, spatial_prior="grid", num_classes=1, pos_scale=32.0,
+        num_query_position=576, spatial_prior="grid", num_classes=1, pos_scale=32.0, query_content="features",
     )
     return CellSAMConfig(encoder=enc, mask_decoder=dec, cellfinder=cf, tile_size=256)
 

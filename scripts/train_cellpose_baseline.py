@@ -1,7 +1,7 @@
 """Train the Cellpose 3 generalist baseline from scratch on the prepared training tiles.
 
     PYTHONPATH=/tmp/cp3 OMP_NUM_THREADS=1 python scripts/train_cellpose_baseline.py prepared \\
-        -o runs/cellpose_generalist --epochs 30 --nimg-per-epoch 64 --max-tiles 400
+        -o runs/cellpose_generalist --epochs 20 --nimg-per-epoch 64 --max-tiles 400
 
 The paper's recipe (SGD, momentum 0.9, lr 0.1 with a 10-epoch warm-up, weight decay 1e-4, batch 8,
 channels blue + green) with fewer optimiser steps: on the 2-core CPU one step of batch 8 takes about
@@ -21,7 +21,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("prepared")
     ap.add_argument("-o", "--out", default="runs/cellpose_generalist")
-    ap.add_argument("--epochs", type=int, default=30)
+    ap.add_argument("--epochs", type=int, default=20)
     ap.add_argument("--nimg-per-epoch", type=int, default=64)
     ap.add_argument("--max-tiles", type=int, default=400, help="tiles held in memory with their flows (~9 MB each)")
     ap.add_argument("--seed", type=int, default=0)

@@ -190,3 +190,40 @@ def test_pos_scale_sharpens_position_encodings() -> None:
     assert broad > 0.99 and sharp < 0.9
     with pytest.raises(ValueError, match="pos_scale"):
         CellFinder(dataclasses.replace(TINY, pos_scale=0.0), in_channels=8)
+
+
+def test_sample_at_reads_pixel_centres_and_interpolates() -> None:
+    from cellsam.models.detr_transformer import sample_at
+
+    mem = torch.arange(2 * 4 * 4 * 3, dtype=torch.float32).view(2, 4, 4, 3)  # (B, H, W, C)
+    pts = torch.tensor([[0.125, 0.125], [0.875, 0.375], [0.25, 0.125]])  # (x, y): centres, then midway
+    out = sample_at(mem, pts)
+    assert out.shape == (2, 3, 3)
+    assert torch.allclose(out[:, 0], mem[:, 0, 0]) and torch.allclose(out[:, 1], mem[:, 1, 3])
+    assert torch.allclose(out[:, 2], (mem[:, 0, 0] + mem[:, 0, 1]) / 2)
+
+
+def test_query_content_features_makes_queries_see_their_anchor() -> None:
+    """'features' adds no parameters (checkpoints load either way) and a change of the features at
+    one anchor changes that query's first-layer input; 'pattern' queries start identical."""
+    torch.manual_seed(0)
+    pat = CellFinder(TINY, in_channels=8).eval()
+    feat = CellFinder(dataclasses.replace(TINY, query_content="features"), in_channels=8).eval()
+    feat.load_state_dict(pat.state_dict(), strict=True)
+    seen: dict[str, torch.Tensor] = {}
+    for name, m in (("feat", feat), ("pat", pat)):
+        m.transformer.decoder_layers[0].register_forward_pre_hook(
+            lambda mod, args, name=name: seen.__setitem__(name, args[0].clone()))
+    x = torch.randn(1, 8, 8, 8)
+    with torch.no_grad():
+        feat(x)
+        pat(x)
+        x2 = x.clone()
+        x2[..., :2, :2] += 5.0  # the top-left anchor's neighbourhood only
+        a = seen["feat"]
+        feat(x2)
+    assert a.shape == (1, 16, 32) and not torch.allclose(a[0, 0], a[0, 1])
+    assert torch.allclose(seen["pat"][0], seen["pat"][0, :1].expand(16, -1))  # all queries alike
+    assert not torch.allclose(seen["feat"][0, 0], a[0, 0])
+    with pytest.raises(ValueError, match="query_content"):
+        CellFinder(dataclasses.replace(TINY, query_content="bogus"), in_channels=8)  # type: ignore[arg-type]

@@ -248,3 +248,27 @@ def test_shipped_configs_parse_and_build(name: str) -> None:
     for cfg in configs:
         mc = model_config(cfg)
         assert mc.tile_size > 0 and cfg.max_steps >= 1
+
+
+def test_cli_skip_done_continues_a_recipe(tmp_path: Path, capsys) -> None:
+    """--skip-done leaves finished stages alone and runs the rest, chained to the finished output."""
+    from cellsam.cli import main
+
+    data = make_prepared(tmp_path / "data")
+    base = yaml.safe_load((REPO / "configs" / "tiny_test.yaml").read_text())
+    common = {**base, "data": str(data), "max_steps": 1, "val_every_steps": 0, "checkpoint_every_steps": 0}
+    common.pop("stage", None), common.pop("output", None)
+    recipe = {"common": common,
+              "stages": [{"stage": "detection", "output": str(tmp_path / "s1")},
+                         {"stage": "masks", "output": str(tmp_path / "s2")}]}
+    p = tmp_path / "r.yaml"
+    p.write_text(yaml.safe_dump(recipe))
+    assert main(["train", "--config", str(p)]) == 0
+    s1, s2 = tmp_path / "s1" / "model.safetensors", tmp_path / "s2" / "model.safetensors"
+    t1 = s1.stat().st_mtime_ns
+    s2.unlink()
+    capsys.readouterr()
+    assert main(["train", "--config", str(p), "--skip-done"]) == 0
+    out = capsys.readouterr().out
+    assert "stage 1/2: detection" in out and "skipped" in out and "stage 2/2: masks ->" in out
+    assert s1.stat().st_mtime_ns == t1 and s2.is_file()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import yaml
 
@@ -18,6 +19,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="override a config key (repeatable); values are parsed as YAML")
     p.add_argument("--init", help="start from this checkpoint (ours, Meta SAM .pth or official CellSAM .pt)")
     p.add_argument("--resume", action="store_true", help="resume from OUTPUT/checkpoints/last.ckpt")
+    p.add_argument("--skip-done", action="store_true",
+                   help="skip the stages of a recipe whose OUTPUT/model.safetensors already exists")
     p.set_defaults(func=run)
 
 
@@ -34,6 +37,10 @@ def run(args: argparse.Namespace) -> int:
     from cellsam.train.run import train
 
     for i, cfg in enumerate(configs):
+        done = Path(cfg.output) / "model.safetensors"
+        if args.skip_done and done.is_file():
+            print(f"stage {i + 1}/{len(configs)}: {cfg.stage}: {done} exists, skipped (--skip-done)")
+            continue
         print(f"stage {i + 1}/{len(configs)}: {cfg.stage} -> {cfg.output}")
         path = train(cfg, resume=args.resume)
         print(f"model written to {path}")

@@ -77,6 +77,7 @@ class CellFinder(nn.Module):
             attention_type=cfg.attention_type,
             prior_prob=cfg.prior_prob,
             pos_scale=cfg.pos_scale,
+            query_content=cfg.query_content,
         )
 
     @property

@@ -212,6 +212,21 @@ def _pos_mlp(d_model: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(d_model, d_model), nn.ReLU(), nn.Linear(d_model, d_model))
 
 
+def sample_at(memory: Tensor, points: Tensor) -> Tensor:
+    """Bilinear samples of a feature map at normalised points.
+
+    Arguments:
+        memory: (B, H, W, C) features whose pixel i covers [i/H, (i+1)/H) (centres at (i+0.5)/H).
+        points: (Q, 2) (x, y) in [0, 1].
+    Returns:
+        (B, Q, C); points outside the map are clamped to its border.
+    """
+    grid = (points * 2 - 1).to(memory.dtype)[None, None].expand(memory.shape[0], 1, -1, -1)  # (B,1,Q,2)
+    out = F.grid_sample(memory.permute(0, 3, 1, 2), grid, mode="bilinear", padding_mode="border",
+                        align_corners=False)  # (B, C, 1, Q)
+    return out[:, :, 0].transpose(1, 2)
+
+
 class AnchorDETRTransformer(nn.Module):
     """Anchor-DETR encoder-decoder with anchor-point queries and shared class/box heads.
 
@@ -219,14 +234,16 @@ class AnchorDETRTransformer(nn.Module):
         dropout, activation, num_query_position (anchor points), num_query_pattern, num_classes
         (sigmoid classes), spatial_prior ("learned": uniform(0,1) init; "grid": regular grid init,
         needs a square count), attention_type ("RCDA" or "nn.MultiheadAttention"), prior_prob
-        (class bias init -log((1-p)/p)), pos_scale (positions x pos_scale before the sine encodings).
+        (class bias init -log((1-p)/p)), pos_scale (positions x pos_scale before the sine encodings),
+        query_content ("pattern": queries start as their pattern embedding; "features": pattern + the
+        encoder memory sampled bilinearly at the query's anchor).
     """
 
     def __init__(self, *, d_model: int = 256, nhead: int = 8, num_encoder_layers: int = 6,
                  num_decoder_layers: int = 6, dim_feedforward: int = 1024, dropout: float = 0.0,
                  activation: str = "relu", num_query_position: int = 300, num_query_pattern: int = 3,
                  num_classes: int = 2, spatial_prior: str = "learned", attention_type: str = "RCDA",
-                 prior_prob: float = 0.01, pos_scale: float = 1.0) -> None:
+                 prior_prob: float = 0.01, pos_scale: float = 1.0, query_content: str = "pattern") -> None:
         super().__init__()
         if d_model <= 0 or d_model % 4:
             raise ValueError(f"d_model must be a positive multiple of 4, got {d_model}")
@@ -245,7 +262,10 @@ class AnchorDETRTransformer(nn.Module):
             raise ValueError(f"prior_prob must be in (0, 1), got {prior_prob}")
         if not pos_scale > 0:
             raise ValueError(f"pos_scale must be > 0, got {pos_scale}")
+        if query_content not in ("pattern", "features"):
+            raise ValueError(f"query_content must be 'pattern' or 'features', got {query_content!r}")
         self.d_model, self.num_classes, self.pos_scale = d_model, num_classes, float(pos_scale)
+        self.query_content = query_content
         self.attention_type = attention_type
         self.num_position, self.num_pattern = num_query_position, num_query_pattern
 
@@ -311,6 +331,8 @@ class AnchorDETRTransformer(nn.Module):
         }
         tgt = self.pattern.weight.repeat_interleave(self.num_position, dim=0)  # (Q, C)
         tgt = tgt.unsqueeze(0).expand(b, -1, -1)
+        if self.query_content == "features":
+            tgt = tgt + sample_at(memory, ref)
         ref_logit = inverse_sigmoid(ref)
 
         logits, boxes = [], []
