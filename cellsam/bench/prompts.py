@@ -22,13 +22,11 @@ bright blobs (Otsu threshold): a point at each blob's centre, a box around it wi
 from __future__ import annotations
 
 import contextlib
-import datetime as _dt
 import logging
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -236,7 +234,7 @@ def time_prompts(model: Any, image_path: Path, *, repeats: int, warmup: int, mod
 
 def run_prompt_bench(spec: PromptBenchSpec, *, command: Sequence[str] | None = None) -> dict[str, Any]:
     """Load the model, time the prompts (see the module docstring); returns the JSON-serialisable result."""
-    from cellsam.bench.report import machine_info
+    from cellsam.bench.report import report_header
     from cellsam.bench.suite import resolve_bench_model
     from cellsam.inference.segment import resolve_device
 
@@ -257,11 +255,7 @@ def run_prompt_bench(spec: PromptBenchSpec, *, command: Sequence[str] | None = N
     verdict = {q: {"median_within": s["median"] <= budget if s["n"] else None,
                    "max_within": s["max"] <= budget if s["n"] else None} for q, s in server.items()}
     return {
-        "schema": SCHEMA,
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "command": list(command) if command is not None else sys.argv,
-        "machine": machine_info(dev),
-        "spec": asdict(spec),
+        **report_header(SCHEMA, spec, dev, command),
         "model": info,
         **res,
         "budget_ms": spec.budget_ms,

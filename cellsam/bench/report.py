@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import datetime as _dt
 import json
 import math
 import os
 import platform
 import subprocess
-from collections.abc import Callable
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +60,17 @@ def _git_commit() -> str | None:
     if out.returncode != 0:
         return None
     return out.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+
+
+def report_header(schema: str, spec: Any, device: torch.device, command: Sequence[str] | None) -> dict[str, Any]:
+    """The keys every bench report starts with: schema, created (UTC), command, machine, spec (a dataclass)."""
+    return {
+        "schema": schema,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "command": list(command) if command is not None else sys.argv,
+        "machine": machine_info(device),
+        "spec": asdict(spec),
+    }
 
 
 def machine_info(device: torch.device | str | None = None) -> dict[str, Any]:

@@ -6,12 +6,10 @@
 
 from __future__ import annotations
 
-import datetime as _dt
 import logging
-import sys
 import tempfile
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -107,7 +105,7 @@ def _clip(spec: BenchSpec, info: dict[str, Any]) -> bool:
 
 def run_suite(spec: BenchSpec, *, command: Sequence[str] | None = None) -> dict[str, Any]:
     """Run every configuration of ``spec``; returns the result dict (see ``benchmarks/README.md``)."""
-    from cellsam.bench.report import machine_info
+    from cellsam.bench.report import report_header
     from cellsam.inference.segment import resolve_device
 
     spec.validate()
@@ -168,11 +166,7 @@ def run_suite(spec: BenchSpec, *, command: Sequence[str] | None = None) -> dict[
                                  "the scene's cells (random weights give meaningless flows)")
                     _log_run(runs[-1])
     return {
-        "schema": SCHEMA,
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "command": list(command) if command is not None else sys.argv,
-        "machine": machine_info(dev),
-        "spec": asdict(spec),
+        **report_header(SCHEMA, spec, dev, command),
         "models": {name: info for name, (_, info) in models.items()},
         "runs": runs,
         "comparisons": comparisons(runs),
