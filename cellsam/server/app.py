@@ -43,7 +43,7 @@ def create_app(
     model_name: str | None = None,
     token: str | None = None,
     limits: Limits | None = None,
-    cache_items: int = 16,
+    cache_items: int = 1024,
     cache_bytes: int = 1 << 30,
     finetune_accelerator: str = "auto",
 ) -> FastAPI:

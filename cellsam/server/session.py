@@ -91,7 +91,7 @@ class ModelSession:
     """Owns the model and the caches; safe to call from several threads."""
 
     def __init__(
-        self, model: Any, *, name: str = "model", cache_items: int = 16, cache_bytes: int = 1 << 30
+        self, model: Any, *, name: str = "model", cache_items: int = 1024, cache_bytes: int = 1 << 30
     ) -> None:
         self.lock = threading.RLock()
         self.embeddings = LRUCache(max_items=cache_items, max_bytes=cache_bytes, size_of=_predictor_bytes)
