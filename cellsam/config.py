@@ -95,6 +95,9 @@ class InferenceConfig:
     box_threshold: float = 0.4
     iou_threshold: float = 0.5
     mask_threshold: float = 0.5
+    # Box refinement rounds: each replaces every box prompt by the bounding box of its decoded mask
+    # and decodes again (the mask decoder only; fixes detector boxes that are too loose or too tight).
+    refine_boxes: int = 0
 
 
 @dataclass(frozen=True)

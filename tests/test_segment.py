@@ -3,10 +3,13 @@ FakeModel of tests/test_tiling.py (thresholds, empty images, batches)."""
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
 
+import cellsam
 from cellsam.inference.preprocess import prepare_image
 from cellsam.inference.segment import Segmentation, segment
 from cellsam.models.build import build_model
@@ -182,3 +185,46 @@ def test_thresholds_default_to_the_models_own() -> None:
     np.testing.assert_array_equal(own.labels, explicit.labels)
     # an explicit argument still wins over the model's value
     assert segment(img, model, tile_size=64, box_threshold=0.99).n_cells == 0
+
+
+def test_box_refinement_decodes_again_with_the_masks_box() -> None:
+    """decode_refined: round 2 prompts with the bounding box of round 1's mask (low-res pixels scaled to
+    the model input); a box whose mask is empty is kept; rounds=0 is a single decode."""
+    from cellsam.inference.segment import decode_refined
+
+    class FakeNet:
+        img_size = 64
+        calls: list[torch.Tensor] = []
+
+        def decode(self, embedding, *, boxes, multimask_output, chunk_size):  # noqa: ANN001, ANN202
+            self.calls.append(boxes.clone())
+            lo = torch.full((boxes.shape[0], 1, 16, 16), -10.0)
+            lo[0, 0, 2:6, 3:9] = 5.0  # prompt 0: a cell at rows 2-5, cols 3-8 of the 16x16 grid
+            return lo, torch.ones(boxes.shape[0], 1)
+
+    net = FakeNet()
+    boxes = torch.tensor([[0.0, 0.0, 60.0, 60.0], [10.0, 10.0, 20.0, 20.0]])
+    lo, iou = decode_refined(net, torch.zeros(1, 8, 4, 4), boxes, thr=0.0, rounds=1, chunk_size=None)
+    assert len(net.calls) == 2 and lo.shape == (2, 1, 16, 16)
+    assert net.calls[1][0].tolist() == [12.0, 8.0, 36.0, 24.0]  # (3, 2, 9, 6) x 64/16
+    assert net.calls[1][1].tolist() == boxes[1].tolist()  # empty mask: box unchanged
+    net.calls.clear()
+    decode_refined(net, torch.zeros(1, 8, 4, 4), boxes, thr=0.0, rounds=0, chunk_size=None)
+    assert len(net.calls) == 1
+
+
+def test_refine_boxes_travels_with_the_model_and_changes_the_decoding(tiny: torch.nn.Module) -> None:
+    import dataclasses
+
+    img, _ = make_blobs((64, 64), n=4)
+    net = copy.deepcopy(tiny)
+    calls = []
+    orig = net.decode
+    net.decode = lambda *a, **k: calls.append(1) or orig(*a, **k)  # type: ignore[method-assign]
+    open_kw = dict(box_threshold=0.0, iou_threshold=-1e9, tile_size=64)
+    cellsam.segment(img, net, **open_kw)
+    n0 = len(calls)
+    net.cfg = net.cfg.replace(inference=dataclasses.replace(net.cfg.inference, refine_boxes=1))
+    calls.clear()
+    cellsam.segment(img, net, **open_kw)
+    assert n0 >= 1 and len(calls) == 2 * n0

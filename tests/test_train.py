@@ -272,3 +272,33 @@ def test_cli_skip_done_continues_a_recipe(tmp_path: Path, capsys) -> None:
     out = capsys.readouterr().out
     assert "stage 1/2: detection" in out and "skipped" in out and "stage 2/2: masks ->" in out
     assert s1.stat().st_mtime_ns == t1 and s2.is_file()
+
+
+def test_scale_boxes_keeps_centres_and_scales_sides() -> None:
+    from cellsam.train.module import scale_boxes
+
+    b = torch.tensor([[10.0, 20.0, 30.0, 60.0], [0.0, 0.0, 4.0, 4.0]])
+    out = scale_boxes(b, torch.tensor([[2.0, 0.5], [1.0, 1.0]]))
+    assert out.tolist() == [[0.0, 30.0, 40.0, 50.0], [0.0, 0.0, 4.0, 4.0]]
+
+
+def test_box_scale_jitter_changes_the_prompts_only_when_asked(tmp_path: Path) -> None:
+    """With box_scale_jitter the mask stage decodes differently sized boxes (seeded: same draw twice)."""
+    seen: list[torch.Tensor] = []
+
+    def run(jitter: float) -> list[torch.Tensor]:
+        cfg = tiny_cfg(tmp_path, stage="masks", box_jitter=0.0, box_scale_jitter=jitter)
+        module = CellSAMModule(initial_model(cfg), cfg)
+        orig = module.model.decode
+        seen.clear()
+        module.model.decode = lambda emb, **k: seen.append(k["boxes"].clone()) or orig(emb, **k)  # type: ignore
+        ds = PreparedTiles(cfg.data, "train")
+        image, t = ds[0]
+        module.compute_losses(image[None], [t])
+        return list(seen)
+
+    plain, scaled, again = run(0.0), run(0.9), run(0.9)
+    w = lambda b: (b[:, 2] - b[:, 0])  # noqa: E731
+    assert not torch.allclose(w(plain[0]), w(scaled[0])) and torch.equal(scaled[0], again[0])
+    centre = lambda b: (b[:, :2] + b[:, 2:]) / 2  # noqa: E731
+    assert torch.allclose(centre(plain[0]), centre(scaled[0]), atol=1e-4)

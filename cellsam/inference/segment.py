@@ -28,10 +28,12 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
 from cellsam.config import InferenceConfig
 from cellsam.inference.preprocess import Channels, as_numpy, prepare_image
 from cellsam.inference.tiling import Candidate, Tile, deduplicate, extract_tile, tile_grid
+from cellsam.ops.boxes import masks_to_boxes
 from cellsam.ops.masks import CellMask, clean_cell_mask, clean_labels, logit_threshold, merge_by_argmax
 
 log = logging.getLogger(__name__)
@@ -264,6 +266,7 @@ def tile_candidates(
     enc = net.encode(x)
     dets = net.postprocess_detections(net.detect(enc, x), box_threshold=p["box_threshold"])
     thr = logit_threshold(p["mask_threshold"])
+    refine = int(getattr(getattr(getattr(net, "cfg", None), "inference", None), "refine_boxes", 0))
     out: list[Candidate] = []
     for b, tile_idx in enumerate(ti):
         tile = tiles[tile_idx]
@@ -271,9 +274,8 @@ def tile_candidates(
         stats["boxes"] += int(boxes.shape[0])
         if boxes.shape[0] == 0:
             continue
-        lo, iou = net.decode(
-            enc.embedding[b : b + 1], boxes=boxes, multimask_output=False, chunk_size=p["decode_chunk"]
-        )
+        lo, iou = decode_refined(net, enc.embedding[b : b + 1], boxes, thr=thr, rounds=refine,
+                                 chunk_size=p["decode_chunk"])
         iou = iou[:, 0]
         keep = torch.nonzero(iou >= p["iou_threshold"]).flatten()
         stats["iou_passed"] += int(keep.numel())
@@ -306,6 +308,26 @@ def tile_candidates(
                     )
                 )
     return out
+
+
+def decode_refined(net: Any, embedding: Tensor, boxes: Tensor, *, thr: float, rounds: int,
+                   chunk_size: int | None) -> tuple[Tensor, Tensor]:
+    """Decode box prompts, then ``rounds`` times re-decode each with the bounding box of its mask.
+
+    Args:
+        embedding: (1, D, h, w) one image embedding; boxes: (N, 4) xyxy pixels of the model input.
+        thr: logit above which a low-res pixel is inside the mask; a box whose mask is empty is kept.
+    Returns:
+        low-res logits (N, 1, 4h, 4w) and predicted IoUs (N, 1) of the last round.
+    """
+    lo, iou = net.decode(embedding, boxes=boxes, multimask_output=False, chunk_size=chunk_size)
+    for _ in range(rounds):
+        fg = lo[:, 0].float() > thr  # (N, 4h, 4w)
+        new = masks_to_boxes(fg).to(boxes) * (float(net.img_size) / fg.shape[-1])
+        empty = ~fg.flatten(1).any(dim=1)
+        boxes = torch.where(empty[:, None], boxes, new)
+        lo, iou = net.decode(embedding, boxes=boxes, multimask_output=False, chunk_size=chunk_size)
+    return lo, iou
 
 
 def _crop_cell(

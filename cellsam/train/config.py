@@ -78,6 +78,10 @@ class TrainConfig:
     crop_size: int | None = None  # random crops of the prepared tiles (None: whole tiles); val: centre crop
     prompts_per_image: int = 16  # ground-truth boxes decoded per image in the masks/joint stages
     box_jitter: float = 0.05  # relative noise added to prompt boxes (SAM-style)
+    # Prompt boxes' width and height scaled about their centre by exp(U(-a, a)): a > 0 teaches the mask
+    # decoder to segment the cell at the box centre when the box is too loose or too tight, as the
+    # detector's boxes can be (0 = off; ln 2.5 = 0.92 allows 0.4x .. 2.5x).
+    box_scale_jitter: float = 0.0
     mask_trainable: tuple[str, ...] = ("neck", "prompt_encoder", "mask_decoder")
     val_every_steps: int = 0  # 0 = only at the end
     val_max_tiles: int = 64

@@ -24,6 +24,13 @@ from cellsam.train.matcher import HungarianMatcher
 log = logging.getLogger(__name__)
 
 
+def scale_boxes(boxes: Tensor, factors: Tensor) -> Tensor:
+    """Boxes (N, 4) xyxy with width and height multiplied by ``factors`` (N, 2), centres kept."""
+    c = (boxes[:, :2] + boxes[:, 2:]) / 2
+    half = (boxes[:, 2:] - boxes[:, :2]) / 2 * factors
+    return torch.cat((c - half, c + half), dim=1)
+
+
 class NonFiniteLossError(RuntimeError):
     """Raised when a training loss becomes NaN or infinite."""
 
@@ -154,6 +161,9 @@ class CellSAMModule(L.LightningModule):
             boxes = t["boxes_xyxy"][sel].to(embedding)
             wh = (boxes[:, 2:] - boxes[:, :2]).repeat(1, 2)
             boxes = boxes + self.cfg.box_jitter * wh * torch.randn(boxes.shape, generator=g).to(boxes)
+            if self.cfg.box_scale_jitter > 0:
+                boxes = scale_boxes(boxes, torch.empty(len(boxes), 2).uniform_(
+                    -self.cfg.box_scale_jitter, self.cfg.box_scale_jitter, generator=g).exp().to(boxes))
             lo, iou = self.model.decode(embedding[b : b + 1], boxes=boxes * scale, chunk_size=None)
             logits = F.interpolate(lo, (tile, tile), mode="bilinear", align_corners=False)
             tgt = (t["labels_image"][None] == t["ids"][sel.to(t["ids"].device)][:, None, None]).float()[:, None]
