@@ -145,3 +145,20 @@ def get_weights(name: str) -> WeightsRecord:
         return _WEIGHTS[key]
     except KeyError:
         raise KeyError(f"unknown weights {name!r}; choose one of {list_weights()}") from None
+
+
+# The shipped default model: trained from scratch on the 2-core CPU with configs/cpu_default.yaml and
+# bundled in the package (cellsam/pretrained/; model card cellsam_cpu_v1.md). Registering a record is
+# pure data: nothing is read or downloaded until load_model("default") is called.
+register_weights(
+    WeightsRecord(
+        name="cellsam_cpu.v1",
+        variant="vit_cpu",
+        url="package:pretrained/cellsam_cpu_v1.safetensors",
+        sha256="224fbb93d8a1cdcba6b906b63204774f7193a667be14487b9f27313ec583a4b8",
+        version="v1",
+        description="vit_cpu trained from scratch on DSB 2018, DeepCell 1.0 and MoNuSeg (2-core CPU, ~2 h)",
+        license="Apache-2.0 weights; trained on MoNuSeg (CC BY-NC-SA 4.0): non-commercial use",
+    ),
+    aliases=("default",),
+)

@@ -5,7 +5,8 @@
 
 1. Picks the default box / IoU thresholds on ``--sweep-images`` validation images spread over the sorted
    list (so over the sources) by the reference F1 at IoU 0.5 (``f1_mean``), then tries one box-refinement
-   round at the best pair; the grid is printed and saved.
+   round at the best pair, then the inference tile size (``--tile-sizes``: input pixels per model tile,
+   i.e. the scale) at box thresholds 0.3 and the best; the grid is printed and saved.
 2. Writes ``cellsam/pretrained/<name>.safetensors`` + ``.json`` with those thresholds in
    ``cfg.inference`` and the training data and licences in the metadata.
 3. Prints the sha256 to put in ``cellsam/registry.py``.
@@ -34,14 +35,15 @@ TRAINING_DATA = {
 }
 
 
-def sweep(model, loaded, boxes, ious, refine: int = 0) -> list[dict]:  # type: ignore[no-untyped-def]
+def sweep(model, loaded, boxes, ious, refine: int = 0, tiles=(None,)) -> list[dict]:  # type: ignore[no-untyped-def]
     model.cfg = model.cfg.replace(inference=dataclasses.replace(model.cfg.inference, refine_boxes=refine))
     rows = []
-    for b, i in itertools.product(boxes, ious):
-        preds = [segment(img, model, normalize=False, channel_axis=0, box_threshold=b, iou_threshold=i).labels
-                 for img, _ in loaded]
+    for b, i, t in itertools.product(boxes, ious, tiles):
+        preds = [segment(img, model, normalize=False, channel_axis=0, box_threshold=b, iou_threshold=i,
+                         tile_size=t).labels for img, _ in loaded]
         s = evaluate_labels([g for _, g in loaded], preds, deepcell=False, coco=False, per_image=False)
-        rows.append({"box_threshold": b, "iou_threshold": i, "refine_boxes": refine, "f1_mean": s["f1_mean"],
+        rows.append({"box_threshold": b, "iou_threshold": i, "refine_boxes": refine,
+                     "tile_size": t or model.cfg.tile_size, "f1_mean": s["f1_mean"],
                      "n_pred": s["n_pred"], "n_true": s["n_true"]})
         print(json.dumps(rows[-1]), flush=True)
     return rows
@@ -56,6 +58,7 @@ def main() -> None:
     ap.add_argument("--sweep-images", type=int, default=16)
     ap.add_argument("--boxes", type=float, nargs="+", default=[0.15, 0.2, 0.25, 0.3, 0.4])
     ap.add_argument("--ious", type=float, nargs="+", default=[0.0, 0.3])
+    ap.add_argument("--tile-sizes", type=int, nargs="+", default=[320, 384, 448])
     ap.add_argument("--out", default="cellsam/pretrained")
     args = ap.parse_args()
 
@@ -69,8 +72,12 @@ def main() -> None:
     # one refinement round, tried at the best thresholds only (it doubles the decoder's work)
     rows += sweep(model, loaded, [best["box_threshold"]], [best["iou_threshold"]], refine=1)
     best = max(rows, key=lambda r: (r["f1_mean"], -r["refine_boxes"], -abs(r["box_threshold"] - 0.4)))
+    # the inference scale: tiles of T input pixels resized to the model input (T > input: cells shrink)
+    rows += sweep(model, loaded, [0.3, best["box_threshold"]] if best["box_threshold"] != 0.3 else [0.3],
+                  [best["iou_threshold"]], refine=best["refine_boxes"], tiles=args.tile_sizes)
+    best = max(rows, key=lambda r: (r["f1_mean"], -r["refine_boxes"], -abs(r["box_threshold"] - 0.4)))
     print("chosen:", best)
-    model.cfg = model.cfg.replace(inference=InferenceConfig(
+    model.cfg = model.cfg.replace(tile_size=int(best["tile_size"]), inference=InferenceConfig(
         box_threshold=best["box_threshold"], iou_threshold=best["iou_threshold"], mask_threshold=0.5,
         refine_boxes=best["refine_boxes"]))
     meta_src = json.loads(Path(args.model).with_suffix(".json").read_text())

@@ -1,0 +1,70 @@
+"""The shipped default model: bundled, registered, verified, documented, and it finds the sample's cells."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cellsam import registry
+from cellsam.cli.segment import sample_path
+from cellsam.weights import load_model, sha256_file
+
+# Measured on the shipped cellsam_cpu.v1 (see cellsam/pretrained/cellsam_cpu_v1.md); the floors sit
+# below the measured values so that a broken model, pipeline or weights file fails, not noise.
+SAMPLE_ID = "06c779330d6d3447be21df2b9f05d1088f5b3b50dc48724fc130b1fd2896a68c"
+SAMPLE_F1_FLOOR = 0.35  # measured: 0.449 (19 cells found)
+
+
+@pytest.fixture(scope="module")
+def default():  # type: ignore[no-untyped-def]
+    return load_model("default")
+
+
+def test_default_is_registered_bundled_and_verified() -> None:
+    record = registry.get_weights("default")
+    assert record.url.startswith("package:") and record.variant == "vit_cpu"
+    from cellsam.weights import download
+
+    path = download(record)  # verifies the sha256 of the bundled file
+    assert path.is_file() and sha256_file(path) == record.sha256
+    meta = json.loads(path.with_suffix(".json").read_text())
+    assert meta["sha256"] == record.sha256
+    assert set(meta["training_data"]) == {"dsb2018", "deepcell1", "monuseg"}
+    assert "non-commercial" in meta["license"]
+    card = path.with_suffix(".md")
+    assert card.is_file() and "MoNuSeg" in card.read_text()
+
+
+def test_default_model_thresholds_and_architecture(default) -> None:  # type: ignore[no-untyped-def]
+    assert default.img_size == 256 and default.cfg.cellfinder.query_content == "features"
+    assert default.cfg.tile_size >= default.img_size  # the inference scale chosen on validation images
+    inf = default.cfg.inference
+    assert 0.0 < inf.box_threshold < 1.0 and 0.0 <= inf.mask_threshold < 1.0
+
+
+def test_default_model_segments_the_sample(default) -> None:  # type: ignore[no-untyped-def]
+    import cellsam
+    from cellsam.io import load_image
+
+    image = load_image(sample_path()).data
+    seg = cellsam.segment(image, default)
+    assert seg.labels.shape == image.shape[:2]
+    # the sample holds about 30 nuclei (its ground truth has 30 labels; it is a training image)
+    assert 12 <= seg.n_cells <= 60, seg.stats  # measured: 19
+    assert set(np.unique(seg.labels)) == set(range(seg.n_cells + 1))
+
+
+@pytest.mark.data
+def test_default_model_matches_the_samples_ground_truth(default, shared_data: Path) -> None:  # type: ignore[no-untyped-def]
+    import cellsam
+    from cellsam.data.sample import load_array
+    from cellsam.eval.metrics import evaluate_labels
+    from cellsam.io import load_image
+
+    gt = load_array(shared_data / "dsb2018" / f"{SAMPLE_ID}_masks.png").astype(np.int32)
+    seg = cellsam.segment(load_image(sample_path()).data, default)
+    s = evaluate_labels([gt], [seg.labels], deepcell=False, coco=False, per_image=False)
+    assert s["f1_mean"] >= SAMPLE_F1_FLOOR, s
