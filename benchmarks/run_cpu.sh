@@ -6,13 +6,13 @@ cd "$(dirname "$0")/.."
 export OMP_WAIT_POLICY=PASSIVE
 B=.venv/bin/cellsam
 # ours vs the reference CellSAM structure (vit_b, random weights) and Cellpose 3, 512x512 tiles
-$B bench --model vit_b --sizes 512 --cells 10 100 500 --precision fp32 bf16 --repeats 2 --warmup 1 \
+$B bench --model vit_b --sizes 512 --cells 10 100 500 --precision fp32 bf16 --repeats 1 --warmup 1 \
     --reference --cellpose --cellpose-path /tmp/cp3 --out benchmarks/cpu_vit_b_vs_reference
 # the shipped model vs Cellpose 3
-$B bench --model default --sizes 512 --cells 10 100 500 --precision fp32 bf16 --repeats 5 --warmup 1 \
+$B bench --model default --sizes 512 --cells 10 100 500 --precision fp32 bf16 --repeats 3 --warmup 1 \
     --cellpose --cellpose-path /tmp/cp3 --out benchmarks/cpu_default_vs_cellpose
-# scaling with image area
-$B bench --model default --sizes 256 512 1024 2048 4096 --cells 100 --precision fp32 --repeats 1 --warmup 1 \
-    --out benchmarks/cpu_default_scaling
 # interactive prompts on a cached embedding
 $B bench --prompts --model default --repeats 50 --warmup 5 --out benchmarks/cpu_default_prompts
+# scaling with image area
+$B bench --model default --sizes 256 512 1024 2048 --cells 100 --precision fp32 --repeats 1 --warmup 1 \
+    --out benchmarks/cpu_default_scaling

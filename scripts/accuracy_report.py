@@ -15,6 +15,22 @@ from pathlib import Path
 from cellsam.eval.harness import format_tables
 
 
+def command_line(arguments: dict) -> str:
+    """The `cellsam evaluate` command line of a report's recorded arguments (defaults included)."""
+    parts = ["cellsam evaluate"]
+    for k, v in arguments.items():
+        flag = "--" + k.replace("_", "-")
+        if k == "command" or v in (None, False, [], "None"):
+            continue
+        if v is True:
+            parts.append(flag)
+        elif isinstance(v, list):
+            parts += [f"{flag} {x}" for x in v]
+        else:
+            parts.append(f"{flag} {v}")
+    return " ".join(parts)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("reports", nargs="+", type=Path)
@@ -28,8 +44,7 @@ def main() -> None:
         raise SystemExit("the reports cover different images: evaluate the same --data and --split")
     merged = dict(reports[0])
     merged["methods"] = {k: v for r in reports for k, v in r["methods"].items()}
-    commands = ["cellsam evaluate " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in r.get("arguments", {}).items()
-                                              if v not in (None, False, [], "None")) for r in reports]
+    commands = [command_line(r.get("arguments", {})) for r in reports]
     lines = [f"# {args.title}", "", args.notes, "", "Commands (arguments as recorded in each JSON report):", ""]
     lines += [f"- `{c}`" for c in commands]
     env = reports[0].get("environment", {})
