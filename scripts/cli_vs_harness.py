@@ -34,7 +34,7 @@ def main() -> None:
     gt_dir.mkdir(parents=True, exist_ok=True)
     names = []
     for e in singles:
-        name = Path(e["files"]["image"]).name.replace("_img", "").rsplit(".", 1)[0]
+        name = Path(e["files"]["image"]).name.rsplit(".", 1)[0]  # NAME_img: the CLI writes NAME_img_labels.tif
         np.save(gt_dir / f"{name}_masks.npy", np.load(root / e["labels_npy"]))
         names.append(name)
     cmd = [sys.executable, "-m", "cellsam.cli", "segment", *[e["files"]["image"] for e in singles],
