@@ -275,7 +275,7 @@ def test_cli_skip_done_continues_a_recipe(tmp_path: Path, capsys) -> None:
 
 
 def test_scale_boxes_keeps_centres_and_scales_sides() -> None:
-    from cellsam.train.module import scale_boxes
+    from cellsam.ops.boxes import scale_boxes
 
     b = torch.tensor([[10.0, 20.0, 30.0, 60.0], [0.0, 0.0, 4.0, 4.0]])
     out = scale_boxes(b, torch.tensor([[2.0, 0.5], [1.0, 1.0]]))

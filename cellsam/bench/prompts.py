@@ -155,7 +155,7 @@ def time_prompts(model: Any, image_path: Path, *, repeats: int, warmup: int, mod
     times: dict[tuple[str, str], list[float]] = {(p, q): [] for p in PATHS for q in PROMPTS}
     failed: dict[tuple[str, str], int] = {k: 0 for k in times}
     with tempfile.TemporaryDirectory() as tmp:
-        # room for every tile (the server keeps 16 by default: 4 x 4 tiles, about 830 px square at vit_cpu)
+        # room for every tile of any image, whatever the server's default bounds
         app = create_app(Path(tmp) / "project", model, model_name=model_name, cache_items=4096, cache_bytes=4 << 30)
         ctx = app.state.ctx
         with TestClient(app) as client, count_encoder_calls(model) as calls:

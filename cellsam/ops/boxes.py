@@ -39,6 +39,12 @@ def box_xyxy_to_cxcywh(boxes: Tensor) -> Tensor:
     return torch.stack(((x0 + x1) / 2, (y0 + y1) / 2, x1 - x0, y1 - y0), dim=-1)
 
 
+def scale_boxes(boxes: Tensor, factors: Tensor) -> Tensor:
+    """(N, 4) xyxy boxes with width and height multiplied by ``factors`` (N, 2); centres are kept."""
+    c = box_xyxy_to_cxcywh(boxes)
+    return box_cxcywh_to_xyxy(torch.cat((c[:, :2], c[:, 2:] * factors), dim=1))
+
+
 def box_area(boxes: Tensor) -> Tensor:
     """Area of (..., 4) xyxy boxes -> (...)."""
     return (boxes[..., 2] - boxes[..., 0]) * (boxes[..., 3] - boxes[..., 1])

@@ -25,7 +25,7 @@ from fastapi.staticfiles import StaticFiles
 from cellsam.server.context import ServerContext
 from cellsam.server.finetune import FinetuneManager
 from cellsam.server.images import Limits, UploadError
-from cellsam.server.session import ModelSession
+from cellsam.server.session import CACHE_BYTES, CACHE_ITEMS, ModelSession
 from cellsam.server.storage import NotFoundError, Project, ProjectError
 
 log = logging.getLogger(__name__)
@@ -43,8 +43,8 @@ def create_app(
     model_name: str | None = None,
     token: str | None = None,
     limits: Limits | None = None,
-    cache_items: int = 1024,
-    cache_bytes: int = 1 << 30,
+    cache_items: int = CACHE_ITEMS,
+    cache_bytes: int = CACHE_BYTES,
     finetune_accelerator: str = "auto",
 ) -> FastAPI:
     """Build the app.

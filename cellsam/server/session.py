@@ -87,11 +87,16 @@ class CellProposal:
     score: float
 
 
+# Default bounds of the embedding cache (a vit_cpu tile embedding is 0.5 MB, a vit_b one 4 MB).
+CACHE_ITEMS = 1024
+CACHE_BYTES = 1 << 30
+
+
 class ModelSession:
     """Owns the model and the caches; safe to call from several threads."""
 
     def __init__(
-        self, model: Any, *, name: str = "model", cache_items: int = 1024, cache_bytes: int = 1 << 30
+        self, model: Any, *, name: str = "model", cache_items: int = CACHE_ITEMS, cache_bytes: int = CACHE_BYTES
     ) -> None:
         self.lock = threading.RLock()
         self.embeddings = LRUCache(max_items=cache_items, max_bytes=cache_bytes, size_of=_predictor_bytes)

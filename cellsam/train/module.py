@@ -16,19 +16,13 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from cellsam.models.cellsam import CellSAM
+from cellsam.ops.boxes import scale_boxes
 from cellsam.train.config import TrainConfig
 from cellsam.train.criterion import SetCriterion
 from cellsam.train.mask_loss import mask_losses
 from cellsam.train.matcher import HungarianMatcher
 
 log = logging.getLogger(__name__)
-
-
-def scale_boxes(boxes: Tensor, factors: Tensor) -> Tensor:
-    """Boxes (N, 4) xyxy with width and height multiplied by ``factors`` (N, 2), centres kept."""
-    c = (boxes[:, :2] + boxes[:, 2:]) / 2
-    half = (boxes[:, 2:] - boxes[:, :2]) / 2 * factors
-    return torch.cat((c - half, c + half), dim=1)
 
 
 class NonFiniteLossError(RuntimeError):
