@@ -116,3 +116,32 @@ def test_every_variant_builds_with_consistent_sizes(name: str) -> None:
         model = build_model(cfg)
         assert model.low_res_size == 4 * cfg.encoder.embedding_size
         assert model.cellfinder.transformer is not None
+
+
+def test_prompts_on_one_image_share_its_first_layer_work_with_the_same_result(tiny: torch.nn.Module) -> None:
+    x = tiny.preprocess(torch.rand(1, 3, 64, 64))
+    emb = tiny.encode(x).embedding
+    boxes = torch.tensor([[4.0, 4, 20, 20], [10, 30, 40, 60], [0, 0, 63, 63], [30, 5, 50, 25]])
+    first = tiny.mask_decoder.transformer.layers[0].cross_attn_token_to_image.k_proj
+    rows: list[int] = []
+    first.register_forward_hook(lambda m, inp, out: rows.append(inp[0].shape[0]))
+    with torch.no_grad():
+        sparse, dense = tiny.prompt_encoder(points=None, boxes=boxes, masks=None)
+        pe = tiny.prompt_encoder.get_dense_pe()
+        shared = tiny.mask_decoder(emb, pe, sparse, dense, multimask_output=False)
+        assert rows == [1]  # the image side of layer 1 ran once for the 4 prompts
+        copied = tiny.mask_decoder(emb, pe, sparse, dense.contiguous(), multimask_output=False)
+        assert rows == [1, 4]  # materialised prompts: once per prompt
+    for a, b in zip(shared, copied, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+
+
+def test_auto_chunk_size_keeps_cpu_chunks_cache_sized() -> None:
+    assert build_model("vit_b").auto_chunk_size() == 4  # 4 MiB of image tokens per prompt: the minimum
+    small = build_model("vit_cpu")
+    assert small.auto_chunk_size() == 8  # 0.5 MiB per prompt
+    emb = torch.zeros(1, small.cfg.encoder.out_chans, *(2 * [small.cfg.encoder.embedding_size]))
+    calls = _count_calls(small.mask_decoder)
+    with torch.no_grad():
+        small.decode(emb, boxes=torch.tensor([[0.0, 0, 10, 10]]).repeat(20, 1))
+    assert calls[0] == 3  # 20 prompts in chunks of 8

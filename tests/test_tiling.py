@@ -17,7 +17,16 @@ import torch
 from scipy import ndimage
 
 from cellsam.inference.segment import segment
-from cellsam.inference.tiling import Candidate, Tile, deduplicate, extract_tile, inner_margin, tile_grid
+from cellsam.inference.tiling import (
+    Candidate,
+    Tile,
+    deduplicate,
+    extract_tile,
+    in_core,
+    inner_margin,
+    tile_cores,
+    tile_grid,
+)
 
 
 class FakeModel:
@@ -251,4 +260,32 @@ def test_stitching_with_a_large_overlap_and_touching_cells() -> None:
             truth[y : y + 20, x : x + 20] = k
     model = FakeModel(truth, img_size=96)
     seg = segment(coord_image(truth), model, channel_axis=0, normalize=False, tile_size=96, tile_overlap=0.5)
+    _check_one_to_one(truth, seg.labels, 0.99)
+
+
+def test_tile_cores_partition_the_image_and_keep_cells_away_from_inner_edges() -> None:
+    shape, size = (1000, 700), 256
+    tiles = tile_grid(shape, tile_size=size, overlap=0.25)
+    yy, xx = np.mgrid[: shape[0], : shape[1]] + 0.5
+    pts = np.stack([xx.ravel(), yy.ravel(), xx.ravel(), yy.ravel()], 1)  # zero-size boxes at pixel centres
+    for band, lo, hi in ((0.0, 1, 1), (8.0, 1, 4)):
+        cores = tile_cores(tiles, size, band=band)
+        count = sum(in_core(pts, c).astype(int) for c in cores)
+        assert count.min() == lo and count.max() == hi
+        for t, c in zip(tiles, cores, strict=True):
+            own = pts[in_core(pts, c)]
+            margin = inner_margin((own[:, 1].min(), own[:, 0].min(), own[:, 1].max(), own[:, 0].max()), t, shape)
+            assert margin >= size * 0.25 / 2 - band - 1  # half the overlap, less the band
+    assert tile_cores([Tile(0, 0, 50, 60)], 64) == [(-np.inf, np.inf, -np.inf, np.inf)]
+
+
+def test_cells_in_overlaps_are_decoded_once() -> None:
+    truth = random_cells((700, 700), n=150, radius=(5, 12), seed=4)
+    tiles = tile_grid(truth.shape, tile_size=256, overlap=0.25)
+    model = FakeModel(truth, img_size=256)
+    seg = segment(coord_image(truth), model, channel_axis=0, normalize=False, tile_size=256)
+    n = int(truth.max())
+    assert straddling(truth, tiles) >= 20
+    assert seg.stats["boxes"] >= 1.5 * n, seg.stats  # the detector sees many cells in two or more tiles ...
+    assert seg.stats["decoded"] <= 1.25 * n, seg.stats  # ... but each about once (cut or near a split: twice)
     _check_one_to_one(truth, seg.labels, 0.99)

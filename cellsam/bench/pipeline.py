@@ -13,7 +13,8 @@ module-level helpers of :mod:`cellsam.inference.segment` are temporarily replace
     encoder       pixel normalisation + ONE ViT pass per tile batch (model.preprocess + model.encode)
     cellfinder    Anchor-DETR on the trunk + box post-processing (model.detect + postprocess_detections)
     mask_decoder  prompt encoder + mask decoder, batched over boxes (model.decode)
-    postprocess   logit upscaling + per-cell threshold / largest island / fill holes (upscale_logits, _crop_cell)
+    postprocess   per-cell logit upscaling on the cell's window + threshold / largest island / fill holes
+                  (upscale_cells, _crop_cell)
     stitching     removal of copies of a cell from overlapping tiles (deduplicate)
     merge         label image by arg-max + label cleaning (merge_by_argmax, clean_labels)
     other         end to end minus the stages above (resizing tiles, tensor copies, Python glue)
@@ -48,6 +49,7 @@ STAGES = ("read", "normalise", "tiling", "encoder", "cellfinder", "mask_decoder"
 CLIP_LOGIT = -20.0
 _SEGMENT_HELPERS = {  # name in cellsam.inference.segment -> stage
     "extract_tile": "tiling",
+    "upscale_cells": "postprocess",
     "_crop_cell": "postprocess",
     "deduplicate": "stitching",
     "merge_by_argmax": "merge",
@@ -235,9 +237,6 @@ class TimedModel:
                 lo = clip_logits_to_boxes(lo, kwargs["boxes"], self.img_size)
             return lo, iou
 
-    def upscale_logits(self, low_res: torch.Tensor) -> torch.Tensor:
-        with self._timer.stage("postprocess"):
-            return self._net.upscale_logits(low_res)
 
 
 @contextlib.contextmanager
@@ -275,11 +274,12 @@ def _recording(fn: Any, oracle: BoxOracle) -> Any:
 
 
 # ---------------------------------------------------------------------------------------------- runs
-def _segment_params(net: Any, *, batch_size: int, decode_chunk: int) -> dict[str, Any]:
+def _segment_params(net: Any, *, batch_size: int, decode_chunk: int | None) -> dict[str, Any]:
     return dict(
         box_threshold=0.4, iou_threshold=float("-inf"), mask_threshold=0.5, min_area=15,
         tile_size=int(getattr(getattr(net, "cfg", None), "tile_size", 512)), tile_overlap=0.25,
-        batch_size=int(batch_size), decode_chunk=int(decode_chunk), return_masks=False, progress=False,
+        batch_size=int(batch_size), decode_chunk="auto" if decode_chunk is None else int(decode_chunk),
+        return_masks=False, progress=False,
     )
 
 
@@ -292,7 +292,7 @@ def time_pipeline(
     repeats: int = 3,
     warmup: int = 1,
     batch_size: int = 4,
-    decode_chunk: int = 32,
+    decode_chunk: int | None = None,
     clip_masks: bool = True,
     model_name: str = "",
 ) -> dict[str, Any]:
@@ -356,7 +356,7 @@ def time_pipeline(
         "tile_size": params["tile_size"],
         "model_side": int(net.img_size),
         "batch_size": int(batch_size),
-        "decode_chunk": int(decode_chunk),
+        "decode_chunk": int(net.auto_chunk_size() if decode_chunk is None else decode_chunk),
         "clip_masks": bool(clip_masks),
         "repeats": int(repeats),
         "warmup": int(warmup),

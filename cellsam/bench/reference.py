@@ -258,10 +258,15 @@ def _iou_stats(a: np.ndarray, b: np.ndarray) -> dict[str, Any]:
     }
 
 
+def _window_diff(ours: torch.Tensor, ref: torch.Tensor) -> float:
+    inside = torch.isfinite(ours)
+    return float((ours[inside] - ref.to(ours)[inside]).abs().max()) if bool(inside.any()) else 0.0
+
+
 @torch.inference_mode()
 def parity_check(
     net: Any, ref: ReferencePipeline, tile: np.ndarray, boxes: np.ndarray, *, precision: str = "fp32",
-    decode_chunk: int = 32,
+    decode_chunk: int | None = None,
 ) -> dict[str, Any]:
     """Masks of our batched decoder vs the reference per-box loop for identical boxes (no clipping).
 
@@ -284,11 +289,18 @@ def parity_check(
         if b.shape[0] else torch.zeros((0, 1, t_side, t_side), device=ref.device)
 
     def ours(embedding: torch.Tensor) -> torch.Tensor:
-        lo, _ = net.decode(embedding, boxes=b, multimask_output=False, chunk_size=decode_chunk)
-        up = net.upscale_logits(lo)
-        if up.shape[-1] != t_side:
-            up = F.interpolate(up, size=(t_side, t_side), mode="bilinear", align_corners=False)
-        return up.float()
+        """Our logits as the pipeline computes them (windowed upscaling), -inf outside each window."""
+        from cellsam.inference.upscale import upscale_cells
+
+        chunk = "auto" if decode_chunk is None else decode_chunk
+        lo, _ = net.decode(embedding, boxes=b, multimask_output=False, chunk_size=chunk)
+        sizes = (net.img_size,) if net.img_size == t_side else (net.img_size, t_side)
+        full = torch.full((lo.shape[0], 1, t_side, t_side), float("-inf"))
+        for k, win in enumerate(upscale_cells(lo[:, 0], sizes, 0.0, (t_side, t_side))):
+            if win is not None:
+                y0, x0, w = win
+                full[k, 0, y0 : y0 + w.shape[0], x0 : x0 + w.shape[1]] = torch.from_numpy(w)
+        return full
 
     with autocast_context(precision, ref.device):
         same = ours(ref_emb)
@@ -300,7 +312,8 @@ def parity_check(
         "n_boxes": int(b.shape[0]),
         "tile_size": t_side,
         "embedding_max_abs_diff": float((own_emb.float() - ref_emb).abs().max()),
-        "logit_max_abs_diff": float((same - ref_logits).abs().max()) if b.shape[0] else 0.0,
+        # over the cells' windows (outside them our logits are -inf: no pixel there can pass 0)
+        "logit_max_abs_diff": _window_diff(same, ref_logits),
         "same_embedding": _iou_stats((same > 0).cpu().numpy()[:, 0], ref_m),
         "own_encoders": _iou_stats((own > 0).cpu().numpy()[:, 0], ref_m),
     }

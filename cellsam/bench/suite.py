@@ -38,7 +38,7 @@ class BenchSpec:
     cellpose: bool = False
     cellpose_path: str | None = None
     batch_size: int = 4
-    decode_chunk: int = 32
+    decode_chunk: int | None = None  # None: the model's auto_chunk_size
     clip_masks: str = "auto"  # auto: on for random weights
     seed: int = 0
 
@@ -55,7 +55,7 @@ class BenchSpec:
             raise ValueError(f"precisions must be among {PRECISIONS}, got {self.precisions}")
         if self.repeats < 1 or self.warmup < 0:
             raise ValueError(f"repeats must be >= 1 and warmup >= 0, got {self.repeats}, {self.warmup}")
-        if self.batch_size < 1 or self.decode_chunk < 1:
+        if self.batch_size < 1 or (self.decode_chunk is not None and self.decode_chunk < 1):
             raise ValueError(f"batch_size and decode_chunk must be >= 1, got {self.batch_size}, {self.decode_chunk}")
         if self.clip_masks not in ("auto", "on", "off"):
             raise ValueError(f"clip_masks must be auto, on or off, got {self.clip_masks!r}")

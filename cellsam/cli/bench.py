@@ -17,6 +17,16 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 
+def _chunk(value: str) -> int | None:
+    """``--decode-chunk``: a positive integer, or "auto" (None)."""
+    if value == "auto":
+        return None
+    n = int(value)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"--decode-chunk must be >= 1 or 'auto', got {value}")
+    return n
+
+
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Register ``bench`` on the ``cellsam`` command."""
     p = subparsers.add_parser(
@@ -49,7 +59,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--cellpose-path", default=None,
                    help="folder with Cellpose 3 installed by pip --target (put first on sys.path)")
     p.add_argument("--batch-size", type=int, default=4, help="tiles per encoder pass (default 4)")
-    p.add_argument("--decode-chunk", type=int, default=32, help="boxes per mask-decoder call (default 32)")
+    p.add_argument("--decode-chunk", type=_chunk, default=None, metavar="N|auto",
+                   help="boxes per mask-decoder call (default auto: the model's auto_chunk_size)")
     p.add_argument("--clip-masks", choices=("auto", "on", "off"), default="auto",
                    help="clip decoder logits to the boxes (auto: only for random weights)")
     p.add_argument("--seed", type=int, default=0, help="seed of the synthetic scenes and random weights")
@@ -159,6 +170,6 @@ def _command_line(args: argparse.Namespace) -> list[str]:
         cmd.append("--cellpose")
     if args.cellpose_path:
         cmd += ["--cellpose-path", args.cellpose_path]
-    cmd += ["--batch-size", str(args.batch_size), "--decode-chunk", str(args.decode_chunk),
+    cmd += ["--batch-size", str(args.batch_size), "--decode-chunk", str(args.decode_chunk or "auto"),
             "--clip-masks", args.clip_masks, "--seed", str(args.seed), "--out", str(args.out)]
     return cmd

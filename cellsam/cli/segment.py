@@ -83,6 +83,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help="tile side in image pixels (default: the model's own tile size, 256 for the default)")
     p.add_argument("--tile-overlap", type=float, default=0.25, help="tile overlap fraction (default 0.25)")
     p.add_argument("--batch-size", type=int, default=4, help="tiles per forward pass (default 4)")
+    p.add_argument("--decode-copies", action="store_true",
+                   help="decode a cell in every overlapping tile that detects it, not only in the tile "
+                   "that holds it farthest from its borders (about 2x slower masks; a few more cells)")
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
                    help="bf16 runs the networks under bfloat16 autocast (faster on CPUs with bf16 units)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto", help="default: auto")
@@ -143,6 +146,7 @@ def segment_file(path: Path, outdir: Path, name: str, model: Any, args: argparse
         tile_size=args.tile_size,
         tile_overlap=args.tile_overlap,
         batch_size=args.batch_size,
+        decode_copies=args.decode_copies,
         progress=True,
         precision=args.precision,
     )

@@ -28,7 +28,7 @@ from typing import Any, overload
 import numpy as np
 
 from cellsam.distributed.source import ImageSource, Normalizer, Rect, prepare_window
-from cellsam.inference.tiling import Candidate, Tile, deduplicate, tile_grid
+from cellsam.inference.tiling import Candidate, Tile, axis_cores, deduplicate, default_band, tile_grid
 from cellsam.ops.masks import clean_labels, merge_by_argmax
 
 GID_SHIFT = 16  # cells per tile < 65536
@@ -61,6 +61,12 @@ class GridTiles(Sequence[Tile]):
 
     def __iter__(self) -> Iterator[Tile]:
         return (self[i] for i in range(len(self)))
+
+    def core(self, i: int) -> tuple[float, float, float, float]:
+        """Tile ``i``'s core, as :func:`~cellsam.inference.tiling.tile_cores` gives it for the whole grid."""
+        band = default_band(self.tile_size)
+        r, c = divmod(int(i), len(self.xs))
+        return (*axis_cores(self.ys, self.tile_size, band)[r], *axis_cores(self.xs, self.tile_size, band)[c])
 
 
 @dataclass(frozen=True)
@@ -151,12 +157,15 @@ def block_cells(
         replace(t, y0=t.y0 - oy, y1=t.y1 - oy, x0=t.x0 - ox, x1=t.x1 - ox)
         for t in (grid[i] for i in block.tiles)
     ]
-    stats = {"tiles": len(local), "boxes": 0, "iou_passed": 0}
+    cores = None if params.get("decode_copies") else [
+        (y0 - oy, y1 - oy, x0 - ox, x1 - ox) for y0, y1, x0, x1 in (grid.core(i) for i in block.tiles)
+    ]
+    stats = {"tiles": len(local), "boxes": 0, "decoded": 0, "iou_passed": 0}
     bs = int(params["batch_size"])
     cells: list[Candidate] = []
     for i0 in range(0, len(local), bs):
         cells += tile_candidates(
-            net, dev, local, list(range(i0, min(i0 + bs, len(local)))), image, params, stats
+            net, dev, local, list(range(i0, min(i0 + bs, len(local)))), image, params, stats, cores
         )
     gids, count = [], dict.fromkeys(block.tiles, 0)
     for c in cells:

@@ -115,7 +115,7 @@ def _check_params(p: dict[str, Any]) -> None:
         if not np.isfinite(p[name]):
             raise ValueError(f"{name} must be a finite number, got {p[name]}")
     logit_threshold(p["mask_threshold"])
-    if p["batch_size"] < 1 or p["decode_chunk"] < 1:
+    if p["batch_size"] < 1 or (p["decode_chunk"] != "auto" and p["decode_chunk"] < 1):
         raise ValueError(
             f"batch_size and decode_chunk must be >= 1, got {p['batch_size']}, {p['decode_chunk']}"
         )
@@ -138,7 +138,8 @@ def segment_dask(
     tile_size: int | None = None,
     tile_overlap: float = 0.25,
     batch_size: int = 4,
-    decode_chunk: int = 32,
+    decode_chunk: int | None = None,
+    decode_copies: bool = False,
     device: Any = None,
     block_tiles: int = 4,
     chunk: int = 1024,
@@ -168,7 +169,8 @@ def segment_dask(
         min_area=int(min_area),
         tile_overlap=float(tile_overlap),
         batch_size=int(batch_size),
-        decode_chunk=int(decode_chunk),
+        decode_chunk="auto" if decode_chunk is None else int(decode_chunk),
+        decode_copies=bool(decode_copies),
         return_masks=False,
         progress=False,
     )

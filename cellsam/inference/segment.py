@@ -7,10 +7,14 @@ Pipeline per image (all sizes in pixels of the input image unless said otherwise
 2. Tiles of ``tile_size`` (default: the model's ``cfg.tile_size``, 512 for the paper's ViT-B, 256 for
    our CPU model; 25% overlap; a smaller image is one zero-padded tile), each
    resized to the model's input side S (512 -> 1024 for ViT-B), ``batch_size`` tiles per encoder pass.
-3. CellFinder boxes with score >= ``box_threshold``; SAM masks decoded in chunks from the box prompts;
-   masks whose predicted IoU < ``iou_threshold`` dropped; logits upscaled back to the tile.
+3. CellFinder boxes with score >= ``box_threshold``; a tile keeps the boxes centred in its core (the
+   part of the image it holds farthest from its borders, :func:`~.tiling.tile_cores`), so a cell seen
+   by overlapping tiles is decoded once; SAM masks decoded in chunks from the box prompts
+   (``refine_boxes`` more rounds from each mask's own box when the model says so); masks whose
+   predicted IoU < ``iou_threshold`` dropped; each cell's logits upscaled to tile pixels on its own
+   window only (:mod:`.upscale`).
 4. Per cell: binarise at sigmoid(logit) > ``mask_threshold``, keep the largest island, fill holes.
-5. Stitching: copies of one cell from overlapping tiles are merged (see :mod:`.tiling`).
+5. Stitching: copies of one cell that remain (boxes near a core's edge) are removed (see :mod:`.tiling`).
 6. One label image by arg-max over the cells' logits (a pixel goes to the cell with the highest
    logit among those whose mask contains it); each label keeps its largest component; cells under
    ``min_area`` pixels (default 15) are dropped; labels renumbered 1..N by descending box score.
@@ -32,7 +36,8 @@ from torch import Tensor
 
 from cellsam.config import InferenceConfig
 from cellsam.inference.preprocess import Channels, as_numpy, prepare_image
-from cellsam.inference.tiling import Candidate, Tile, deduplicate, extract_tile, tile_grid
+from cellsam.inference.tiling import Candidate, Tile, deduplicate, extract_tile, in_core, tile_cores, tile_grid
+from cellsam.inference.upscale import upscale_cells
 from cellsam.ops.boxes import masks_to_boxes
 from cellsam.ops.masks import CellMask, clean_cell_mask, clean_labels, logit_threshold, merge_by_argmax
 
@@ -46,7 +51,6 @@ _MODEL_API = (
     "detect",
     "postprocess_detections",
     "decode",
-    "upscale_logits",
 )
 
 
@@ -62,8 +66,9 @@ class Segmentation:
         masks: with ``return_masks=True``, the N per-cell masks before the arg-max merge (overlapping
             cells keep their full masks) as :class:`~cellsam.ops.masks.CellMask` crops; else None.
         message: why the result is empty (empty string when cells were found).
-        stats: counts along the pipeline: tiles, boxes (above box_threshold), iou_passed, masks
-            (non-empty cleaned masks >= min_area), stitched (after removing copies).
+        stats: counts along the pipeline: tiles, boxes (above box_threshold, all tiles), decoded
+            (boxes in their tile's core), iou_passed, masks (non-empty cleaned masks >= min_area),
+            stitched (after removing copies).
     """
 
     labels: np.ndarray
@@ -169,7 +174,8 @@ def segment(
     tile_size: int | None = None,
     tile_overlap: float = 0.25,
     batch_size: int = 4,
-    decode_chunk: int = 32,
+    decode_chunk: int | None = None,
+    decode_copies: bool = False,
     device: str | torch.device | None = None,
     return_masks: bool = False,
     progress: bool = False,
@@ -193,7 +199,12 @@ def segment(
         min_area: cells with fewer pixels in the final label image are dropped.
         tile_size, tile_overlap: tiling in input pixels; each tile is resized to the model's input side.
             ``tile_size=None`` uses the model's own ``cfg.tile_size`` (the scale it was trained at).
-        batch_size: tiles per encoder pass. decode_chunk: box prompts per mask-decoder call.
+        batch_size: tiles per encoder pass. decode_chunk: box prompts per mask-decoder call (None: the
+            model's :meth:`~cellsam.models.cellsam.CellSAM.auto_chunk_size` for its device).
+        decode_copies: decode each box in every tile that detects it, not only in the tile whose core
+            holds its centre; stitching then keeps one copy. About twice the mask-decoder work at
+            25% overlap; a weak detector finds a few more cells this way (measured on our val split
+            with the shipped model: 1,806 vs 1,578 cells, F1@0.5 mean 0.402 vs 0.395).
         device: "cpu", "cuda", "mps", "auto"; None keeps a given model where it is ("auto" for names).
         return_masks: also return the per-cell masks before merging.
         progress: show a tqdm bar over the tiles of large images.
@@ -208,7 +219,7 @@ def segment(
     if mask_threshold is not None:
         logit_threshold(mask_threshold)  # validates (0, 1)
     autocast_context(precision, torch.device("cpu"))  # validates the name
-    if batch_size < 1 or decode_chunk < 1:
+    if batch_size < 1 or (decode_chunk is not None and decode_chunk < 1):
         raise ValueError(f"batch_size and decode_chunk must be >= 1, got {batch_size}, {decode_chunk}")
     images, single = _image_list(image, batch)
     prepared = [
@@ -232,7 +243,8 @@ def segment(
         tile_size=int(tile_size),
         tile_overlap=float(tile_overlap),
         batch_size=int(batch_size),
-        decode_chunk=int(decode_chunk),
+        decode_chunk="auto" if decode_chunk is None else int(decode_chunk),
+        decode_copies=bool(decode_copies),
         return_masks=return_masks,
         progress=progress,
     )
@@ -256,8 +268,13 @@ def tile_candidates(
     image: np.ndarray,
     p: dict[str, Any],
     stats: dict[str, int],
+    cores: Sequence[tuple[float, float, float, float]] | None = None,
 ) -> list[Candidate]:
-    """Run the model on the tiles ``ti`` (one encoder pass) and return their cells in image coordinates."""
+    """Run the model on the tiles ``ti`` (one encoder pass) and return their cells in image coordinates.
+
+    ``cores[i]``: the region whose box centres tile ``i`` decodes (:func:`~.tiling.tile_cores`); boxes
+    centred elsewhere belong to a neighbouring tile and are not decoded here. None: all boxes.
+    """
     t_size, s = p["tile_size"], int(net.img_size)
     batch = torch.from_numpy(np.stack([extract_tile(image, tiles[i], t_size) for i in ti])).to(dev)
     if s != t_size:
@@ -267,51 +284,55 @@ def tile_candidates(
     dets = net.postprocess_detections(net.detect(enc, x), box_threshold=p["box_threshold"])
     thr = logit_threshold(p["mask_threshold"])
     refine = int(getattr(getattr(getattr(net, "cfg", None), "inference", None), "refine_boxes", 0))
+    sizes = (s,) if s == t_size else (s, t_size)
+    scale = t_size / s
     out: list[Candidate] = []
     for b, tile_idx in enumerate(ti):
         tile = tiles[tile_idx]
         boxes, scores = dets[b]["boxes"], dets[b]["scores"]
         stats["boxes"] += int(boxes.shape[0])
+        offset = np.array([tile.x0, tile.y0, tile.x0, tile.y0], np.float32)
+        bx = boxes.float().cpu().numpy() * scale + offset  # image pixels
+        if cores is not None and boxes.shape[0]:
+            own = torch.from_numpy(in_core(bx, cores[tile_idx])).to(boxes.device)
+            boxes, scores, bx = boxes[own], scores[own], bx[own.cpu().numpy()]
+        stats["decoded"] += int(boxes.shape[0])
         if boxes.shape[0] == 0:
             continue
         lo, iou = decode_refined(net, enc.embedding[b : b + 1], boxes, thr=thr, rounds=refine,
                                  chunk_size=p["decode_chunk"])
-        iou = iou[:, 0]
-        keep = torch.nonzero(iou >= p["iou_threshold"]).flatten()
-        stats["iou_passed"] += int(keep.numel())
-        vh, vw = tile.y1 - tile.y0, tile.x1 - tile.x0
-        scale = t_size / s
-        for c0 in range(0, int(keep.numel()), p["decode_chunk"]):
-            k = keep[c0 : c0 + p["decode_chunk"]]
-            up = net.upscale_logits(lo[k])
-            if s != t_size:
-                up = F.interpolate(up, size=(t_size, t_size), mode="bilinear", align_corners=False)
-            up = up[:, 0, :vh, :vw].float().cpu().numpy()
-            bx = (boxes[k].float().cpu().numpy() * scale) + np.array([tile.x0, tile.y0, tile.x0, tile.y0])
-            bx = np.clip(bx, 0, [image.shape[2], image.shape[1]] * 2)  # padded tiles: keep boxes in the image
-            sc, io = scores[k].float().cpu().numpy(), iou[k].float().cpu().numpy()
-            for j in range(up.shape[0]):
-                cand = _crop_cell(up[j], thr, p["mask_threshold"], p["min_area"])
-                if cand is None:
-                    continue
-                (cy, cx), crop_logits, mask = cand
-                out.append(
-                    Candidate(
-                        tile=tile_idx,
-                        y0=tile.y0 + cy,
-                        x0=tile.x0 + cx,
-                        mask=mask,
-                        logits=crop_logits,
-                        box=bx[j].astype(np.float32),
-                        score=float(sc[j]),
-                        iou=float(io[j]),
-                    )
+        iou = iou[:, 0].float().cpu().numpy()
+        keep = np.flatnonzero(iou >= p["iou_threshold"])
+        stats["iou_passed"] += int(keep.size)
+        bx = np.clip(bx, 0, [image.shape[2], image.shape[1]] * 2)  # padded tiles: keep boxes in the image
+        sc = scores.float().cpu().numpy()
+        windows = upscale_cells(lo[torch.from_numpy(keep).to(lo.device), 0], sizes, thr,
+                                (tile.y1 - tile.y0, tile.x1 - tile.x0))
+        for j, win in zip(keep, windows, strict=True):
+            if win is None:
+                continue
+            wy, wx, logits = win
+            cand = _crop_cell(logits, thr, p["mask_threshold"], p["min_area"])
+            if cand is None:
+                continue
+            (cy, cx), crop_logits, mask = cand
+            out.append(
+                Candidate(
+                    tile=tile_idx,
+                    y0=tile.y0 + wy + cy,
+                    x0=tile.x0 + wx + cx,
+                    mask=mask,
+                    logits=crop_logits,
+                    box=bx[j].astype(np.float32),
+                    score=float(sc[j]),
+                    iou=float(iou[j]),
                 )
+            )
     return out
 
 
 def decode_refined(net: Any, embedding: Tensor, boxes: Tensor, *, thr: float, rounds: int,
-                   chunk_size: int | None) -> tuple[Tensor, Tensor]:
+                   chunk_size: int | str | None) -> tuple[Tensor, Tensor]:
     """Decode box prompts, then ``rounds`` times re-decode each with the bounding box of its mask.
 
     Args:
@@ -350,7 +371,8 @@ def segment_prepared(image: np.ndarray, net: Any, dev: torch.device, **p: Any) -
     """Segment one prepared (3, H, W) image in [0, 1] (see :func:`segment` for the parameters)."""
     h, w = image.shape[1:]
     tiles = tile_grid((h, w), tile_size=p["tile_size"], overlap=p["tile_overlap"])
-    stats = {"tiles": len(tiles), "boxes": 0, "iou_passed": 0}
+    cores = None if p.get("decode_copies") else tile_cores(tiles, p["tile_size"])
+    stats = {"tiles": len(tiles), "boxes": 0, "decoded": 0, "iou_passed": 0}
     starts = range(0, len(tiles), p["batch_size"])
     if p["progress"] and len(tiles) > p["batch_size"]:
         from tqdm.auto import tqdm
@@ -359,7 +381,7 @@ def segment_prepared(image: np.ndarray, net: Any, dev: torch.device, **p: Any) -
     cands: list[Candidate] = []
     for i0 in starts:
         cands += tile_candidates(
-            net, dev, tiles, list(range(i0, min(i0 + p["batch_size"], len(tiles)))), image, p, stats
+            net, dev, tiles, list(range(i0, min(i0 + p["batch_size"], len(tiles)))), image, p, stats, cores
         )
     stats["masks"] = len(cands)
     keep = deduplicate(cands, tiles, (h, w))

@@ -5,6 +5,14 @@ Grid: square tiles of ``tile_size``; along each axis the fewest tiles whose stri
 real overlap is at least the requested one). Every tile lies fully inside the image unless the image
 is smaller than one tile along that axis (then one zero-padded tile).
 
+Ownership (:func:`tile_cores`): before any mask is decoded, a tile keeps only the detector boxes whose
+centre lies in its *core*, the part of the image closer to this tile than to its neighbours (split at
+the middle of each overlap), grown by ``band`` (default ``tile_size / 32``) on inner sides. A cell
+seen by two tiles is then decoded once, by the tile that holds it farthest from its borders, unless
+its boxes' centres fall within the band of the split line (then both decode it and stitching removes
+the copy). With 25% overlap a cell whose centre is in a tile's core is at least ``overlap / 2 -
+band`` pixels from that tile's inner edges.
+
 Stitching (:func:`deduplicate`): every tile reports its cells as :class:`Candidate` crops in image
 coordinates. Two passes remove the copies of one cell:
 
@@ -99,6 +107,42 @@ def tile_grid(shape: tuple[int, int], *, tile_size: int = 512, overlap: float = 
         for y in _starts(h, tile_size, stride)
         for x in _starts(w, tile_size, stride)
     ]
+
+
+def axis_cores(starts: Sequence[int], tile_size: int, band: float) -> list[tuple[float, float]]:
+    """Per tile start along one axis, the half-open core ``[lo, hi)``: split at the middle of each overlap,
+    grown by ``band``; the first / last tile's core extends to -inf / +inf."""
+    out = []
+    for k, s in enumerate(starts):
+        lo = -np.inf if k == 0 else (starts[k - 1] + tile_size + s) / 2 - band
+        hi = np.inf if k == len(starts) - 1 else (s + tile_size + starts[k + 1]) / 2 + band
+        out.append((float(lo), float(hi)))
+    return out
+
+
+def default_band(tile_size: int) -> float:
+    return tile_size / 32
+
+
+def tile_cores(
+    tiles: Sequence[Tile], tile_size: int, band: float | None = None
+) -> list[tuple[float, float, float, float]]:
+    """(y_lo, y_hi, x_lo, x_hi) core of each tile of a full :func:`tile_grid` (see the module docstring).
+
+    A box belongs to a tile when its centre (cy, cx) has ``y_lo <= cy < y_hi`` and ``x_lo <= cx < x_hi``.
+    """
+    band = default_band(tile_size) if band is None else float(band)
+    ys, xs = sorted({t.y0 for t in tiles}), sorted({t.x0 for t in tiles})
+    cy = dict(zip(ys, axis_cores(ys, tile_size, band), strict=True))
+    cx = dict(zip(xs, axis_cores(xs, tile_size, band), strict=True))
+    return [(*cy[t.y0], *cx[t.x0]) for t in tiles]
+
+
+def in_core(boxes: np.ndarray, core: tuple[float, float, float, float]) -> np.ndarray:
+    """(N,) bool: whether the centres of the (N, 4) xyxy ``boxes`` (image pixels) lie in ``core``."""
+    cx = (boxes[:, 0] + boxes[:, 2]) / 2
+    cy = (boxes[:, 1] + boxes[:, 3]) / 2
+    return (cy >= core[0]) & (cy < core[1]) & (cx >= core[2]) & (cx < core[3])
 
 
 def extract_tile(image: np.ndarray, tile: Tile, tile_size: int) -> np.ndarray:

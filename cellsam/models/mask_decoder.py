@@ -129,7 +129,11 @@ class MaskDecoder(nn.Module):
         tokens = torch.cat([output_tokens, sparse_prompt_embeddings], dim=1)  # (N, 1+K+T, D)
 
         _, c, h, w = image_embeddings.shape
-        src = (image_embeddings + dense_prompt_embeddings).expand(n, c, h, w)  # broadcast, no copy if 1
+        if dense_prompt_embeddings.shape[0] > 1 and dense_prompt_embeddings.stride(0) == 0:
+            dense_prompt_embeddings = dense_prompt_embeddings[:1]  # one "no mask" embedding for all prompts
+        # a batch-broadcast view when the dense prompt is shared: the transformer's first layer then
+        # computes the image side once for all prompts
+        src = (image_embeddings + dense_prompt_embeddings).expand(n, c, h, w)
         pos_src = image_pe.expand(n, c, h, w)
         hs, src_tokens = self.transformer(src, pos_src, tokens)
         iou_token_out = hs[:, 0, :]

@@ -13,6 +13,29 @@ from torch.nn import functional as F
 from cellsam.models.common import MLPBlock
 
 
+def _shared(x: torch.Tensor) -> bool:
+    """Whether the (B, N, E) tensor is one row broadcast over the batch (batch stride 0, B > 1).
+
+    Every box prompt on one image starts from the same image tokens; computing on that one row and
+    broadcasting the result is exact and saves (B - 1) copies of the work (see :meth:`Attention.forward`).
+    """
+    return x.shape[0] > 1 and x.stride(0) == 0
+
+
+def _linear(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """``layer(x)``, computed once for a batch-broadcast ``x``."""
+    if _shared(x):
+        return layer(x[:1]).expand(x.shape[0], -1, -1)
+    return layer(x)
+
+
+def _add(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a + b``, computed once when both are batch-broadcast."""
+    if _shared(a) and _shared(b):
+        return (a[:1] + b[:1]).expand(a.shape)
+    return a + b
+
+
 class Attention(nn.Module):
     """Multi-head attention whose q/k/v projections may shrink the width by ``downsample_rate``."""
 
@@ -38,9 +61,9 @@ class Attention(nn.Module):
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q (B, Nq, E), k and v (B, Nk, E) -> (B, Nq, E)."""
         out = F.scaled_dot_product_attention(
-            self._split_heads(self.q_proj(q)),
-            self._split_heads(self.k_proj(k)),
-            self._split_heads(self.v_proj(v)),
+            self._split_heads(_linear(self.q_proj, q)),
+            self._split_heads(_linear(self.k_proj, k)),
+            self._split_heads(_linear(self.v_proj, v)),
         )  # (B, heads, Nq, hd)
         b, _, nq, _ = out.shape
         return self.out_proj(out.transpose(1, 2).reshape(b, nq, self.internal_dim))
@@ -81,7 +104,7 @@ class TwoWayAttentionBlock(nn.Module):
             queries = queries + self.self_attn(q, q, queries)
         queries = self.norm1(queries)
 
-        k = keys + key_pe
+        k = _add(keys, key_pe)  # in the first layer the same for every prompt: computed once
         q = queries + query_pe
         queries = self.norm2(queries + self.cross_attn_token_to_image(q, k, keys))
 
