@@ -289,3 +289,6 @@ def test_cells_in_overlaps_are_decoded_once() -> None:
     assert seg.stats["boxes"] >= 1.5 * n, seg.stats  # the detector sees many cells in two or more tiles ...
     assert seg.stats["decoded"] <= 1.25 * n, seg.stats  # ... but each about once (cut or near a split: twice)
     _check_one_to_one(truth, seg.labels, 0.99)
+    every = segment(coord_image(truth), model, channel_axis=0, normalize=False, tile_size=256, decode_copies=True)
+    assert every.stats["decoded"] == every.stats["boxes"] == seg.stats["boxes"]
+    _check_one_to_one(truth, every.labels, 0.99)  # stitching removes the extra copies

@@ -63,6 +63,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--iou-threshold", type=float, default=None, help="minimum predicted mask IoU (default: model's)")
     p.add_argument("--mask-threshold", type=float, default=None, help="mask probability threshold (default: model's)")
     p.add_argument("--tile-size", type=int, default=None, help="tile side (default: the model's own)")
+    p.add_argument("--decode-copies", action="store_true",
+                   help="decode a cell in every overlapping tile that detects it (as `cellsam segment`)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
     return p
@@ -200,7 +202,7 @@ def _methods(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
         kw = dict(box_threshold=inf.box_threshold if args.box_threshold is None else args.box_threshold,
                   iou_threshold=inf.iou_threshold if args.iou_threshold is None else args.iou_threshold,
                   mask_threshold=inf.mask_threshold if args.mask_threshold is None else args.mask_threshold,
-                  tile_size=args.tile_size, precision=args.precision)
+                  tile_size=args.tile_size, precision=args.precision, decode_copies=args.decode_copies)
         methods["cellsam"] = cellsam_method(net, **kw)
         settings["cellsam"] = {"model": model_name, **kw}
         if args.prompt_study:
