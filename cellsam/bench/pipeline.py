@@ -41,7 +41,7 @@ import numpy as np
 import torch
 
 from cellsam.bench.timing import PeakMemory, StageTimer, merge_peaks, summarize, synchronize
-from cellsam.inference.segment import autocast_context
+from cellsam.inference.runtime import autocast_context
 
 AREA_UNIT = 512 * 512  # "cells" are given per 512 x 512 pixels
 STAGES = ("read", "normalise", "tiling", "encoder", "cellfinder", "mask_decoder", "postprocess", "stitching",

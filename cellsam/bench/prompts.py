@@ -236,7 +236,7 @@ def run_prompt_bench(spec: PromptBenchSpec, *, command: Sequence[str] | None = N
     """Load the model, time the prompts (see the module docstring); returns the JSON-serialisable result."""
     from cellsam.bench.report import report_header
     from cellsam.bench.suite import resolve_bench_model
-    from cellsam.inference.segment import resolve_device
+    from cellsam.inference.runtime import resolve_device
 
     spec.validate()
     dev = resolve_device(spec.device)

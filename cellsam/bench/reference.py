@@ -278,7 +278,7 @@ def parity_check(
         on the reference side, ours under ``precision``); ``own_encoders``: each pipeline with its own
         encoder pass; plus ``embedding_max_abs_diff`` and ``logit_max_abs_diff``. Masks are logits > 0.
     """
-    from cellsam.inference.segment import autocast_context
+    from cellsam.inference.runtime import autocast_context
 
     t_side = int(tile.shape[-1])
     x = ref._to_input(tile)

@@ -106,7 +106,7 @@ def _clip(spec: BenchSpec, info: dict[str, Any]) -> bool:
 def run_suite(spec: BenchSpec, *, command: Sequence[str] | None = None) -> dict[str, Any]:
     """Run every configuration of ``spec``; returns the result dict (see ``benchmarks/README.md``)."""
     from cellsam.bench.report import report_header
-    from cellsam.inference.segment import resolve_device
+    from cellsam.inference.runtime import resolve_device
 
     spec.validate()
     dev = resolve_device(spec.device)

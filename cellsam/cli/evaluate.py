@@ -195,7 +195,7 @@ def _methods(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
     settings: dict[str, Any] = {}
     model_name = args.model if args.model is not None else "default"
     if model_name.lower() != "none":
-        from cellsam.inference.segment import resolve_model
+        from cellsam.inference.runtime import resolve_model
 
         net, _ = resolve_model(model_name, args.device)
         inf = net.cfg.inference  # the model's own thresholds unless given

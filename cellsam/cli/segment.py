@@ -101,7 +101,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 def load_model(name: str, device: str) -> Any:
     """The model for ``--model`` on ``--device`` (separate so tests can substitute a model)."""
-    from cellsam.inference.segment import resolve_device
+    from cellsam.inference.runtime import resolve_device
     from cellsam.weights import load_model as _load
 
     return _load(name, device=resolve_device(device))

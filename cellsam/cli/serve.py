@@ -52,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
     except ImportError as e:
         log.error("cellsam serve needs the server extras: pip install 'cellsam[serve]' (%s)", e)
         return 1
-    from cellsam.inference.segment import resolve_device
+    from cellsam.inference.runtime import resolve_device
     from cellsam.server.images import Limits
     from cellsam.server.storage import Project, ProjectError
     from cellsam.weights import load_model

@@ -34,7 +34,7 @@ class BlockFailure(RuntimeError):
 
 def worker_model(model: Any, device: Any = None) -> tuple[Any, Any]:
     """(model, device) in eval mode, loaded at most once per process for a name / path."""
-    from cellsam.inference.segment import resolve_device, resolve_model
+    from cellsam.inference.runtime import resolve_device, resolve_model
 
     if not isinstance(model, (str, os.PathLike)):
         net, dev = resolve_model(model, device)

@@ -25,7 +25,8 @@ import torch.nn.functional as F
 from scipy import ndimage
 
 from cellsam.eval.harness import EvalItem, Method, Prediction, evaluate_methods
-from cellsam.inference.segment import DEFAULT_MIN_AREA, resolve_model
+from cellsam.inference.runtime import resolve_model
+from cellsam.inference.segment import DEFAULT_MIN_AREA
 from cellsam.inference.tiling import Tile, extract_tile, tile_grid
 from cellsam.ops.masks import CellMask, clean_cell_mask, clean_labels, logit_threshold, merge_by_argmax
 

@@ -22,9 +22,7 @@ Pipeline per image (all sizes in pixels of the input image unless said otherwise
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -36,6 +34,7 @@ from torch import Tensor
 
 from cellsam.config import InferenceConfig
 from cellsam.inference.preprocess import Channels, as_numpy, prepare_image
+from cellsam.inference.runtime import autocast_context, resolve_model
 from cellsam.inference.tiling import Candidate, Tile, deduplicate, extract_tile, in_core, tile_cores, tile_grid
 from cellsam.inference.upscale import upscale_cells
 from cellsam.ops.boxes import masks_to_boxes
@@ -44,16 +43,6 @@ from cellsam.ops.masks import CellMask, clean_cell_mask, clean_labels, logit_thr
 log = logging.getLogger(__name__)
 
 DEFAULT_MIN_AREA = 15
-_MODEL_API = (
-    "img_size",
-    "preprocess",
-    "encode",
-    "detect",
-    "postprocess_detections",
-    "decode",
-)
-
-
 @dataclass
 class Segmentation:
     """The result for one image.
@@ -82,65 +71,6 @@ class Segmentation:
     @property
     def n_cells(self) -> int:
         return int(self.scores.shape[0])
-
-
-def autocast_context(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
-    """``fp32``: no autocast; ``bf16``: ``torch.autocast(device.type, dtype=torch.bfloat16)``."""
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    if precision == "bf16":
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    raise ValueError(f"precision must be 'fp32' or 'bf16', got {precision!r}")
-
-
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    """``None``/``"auto"``: cuda if available, else mps if available, else cpu; else ``torch.device(device)``."""
-    if device is None or device == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' requested but CUDA is not available (use --device cpu or auto)")
-    if dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise ValueError("device 'mps' requested but MPS is not available (use --device cpu or auto)")
-    return dev
-
-
-def _model_device(model: Any) -> torch.device:
-    dev = getattr(model, "device", None)
-    if isinstance(dev, torch.device):
-        return dev
-    params = getattr(model, "parameters", None)
-    if callable(params):
-        for p in params():
-            return p.device
-    return torch.device("cpu")
-
-
-def resolve_model(model: Any, device: str | torch.device | None = None) -> tuple[Any, torch.device]:
-    """A ready model and its device: a CellSAM-like object (moved only when ``device`` is given), or a
-    name / checkpoint path loaded with :func:`cellsam.weights.load_model`."""
-    if isinstance(model, (str, os.PathLike)):
-        from cellsam.weights import load_model  # lazy: only needed for names / paths
-
-        model = load_model(model)
-        dev = resolve_device(device)
-        return model.to(dev), dev
-    missing = [a for a in _MODEL_API if not hasattr(model, a)]
-    if missing:
-        raise TypeError(
-            f"model must be a CellSAM model or a model name / checkpoint path; "
-            f"{type(model).__name__} lacks {missing}"
-        )
-    if device is not None:
-        dev = resolve_device(device)
-        if hasattr(model, "to"):
-            model = model.to(dev)
-        return model, dev
-    return model, _model_device(model)
 
 
 def _image_list(image: Any, batch: bool) -> tuple[list[Any], bool]:

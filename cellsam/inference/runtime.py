@@ -1,0 +1,78 @@
+"""Where and how a model runs: device choice, bf16 autocast, and a model from a name, path or object."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Any
+
+import torch
+
+_MODEL_API = (
+    "img_size",
+    "preprocess",
+    "encode",
+    "detect",
+    "postprocess_detections",
+    "decode",
+)
+
+
+
+def autocast_context(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
+    """``fp32``: no autocast; ``bf16``: ``torch.autocast(device.type, dtype=torch.bfloat16)``."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    if precision == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    raise ValueError(f"precision must be 'fp32' or 'bf16', got {precision!r}")
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``None``/``"auto"``: cuda if available, else mps if available, else cpu; else ``torch.device(device)``."""
+    if device is None or device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' requested but CUDA is not available (use --device cpu or auto)")
+    if dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ValueError("device 'mps' requested but MPS is not available (use --device cpu or auto)")
+    return dev
+
+
+def _model_device(model: Any) -> torch.device:
+    dev = getattr(model, "device", None)
+    if isinstance(dev, torch.device):
+        return dev
+    params = getattr(model, "parameters", None)
+    if callable(params):
+        for p in params():
+            return p.device
+    return torch.device("cpu")
+
+
+def resolve_model(model: Any, device: str | torch.device | None = None) -> tuple[Any, torch.device]:
+    """A ready model and its device: a CellSAM-like object (moved only when ``device`` is given), or a
+    name / checkpoint path loaded with :func:`cellsam.weights.load_model`."""
+    if isinstance(model, (str, os.PathLike)):
+        from cellsam.weights import load_model  # lazy: only needed for names / paths
+
+        model = load_model(model)
+        dev = resolve_device(device)
+        return model.to(dev), dev
+    missing = [a for a in _MODEL_API if not hasattr(model, a)]
+    if missing:
+        raise TypeError(
+            f"model must be a CellSAM model or a model name / checkpoint path; "
+            f"{type(model).__name__} lacks {missing}"
+        )
+    if device is not None:
+        dev = resolve_device(device)
+        if hasattr(model, "to"):
+            model = model.to(dev)
+        return model, dev
+    return model, _model_device(model)
