@@ -16,3 +16,5 @@ $B bench --prompts --model default --repeats 50 --warmup 5 --out benchmarks/cpu_
 # scaling with image area
 $B bench --model default --sizes 256 512 1024 2048 --cells 100 --precision fp32 --repeats 1 --warmup 1 \
     --out benchmarks/cpu_default_scaling
+# a 20,000 x 20,000 synthetic image through Dask (2 workers x 1 thread), memory sampled (~25 min)
+.venv/bin/python benchmarks/dask_large.py --side 20000 --workers 2 --model default --out benchmarks/dask_20k
