@@ -29,7 +29,7 @@ from cellsam.distributed.blocks import GridTiles, plan_blocks  # noqa: E402
 from cellsam.distributed.source import fit_normalizer, open_source, prepare_window  # noqa: E402
 from cellsam.inference.preprocess import prepare_image  # noqa: E402
 from cellsam.inference.segment import segment  # noqa: E402
-from cellsam.inference.tiling import tile_grid  # noqa: E402
+from cellsam.inference.tiling import tile_cores, tile_grid  # noqa: E402
 from cellsam.models.build import build_model  # noqa: E402
 from cellsam.weights import load_model, save_model  # noqa: E402
 from tests.conftest import make_blobs  # noqa: E402
@@ -68,6 +68,8 @@ def test_grid_and_blocks_cover_the_single_process_tiles() -> None:
     assert (
         list(grid) == tile_grid((700, 1000), tile_size=256, overlap=0.25) and grid[-1] == grid[len(grid) - 1]
     )
+    # each tile decodes the same boxes in a block as in the single-process run
+    assert [grid.core(i) for i in range(len(grid))] == tile_cores(list(grid), 256)
     blocks = plan_blocks(grid, 2)
     assert sorted(t for b in blocks for t in b.tiles) == list(range(len(grid)))
     with pytest.raises(ValueError, match="block_tiles"):

@@ -42,6 +42,9 @@ class GridTiles(Sequence[Tile]):
         self.shape, self.tile_size = (int(h), int(w)), int(tile_size)
         self.ys = tuple(t.y0 for t in tile_grid((h, 1), tile_size=tile_size, overlap=overlap))
         self.xs = tuple(t.x0 for t in tile_grid((1, w), tile_size=tile_size, overlap=overlap))
+        band = default_band(self.tile_size)
+        self._core_rows = axis_cores(self.ys, self.tile_size, band)
+        self._core_cols = axis_cores(self.xs, self.tile_size, band)
 
     def __len__(self) -> int:
         return len(self.ys) * len(self.xs)
@@ -64,9 +67,8 @@ class GridTiles(Sequence[Tile]):
 
     def core(self, i: int) -> tuple[float, float, float, float]:
         """Tile ``i``'s core, as :func:`~cellsam.inference.tiling.tile_cores` gives it for the whole grid."""
-        band = default_band(self.tile_size)
         r, c = divmod(int(i), len(self.xs))
-        return (*axis_cores(self.ys, self.tile_size, band)[r], *axis_cores(self.xs, self.tile_size, band)[c])
+        return (*self._core_rows[r], *self._core_cols[c])
 
 
 @dataclass(frozen=True)

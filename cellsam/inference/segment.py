@@ -43,6 +43,8 @@ from cellsam.ops.masks import CellMask, clean_cell_mask, clean_labels, logit_thr
 log = logging.getLogger(__name__)
 
 DEFAULT_MIN_AREA = 15
+
+
 @dataclass
 class Segmentation:
     """The result for one image.
