@@ -278,7 +278,7 @@ def _segment_params(net: Any, *, batch_size: int, decode_chunk: int | None) -> d
     return dict(
         box_threshold=0.4, iou_threshold=float("-inf"), mask_threshold=0.5, min_area=15,
         tile_size=int(getattr(getattr(net, "cfg", None), "tile_size", 512)), tile_overlap=0.25,
-        batch_size=int(batch_size), decode_chunk="auto" if decode_chunk is None else int(decode_chunk),
+        batch_size=int(batch_size), decode_chunk=None if decode_chunk is None else int(decode_chunk),
         return_masks=False, progress=False,
     )
 

@@ -114,7 +114,7 @@ def segment_large_file(path: Path, name: str, outdir: Path, args: argparse.Names
         tile_size=args.tile_size,
         tile_overlap=args.tile_overlap,
         batch_size=args.batch_size,
-        decode_copies=getattr(args, "decode_copies", False),
+        decode_copies=args.decode_copies,
         device=args.device,
     )
     rows = [{k: r[k] for k in io.CSV_COLUMNS} for r in res.rows]

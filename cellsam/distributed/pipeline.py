@@ -115,7 +115,7 @@ def _check_params(p: dict[str, Any]) -> None:
         if not np.isfinite(p[name]):
             raise ValueError(f"{name} must be a finite number, got {p[name]}")
     logit_threshold(p["mask_threshold"])
-    if p["batch_size"] < 1 or (p["decode_chunk"] != "auto" and p["decode_chunk"] < 1):
+    if p["batch_size"] < 1 or (p["decode_chunk"] is not None and p["decode_chunk"] < 1):
         raise ValueError(
             f"batch_size and decode_chunk must be >= 1, got {p['batch_size']}, {p['decode_chunk']}"
         )
@@ -169,7 +169,7 @@ def segment_dask(
         min_area=int(min_area),
         tile_overlap=float(tile_overlap),
         batch_size=int(batch_size),
-        decode_chunk="auto" if decode_chunk is None else int(decode_chunk),
+        decode_chunk=None if decode_chunk is None else int(decode_chunk),
         decode_copies=bool(decode_copies),
         return_masks=False,
         progress=False,

@@ -18,7 +18,6 @@ _MODEL_API = (
 )
 
 
-
 def autocast_context(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
     """``fp32``: no autocast; ``bf16``: ``torch.autocast(device.type, dtype=torch.bfloat16)``."""
     if precision == "fp32":

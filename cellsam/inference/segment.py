@@ -175,7 +175,7 @@ def segment(
         tile_size=int(tile_size),
         tile_overlap=float(tile_overlap),
         batch_size=int(batch_size),
-        decode_chunk="auto" if decode_chunk is None else int(decode_chunk),
+        decode_chunk=None if decode_chunk is None else int(decode_chunk),
         decode_copies=bool(decode_copies),
         return_masks=return_masks,
         progress=progress,
@@ -226,13 +226,14 @@ def tile_candidates(
         offset = np.array([tile.x0, tile.y0, tile.x0, tile.y0], np.float32)
         bx = boxes.float().cpu().numpy() * scale + offset  # image pixels
         if cores is not None and boxes.shape[0]:
-            own = torch.from_numpy(in_core(bx, cores[tile_idx])).to(boxes.device)
-            boxes, scores, bx = boxes[own], scores[own], bx[own.cpu().numpy()]
+            own = in_core(bx, cores[tile_idx])
+            on_dev = torch.from_numpy(own).to(boxes.device)
+            boxes, scores, bx = boxes[on_dev], scores[on_dev], bx[own]
         stats["decoded"] += int(boxes.shape[0])
         if boxes.shape[0] == 0:
             continue
         lo, iou = decode_refined(net, enc.embedding[b : b + 1], boxes, thr=thr, rounds=refine,
-                                 chunk_size=p["decode_chunk"])
+                                 chunk_size="auto" if p["decode_chunk"] is None else p["decode_chunk"])
         iou = iou[:, 0].float().cpu().numpy()
         keep = np.flatnonzero(iou >= p["iou_threshold"])
         stats["iou_passed"] += int(keep.size)
