@@ -168,9 +168,9 @@ class CellSAM(nn.Module):
         the image tokens per call within 4 MiB (cache-sized), at least 4 and at most 16.
 
         Every prompt carries its own copy of the image tokens through the two-way transformer, so on
-        a CPU large chunks run out of cache: measured on the 2-core machine beside a training job (ms per
-        box, chunks of
-        1 / 4 / 8 / 32): the shipped model 12.3 / 6.7 / 6.3 / 8.0, ViT-B 102 / 74 / 96 / 98.
+        a CPU large chunks run out of cache: measured on the 2-core machine beside a training job (ms
+        per box, chunks of 1 / 4 / 8 / 32): the shipped model 12.3 / 6.7 / 6.3 / 8.0, ViT-B 102 / 74 /
+        96 / 98.
         """
         if self.device.type != "cpu":
             return 64
