@@ -98,13 +98,22 @@ def test_missing_cellpose_gives_install_instructions(monkeypatch: pytest.MonkeyP
         require_cellpose()
 
 
+def test_train_cellpose_rejects_bad_counts_before_any_work(tmp_path: Path) -> None:
+    from cellsam.eval.baselines import train_cellpose
+
+    for kw in ({"epochs": 0}, {"epochs": 2, "nimg_per_epoch": 0}, {"epochs": 2, "save_every": 0}):
+        with pytest.raises(ValueError, match="must be >= 1"):
+            train_cellpose(tmp_path / "missing", tmp_path / "out", **kw)  # type: ignore[arg-type]
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.slow  # ~20 s: numba import + 2 tiny epochs
 @pytest.mark.skipif(not HAVE_CELLPOSE, reason="cellpose 3 not importable (see CELLPOSE_INSTALL)")
 def test_cellpose_trains_from_scratch_and_predicts(tmp_path: Path) -> None:
     from cellsam.eval.baselines import cellpose_method, cellpose_predict, train_cellpose
 
     root = write_prepared(tmp_path / "p", n_val=2, n_train=2)
-    path = train_cellpose(root, tmp_path / "cp", epochs=2, batch_size=2, bsize=64, name="tiny")
+    path = train_cellpose(root, tmp_path / "cp", epochs=3, batch_size=2, bsize=64, name="tiny", save_every=1)
     assert path.is_file()
     record = json.loads((tmp_path / "cp" / "tiny.json").read_text())
     assert record["tiles_used"] == 2 and record["recipe"]["optimizer"] == "SGD"

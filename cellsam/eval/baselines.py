@@ -173,7 +173,7 @@ def load_training_tiles(prepared_dir: str | Path, *, split: str = "train", max_t
 def train_cellpose(prepared_dir: str | Path, out: str | Path, *, epochs: int, nimg_per_epoch: int | None = None,
                    max_tiles: int | None = None, batch_size: int = 8, learning_rate: float = 0.1,
                    weight_decay: float = 1e-4, bsize: int = 224, min_train_masks: int = 1, seed: int = 0,
-                   name: str = "cellpose_generalist", device: str = "cpu") -> Path:
+                   name: str = "cellpose_generalist", device: str = "cpu", save_every: int | None = None) -> Path:
     """Train a Cellpose 3 CPnet from scratch on prepared training tiles (one generalist model).
 
     Args:
@@ -189,6 +189,8 @@ def train_cellpose(prepared_dir: str | Path, out: str | Path, *, epochs: int, ni
         bsize: crop size of the training patches (Cellpose default 224).
         min_train_masks: tiles with fewer cells are skipped by Cellpose.
         device: "cpu" or "cuda".
+        save_every: also save the model every this many epochs, over the same file (None: only at
+            the end), so a run cut short by its time budget leaves a usable model.
 
     Returns:
         path of the saved model (pass it to :func:`cellpose_predict` or ``--baseline cellpose:PATH``).
@@ -197,6 +199,8 @@ def train_cellpose(prepared_dir: str | Path, out: str | Path, *, epochs: int, ni
         raise ValueError(f"epochs must be >= 1, got {epochs}")
     if nimg_per_epoch is not None and nimg_per_epoch < 1:
         raise ValueError(f"nimg_per_epoch must be >= 1, got {nimg_per_epoch}")
+    if save_every is not None and save_every < 1:
+        raise ValueError(f"save_every must be >= 1, got {save_every}")
     cellpose = require_cellpose()
     import torch
     from cellpose import models, train
@@ -212,7 +216,7 @@ def train_cellpose(prepared_dir: str | Path, out: str | Path, *, epochs: int, ni
         model.net, train_data=images, train_labels=labels, channels=[3, 2], channel_axis=0,
         batch_size=batch_size, learning_rate=learning_rate, weight_decay=weight_decay, SGD=True,
         n_epochs=epochs, nimg_per_epoch=nimg_per_epoch, bsize=bsize, min_train_masks=min_train_masks,
-        save_path=str(out), model_name=name, save_every=max(epochs, 1),
+        save_path=str(out), model_name=name, save_every=save_every or max(epochs, 1),
     )
     wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
     n_used = nimg_per_epoch if nimg_per_epoch is not None else len(images)

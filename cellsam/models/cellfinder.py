@@ -93,14 +93,15 @@ class CellFinder(nn.Module):
 
         Returns:
             ``pred_logits`` (B, Q, K) class logits (sigmoid, no background class), ``pred_boxes``
-            (B, Q, 4) cxcywh in [0, 1], and when ``cfg.aux_loss`` ``aux_outputs``: a list of
-            dec_layers - 1 dicts with the same two keys for the earlier decoder layers.
+            (B, Q, 4) cxcywh in [0, 1], ``anchors`` (Q, 2) each query's anchor point (x, y) in [0, 1]
+            (used by the training losses), and when ``cfg.aux_loss`` ``aux_outputs``: a list of
+            dec_layers - 1 dicts with ``pred_logits`` and ``pred_boxes`` for the earlier decoder layers.
         """
         if features.ndim != 4 or features.shape[1] != self.in_channels:
             raise ValueError(f"expected features (B, {self.in_channels}, h, w), got {tuple(features.shape)}")
         logits, boxes = self.transformer(self.input_proj(features))
         out: dict[str, Tensor | list[dict[str, Tensor]]]
-        out = {"pred_logits": logits[-1], "pred_boxes": boxes[-1]}
+        out = {"pred_logits": logits[-1], "pred_boxes": boxes[-1], "anchors": self.transformer.anchors()}
         if self.cfg.aux_loss:
             out["aux_outputs"] = [
                 {"pred_logits": lg, "pred_boxes": bx} for lg, bx in zip(logits[:-1], boxes[:-1], strict=True)

@@ -296,6 +296,10 @@ class AnchorDETRTransformer(nn.Module):
         """Q = num_query_pattern * num_query_position."""
         return self.num_pattern * self.num_position
 
+    def anchors(self) -> Tensor:
+        """(Q, 2) anchor point (x, y) of each query, in the order of :meth:`forward`'s queries."""
+        return self.position.weight.repeat(self.num_pattern, 1)
+
     def _feature_pos(self, h: int, w: int, device: torch.device) -> dict[str, Tensor]:
         """Adapted position embeddings of the feature-map pixels (batch independent)."""
         ys, xs = pixel_centre_positions(h, device=device), pixel_centre_positions(w, device=device)
@@ -323,7 +327,7 @@ class AnchorDETRTransformer(nn.Module):
         for layer in self.encoder_layers:
             memory = layer(memory, pos)
 
-        ref = self.position.weight.repeat(self.num_pattern, 1)  # (Q, 2) anchors (x, y)
+        ref = self.anchors()  # (Q, 2) anchors (x, y)
         query_pos = {
             "2d": self.adapt_pos2d(pos2posemb2d(ref, num_pos_feats=self.d_model // 2, scale=self.pos_scale)),
             "x": self.adapt_pos1d(pos2posemb1d(ref[:, 0], num_pos_feats=self.d_model, scale=self.pos_scale)),

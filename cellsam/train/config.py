@@ -26,6 +26,10 @@ class LossConfig:
     cost_class: float = 2.0
     cost_bbox: float = 5.0
     cost_giou: float = 2.0
+    # one-to-many box regression of every query whose anchor lies in a cell (cellsam.train.anchor_loss);
+    # 0 = off (the paper's recipe)
+    anchor_bbox: float = 0.0
+    anchor_giou: float = 0.0
     mask_focal: float = 20.0
     mask_dice: float = 1.0
     iou: float = 1.0

@@ -8,6 +8,9 @@ Hungarian matching:
 * ``loss_bbox``: L1 between matched normalised cxcywh boxes, summed / ``num_boxes``;
 * ``loss_giou``: (1 - GIoU) of matched boxes, summed / ``num_boxes``.
 
+With ``anchor_losses=True`` the one-to-many box losses of :mod:`cellsam.train.anchor_loss`
+(``loss_anchor_bbox``, ``loss_anchor_giou``, same suffixes) are added for every output.
+
 ``num_boxes`` is the number of target boxes in the batch, averaged over DDP ranks when
 torch.distributed is initialised, clamped to >= 1. Combine with :func:`total_loss` and a weight
 dict such as :func:`detection_weight_dict` (2 / 5 / 2 as in Anchor DETR).
@@ -21,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cellsam.ops.boxes import box_cxcywh_to_xyxy, generalized_box_iou
+from cellsam.train.anchor_loss import anchor_box_losses
 from cellsam.train.matcher import HungarianMatcher
 
 __all__ = ["SetCriterion", "detection_weight_dict", "sigmoid_focal_loss", "total_loss"]
@@ -71,10 +75,11 @@ class SetCriterion(nn.Module):
         matcher: the Hungarian matcher (called once per decoder output).
         weight_dict: loss weights, kept for :meth:`total` (the losses returned are unweighted).
         focal_alpha, focal_gamma: focal-loss parameters of ``loss_ce``.
+        anchor_losses: also return the one-to-many anchor box losses (needs ``anchors`` in the outputs).
     """
 
     def __init__(self, num_classes: int, matcher: HungarianMatcher, weight_dict: dict[str, float],
-                 focal_alpha: float = 0.25, focal_gamma: float = 2.0) -> None:
+                 focal_alpha: float = 0.25, focal_gamma: float = 2.0, anchor_losses: bool = False) -> None:
         super().__init__()
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
@@ -82,6 +87,7 @@ class SetCriterion(nn.Module):
         self.matcher = matcher
         self.weight_dict = dict(weight_dict)
         self.focal_alpha, self.focal_gamma = focal_alpha, focal_gamma
+        self.anchor_losses = anchor_losses
 
     def _check_targets(self, outputs: dict, targets: list[dict[str, Tensor]]) -> None:
         if len(targets) != outputs["pred_logits"].shape[0]:
@@ -129,7 +135,8 @@ class SetCriterion(nn.Module):
 
         Args:
             outputs: CellFinder outputs: ``pred_logits`` (B, Q, K), ``pred_boxes`` (B, Q, 4) cxcywh,
-                optional ``aux_outputs`` (list of dicts with the same keys).
+                optional ``aux_outputs`` (list of dicts with the same keys), ``anchors`` (Q, 2) when
+            ``anchor_losses``.
             targets: B dicts with ``labels`` (M,) int64 in [0, K) and ``boxes`` (M, 4) cxcywh in [0, 1].
 
         Returns:
@@ -137,9 +144,16 @@ class SetCriterion(nn.Module):
         """
         self._check_targets(outputs, targets)
         num_boxes = _num_boxes(targets, outputs["pred_logits"].device)
+        if self.anchor_losses and "anchors" not in outputs:
+            raise ValueError("anchor_losses needs the queries' 'anchors' in the outputs (CellFinder gives them)")
         losses = self._single(outputs, targets, num_boxes)
+        if self.anchor_losses:
+            losses.update(anchor_box_losses(outputs["pred_boxes"], outputs["anchors"], targets))
         for i, aux in enumerate(outputs.get("aux_outputs", [])):
             losses.update({f"{k}_{i}": v for k, v in self._single(aux, targets, num_boxes).items()})
+            if self.anchor_losses:
+                extra = anchor_box_losses(aux["pred_boxes"], outputs["anchors"], targets)
+                losses.update({f"{k}_{i}": v for k, v in extra.items()})
         return losses
 
     def total(self, losses: dict[str, Tensor]) -> Tensor:

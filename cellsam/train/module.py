@@ -40,13 +40,16 @@ class CellSAMModule(L.LightningModule):
         matcher = HungarianMatcher(cost_class=lc.cost_class, cost_bbox=lc.cost_bbox, cost_giou=lc.cost_giou,
                                    focal_alpha=lc.focal_alpha)
         base = {"loss_ce": lc.cls, "loss_bbox": lc.bbox, "loss_giou": lc.giou}
+        anchor_losses = lc.anchor_bbox > 0 or lc.anchor_giou > 0
+        if anchor_losses:
+            base.update({"loss_anchor_bbox": lc.anchor_bbox, "loss_anchor_giou": lc.anchor_giou})
         weight_dict = dict(base)
         for i in range(model.cfg.cellfinder.dec_layers - 1):
             weight_dict.update({f"{k}_{i}": v for k, v in base.items()})
         self.weight_dict = weight_dict
         self.mask_weights = {"loss_mask_focal": lc.mask_focal, "loss_mask_dice": lc.mask_dice, "loss_iou": lc.iou}
         self.criterion = SetCriterion(model.cfg.cellfinder.num_classes, matcher, weight_dict,
-                                      focal_alpha=lc.focal_alpha)
+                                      focal_alpha=lc.focal_alpha, anchor_losses=anchor_losses)
         self._set_trainable()
         self.stream_sampler: Any = None  # set by cellsam.train.run; skips consumed samples on resume
 
@@ -131,7 +134,7 @@ class CellSAMModule(L.LightningModule):
             for k, v in det.items():
                 if k in self.weight_dict:
                     total = total + self.weight_dict[k] * v
-            losses.update({k: v for k, v in det.items() if "_" not in k[5:]})  # log the last layer only
+            losses.update({k: v for k, v in det.items() if not k.rsplit("_", 1)[-1].isdigit()})  # last layer only
         if stage in ("masks", "joint"):
             ml = self._mask_losses(embedding, targets, tile=images.shape[-1])
             for k, v in ml.items():
