@@ -25,12 +25,15 @@ def main() -> None:
     ap.add_argument("--nimg-per-epoch", type=int, default=64)
     ap.add_argument("--max-tiles", type=int, default=400, help="tiles held in memory with their flows (~9 MB each)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--sources", nargs="+", default=(), help="train on these sources only (a specialist)")
+    ap.add_argument("--exclude-sources", nargs="+", default=(), help="leave these sources out")
     ap.add_argument("--save-every", type=int, default=None, help="also save every N epochs (default: at the end)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO)
     path = train_cellpose(args.prepared, args.out, epochs=args.epochs, nimg_per_epoch=args.nimg_per_epoch,
                           max_tiles=args.max_tiles, seed=args.seed,
-                          save_every=args.save_every)
+                          save_every=args.save_every, sources=tuple(args.sources),
+                          exclude_sources=tuple(args.exclude_sources))
     print("model written to", path)
 
 

@@ -126,3 +126,18 @@ def test_cellpose_trains_from_scratch_and_predicts(tmp_path: Path) -> None:
     assert rep["methods"]["cellpose"]["overall"]["coco"]["detections"].startswith("label image")
     with pytest.raises(FileNotFoundError):
         cellpose_predict(tmp_path / "nope", image)
+
+
+def test_cellpose_training_tiles_by_source(tmp_path: Path) -> None:
+    from cellsam.eval.baselines import load_training_tiles
+
+    root = write_prepared(tmp_path / "p", n_train=4)
+    tiles = [{"source": s} for s in ("a", "b", "a", "b")]
+    (root / "train" / "tiles.json").write_text(json.dumps(tiles))
+    images, labels, index = load_training_tiles(root, sources=("b",))
+    assert index == [1, 3] and len(images) == len(labels) == 2
+    assert np.array_equal(images[1], np.load(root / "train" / "images.npy")[3])
+    assert load_training_tiles(root, exclude_sources=("b",))[2] == [0, 2]
+    assert load_training_tiles(root, sources=("a", "b"), max_tiles=3)[2] in ([0, 1, 2], [0, 1, 3], [0, 2, 3], [1, 2, 3])
+    with pytest.raises(ValueError, match="unknown source"):
+        load_training_tiles(root, sources=("c",))

@@ -302,3 +302,47 @@ def test_box_scale_jitter_changes_the_prompts_only_when_asked(tmp_path: Path) ->
     assert not torch.allclose(w(plain[0]), w(scaled[0])) and torch.equal(scaled[0], again[0])
     centre = lambda b: (b[:, :2] + b[:, 2:]) / 2  # noqa: E731
     assert torch.allclose(centre(plain[0]), centre(scaled[0]), atol=1e-4)
+
+
+def test_source_filters_for_specialists_and_leave_one_source_out(tmp_path: Path) -> None:
+    from cellsam.train.run import make_loaders
+
+    root = make_prepared(tmp_path / "d")  # train tiles alternate synthetic_b, synthetic
+    only_b = PreparedTiles(root, "train", sources=("synthetic_b",))
+    assert only_b.index == [0, 2, 4] and len(only_b) == 3
+    image, _ = only_b[1]
+    assert np.array_equal(image.numpy(), np.load(root / "train" / "images.npy")[2])  # the kept tile's pixels
+    assert only_b.source_weights() == [1 / 3] * 3
+    assert PreparedTiles(root, "train", exclude_sources=("synthetic_b",)).index == [1, 3, 5]
+    assert PreparedTiles(root, "train").index == list(range(6))
+    with pytest.raises(ValueError, match="unknown source.*dsb2018.*has \\['synthetic', 'synthetic_b'\\]"):
+        PreparedTiles(root, "train", sources=("dsb2018",))
+    with pytest.raises(ValueError, match="no tile left"):
+        PreparedTiles(root, "train", sources=("synthetic",), exclude_sources=("synthetic",))
+    assert len(PreparedTiles(root, "val", sources=("absent",), strict_sources=False)) == 0
+
+    cfg = tiny_cfg(tmp_path, exclude_sources=("synthetic",))
+    train_loader, val_loader = make_loaders(cfg)
+    ds = train_loader.dataset
+    assert {ds.tiles[j]["source"] for j in ds.index} == {"synthetic_b"}
+    assert val_loader is not None and {val_loader.dataset.tiles[j]["source"] for j in val_loader.dataset.index} == {
+        "synthetic_b"}
+
+
+def test_cli_checks_every_stage_data_before_training(tmp_path: Path, capsys) -> None:
+    """A bad source name or a missing dataset in a LATER stage stops before stage 1 trains."""
+    from cellsam.cli import main
+
+    data = make_prepared(tmp_path / "data")
+    base = yaml.safe_load((REPO / "configs" / "tiny_test.yaml").read_text())
+    common = {**base, "data": str(data), "max_steps": 1, "val_every_steps": 0, "checkpoint_every_steps": 0}
+    common.pop("stage", None), common.pop("output", None)
+    for bad, message in (({"sources": ["synthetik"]}, "unknown source"),
+                         ({"data": str(tmp_path / "nowhere")}, "not a prepared split")):
+        recipe = {"common": common, "stages": [{"stage": "detection", "output": str(tmp_path / "s1")},
+                                               {"stage": "masks", "output": str(tmp_path / "s2"), **bad}]}
+        p = tmp_path / "r.yaml"
+        p.write_text(yaml.safe_dump(recipe))
+        assert main(["train", "--config", str(p)]) == 2
+        assert message in capsys.readouterr().err
+        assert not (tmp_path / "s1").exists()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import yaml
@@ -33,9 +34,15 @@ def run(args: argparse.Namespace) -> int:
         overrides[k] = yaml.safe_load(v)
     if args.init:
         overrides["init"] = args.init
-    configs = load_train_configs(args.config, overrides)
-    from cellsam.train.run import train
+    from cellsam.train.run import make_loaders, train
 
+    try:
+        configs = load_train_configs(args.config, overrides)
+        for cfg in configs:  # every stage's data and source selection, before an hour of training
+            make_loaders(cfg)
+    except (ValueError, FileNotFoundError, KeyError, TypeError) as e:
+        print(f"cellsam train: {e}", file=sys.stderr)
+        return 2
     for i, cfg in enumerate(configs):
         done = Path(cfg.output) / "model.safetensors"
         if args.skip_done and done.is_file():

@@ -96,3 +96,22 @@ def resolve_duplicates(splits: list[str], groups: list[int]) -> tuple[list[str],
         else:
             out.append(s)
     return out, moved
+
+
+def select_sources(tile_sources: list[str], *, include: tuple[str, ...] | list[str] = (),
+                   exclude: tuple[str, ...] | list[str] = (), strict: bool = True) -> list[int]:
+    """Indices of the tiles whose source is kept: in ``include`` (empty: every source) and not in ``exclude``.
+
+    For specialist models (``include=("dsb2018",)``) and leave-one-source-out runs
+    (``exclude=("monuseg",)``). With ``strict`` a name that is not one of the sources raises, listing
+    those present, so a typo cannot silently train on everything; so does a filter that keeps no tile.
+    ``strict=False`` (a validation split that may lack a source) ignores unknown names and may return [].
+    """
+    present = sorted(set(tile_sources))
+    unknown = sorted((set(include) | set(exclude)) - set(present))
+    if unknown and strict:
+        raise ValueError(f"unknown source(s) {unknown}; this split has {present}")
+    keep = [i for i, s in enumerate(tile_sources) if (not include or s in include) and s not in exclude]
+    if not keep and strict and (include or exclude):
+        raise ValueError(f"no tile left after include={list(include)} exclude={list(exclude)} (sources {present})")
+    return keep

@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
+from cellsam.data.splits import select_sources
 from cellsam.eval.harness import Method, Prediction
 
 log = logging.getLogger(__name__)
@@ -144,12 +145,16 @@ def require_cellpose() -> Any:
 
 
 def load_training_tiles(prepared_dir: str | Path, *, split: str = "train", max_tiles: int | None = None,
-                        seed: int = 0) -> tuple[list[np.ndarray], list[np.ndarray], list[int]]:
+                        seed: int = 0, sources: tuple[str, ...] = (),
+                        exclude_sources: tuple[str, ...] = ()) -> tuple[list[np.ndarray], list[np.ndarray], list[int]]:
     """Prepared tiles of a split as Cellpose training lists.
+
+    ``sources`` / ``exclude_sources`` keep some sources only (:func:`cellsam.data.splits.select_sources`),
+    before the ``max_tiles`` subset is drawn.
 
     Returns:
         images: list of (3, T, T) float32; labels: list of (T, T) int32; index: the tile indices used
-        (a random subset without replacement when ``max_tiles`` is smaller than the split).
+        (a random subset without replacement when ``max_tiles`` is smaller than the tiles kept).
     """
     root = Path(prepared_dir)
     if not (root / "dataset.json").is_file():
@@ -162,10 +167,14 @@ def load_training_tiles(prepared_dir: str | Path, *, split: str = "train", max_t
     if n == 0:
         raise ValueError(f"split {split!r} of {root} has no tiles")
     index = np.arange(n)
-    if max_tiles is not None and max_tiles < n:
+    if sources or exclude_sources:
+        tiles = json.loads((root / split / "tiles.json").read_text())
+        index = np.asarray(select_sources([t.get("source", "?") for t in tiles], include=sources,
+                                          exclude=exclude_sources))
+    if max_tiles is not None and max_tiles < len(index):
         if max_tiles < 1:
             raise ValueError(f"max_tiles must be >= 1, got {max_tiles}")
-        index = np.sort(np.random.default_rng(seed).choice(n, size=max_tiles, replace=False))
+        index = np.sort(np.random.default_rng(seed).choice(index, size=max_tiles, replace=False))
     return ([np.array(images[i], np.float32) for i in index], [np.array(labels[i, 0], np.int32) for i in index],
             [int(i) for i in index])
 
@@ -173,7 +182,8 @@ def load_training_tiles(prepared_dir: str | Path, *, split: str = "train", max_t
 def train_cellpose(prepared_dir: str | Path, out: str | Path, *, epochs: int, nimg_per_epoch: int | None = None,
                    max_tiles: int | None = None, batch_size: int = 8, learning_rate: float = 0.1,
                    weight_decay: float = 1e-4, bsize: int = 224, min_train_masks: int = 1, seed: int = 0,
-                   name: str = "cellpose_generalist", device: str = "cpu", save_every: int | None = None) -> Path:
+                   name: str = "cellpose_generalist", device: str = "cpu", save_every: int | None = None,
+                   sources: tuple[str, ...] = (), exclude_sources: tuple[str, ...] = ()) -> Path:
     """Train a Cellpose 3 CPnet from scratch on prepared training tiles (one generalist model).
 
     Args:
@@ -191,6 +201,7 @@ def train_cellpose(prepared_dir: str | Path, out: str | Path, *, epochs: int, ni
         device: "cpu" or "cuda".
         save_every: also save the model every this many epochs, over the same file (None: only at
             the end), so a run cut short by its time budget leaves a usable model.
+        sources, exclude_sources: train on some sources only (a specialist, a leave-one-source-out run).
 
     Returns:
         path of the saved model (pass it to :func:`cellpose_predict` or ``--baseline cellpose:PATH``).
@@ -208,7 +219,8 @@ def train_cellpose(prepared_dir: str | Path, out: str | Path, *, epochs: int, ni
     out = Path(out)
     (out / "models").mkdir(parents=True, exist_ok=True)
     wall0, cpu0 = time.perf_counter(), time.process_time()
-    images, labels, index = load_training_tiles(prepared_dir, max_tiles=max_tiles, seed=seed)
+    images, labels, index = load_training_tiles(prepared_dir, max_tiles=max_tiles, seed=seed, sources=sources,
+                                                exclude_sources=exclude_sources)
     torch.manual_seed(seed)
     np.random.seed(seed)
     model = models.CellposeModel(gpu=device != "cpu", pretrained_model=False, device=torch.device(device))
@@ -225,6 +237,8 @@ def train_cellpose(prepared_dir: str | Path, out: str | Path, *, epochs: int, ni
         "prepared": str(Path(prepared_dir).resolve()),
         "tiles_available": int(len(np.load(Path(prepared_dir) / "train" / "images.npy", mmap_mode="r"))),
         "tiles_used": len(index),
+        "sources": list(sources) or "all",
+        "exclude_sources": list(exclude_sources),
         "recipe": {"optimizer": "SGD", "momentum": 0.9, "weight_decay": weight_decay, "batch_size": batch_size,
                    "learning_rate": learning_rate, "warmup_epochs": 10, "epochs": epochs,
                    "nimg_per_epoch": n_used, "optimizer_steps": int(epochs * -(-n_used // batch_size)),

@@ -79,6 +79,10 @@ class TrainConfig:
     num_nodes: int = 1
     strategy: str = "auto"
     balance_sources: bool = True
+    # Train (and validate) on some sources only: specialists (sources: [dsb2018]) and
+    # leave-one-source-out runs (exclude_sources: [monuseg]); empty = every source.
+    sources: tuple[str, ...] = ()
+    exclude_sources: tuple[str, ...] = ()
     crop_size: int | None = None  # random crops of the prepared tiles (None: whole tiles); val: centre crop
     prompts_per_image: int = 16  # ground-truth boxes decoded per image in the masks/joint stages
     box_jitter: float = 0.05  # relative noise added to prompt boxes (SAM-style)

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset, Sampler
 
+from cellsam.data.splits import select_sources
 from cellsam.train.targets import labels_to_targets
 from cellsam.train.transforms import AugmentConfig, augment
 
@@ -23,10 +24,14 @@ class PreparedTiles(Dataset):
     Each item is ``(image (3,T,T) float32, target)`` where target holds ``labels_image`` (T,T) int64
     and the detection targets of :func:`~cellsam.train.targets.labels_to_targets`. With an
     ``augment`` config, augmentation is seeded by (seed, stream position, index): reproducible.
+    ``sources`` / ``exclude_sources`` keep only some sources' tiles (specialists, leave-one-source-out;
+    see :func:`~cellsam.data.splits.select_sources`, ``strict_sources``); ``max_items`` then takes the
+    first tiles kept.
     """
 
     def __init__(self, root: str | Path, split: str, *, augment_cfg: AugmentConfig | None = None, seed: int = 0,
-                 max_items: int | None = None, crop_size: int | None = None) -> None:
+                 max_items: int | None = None, crop_size: int | None = None, sources: tuple[str, ...] = (),
+                 exclude_sources: tuple[str, ...] = (), strict_sources: bool = True) -> None:
         d = Path(root) / split
         missing = [n for n in ("images.npy", "labels.npy", "tiles.json") if not (d / n).is_file()]
         if missing:
@@ -38,7 +43,11 @@ class PreparedTiles(Dataset):
         self.tiles: list[dict[str, Any]] = json.loads((d / "tiles.json").read_text())
         if not (len(self.images) == len(self.labels) == len(self.tiles)):
             raise ValueError(f"{d}: images, labels and tiles.json disagree on the number of tiles")
-        self.n = len(self.tiles) if max_items is None else min(max_items, len(self.tiles))
+        self.index = select_sources([t.get("source", "?") for t in self.tiles], include=sources,
+                                    exclude=exclude_sources, strict=strict_sources)
+        if max_items is not None:
+            self.index = self.index[:max_items]
+        self.n = len(self.index)
         self.augment_cfg = augment_cfg
         self.crop_size = crop_size
         self.seed = seed
@@ -51,6 +60,7 @@ class PreparedTiles(Dataset):
         which seeds the augmentation (see :class:`StreamSampler`)."""
         i, position = key % self.n, key // self.n
         g = torch.Generator().manual_seed(hash((self.seed, position, i)) & 0x7FFFFFFF)
+        i = self.index[i]
         training = self.augment_cfg is not None and self.augment_cfg.enabled
         y0, x0, c = self._crop_window(i, g, random=training)
         image = torch.from_numpy(np.array(self.images[i, :, y0 : y0 + c, x0 : x0 + c], dtype=np.float32))
@@ -81,7 +91,7 @@ class PreparedTiles(Dataset):
 
     def source_weights(self) -> list[float]:
         """Per-tile sampling weight 1/len(its source): each source is drawn equally often."""
-        sources = [t.get("source", "?") for t in self.tiles[: self.n]]
+        sources = [self.tiles[j].get("source", "?") for j in self.index]
         counts = Counter(sources)
         return [1.0 / counts[s] for s in sources]
 

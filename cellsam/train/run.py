@@ -50,7 +50,8 @@ def initial_model(cfg: TrainConfig) -> CellSAM:
 
 def make_loaders(cfg: TrainConfig) -> tuple[DataLoader, DataLoader | None]:
     """Training loader (balanced across sources) and validation loader (None if no val split)."""
-    train_ds = PreparedTiles(cfg.data, "train", augment_cfg=cfg.augment, seed=cfg.seed, crop_size=cfg.crop_size)
+    train_ds = PreparedTiles(cfg.data, "train", augment_cfg=cfg.augment, seed=cfg.seed, crop_size=cfg.crop_size,
+                             sources=cfg.sources, exclude_sources=cfg.exclude_sources)
     if len(train_ds) == 0:
         raise ValueError(f"no training tiles in {cfg.data}/train")
     sampler = StreamSampler(train_ds, steps=cfg.max_steps, batch_size=cfg.batch_size, seed=cfg.seed,
@@ -60,7 +61,8 @@ def make_loaders(cfg: TrainConfig) -> tuple[DataLoader, DataLoader | None]:
     val = None
     if (Path(cfg.data) / "val" / "tiles.json").is_file():
         val_ds = PreparedTiles(cfg.data, "val", augment_cfg=None, max_items=cfg.val_max_tiles,
-                              crop_size=cfg.crop_size)
+                               crop_size=cfg.crop_size, sources=cfg.sources, exclude_sources=cfg.exclude_sources,
+                               strict_sources=False)
         if len(val_ds):
             val = DataLoader(val_ds, batch_size=cfg.batch_size, collate_fn=collate, num_workers=cfg.num_workers)
     return train, val
