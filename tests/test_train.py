@@ -346,3 +346,15 @@ def test_cli_checks_every_stage_data_before_training(tmp_path: Path, capsys) -> 
         assert main(["train", "--config", str(p)]) == 2
         assert message in capsys.readouterr().err
         assert not (tmp_path / "s1").exists()
+
+
+def test_output_root_moves_every_stage_and_keeps_the_chain(tmp_path: Path) -> None:
+    configs = load_train_configs(REPO / "configs" / "cpu_default.yaml", {"sources": ["dsb2018"]},
+                                 output_root=tmp_path / "dsb")
+    assert [c.output for c in configs] == [str(tmp_path / "dsb" / f"stage{i}") for i in (1, 2, 3)]
+    assert configs[1].init == str(tmp_path / "dsb" / "stage1" / "model.safetensors")
+    assert all(c.sources == ("dsb2018",) for c in configs)
+    recipe = {"common": {"stage": "detection"}, "stages": [{"output": "a/run"}, {"output": "b/run"}]}
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    with pytest.raises(ValueError, match="same folder"):
+        load_train_configs(tmp_path / "r.yaml", output_root=tmp_path / "x")

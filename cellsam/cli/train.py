@@ -18,6 +18,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--config", required=True, help="YAML training config (see configs/)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key (repeatable); values are parsed as YAML")
+    p.add_argument("--output-root", help="write every stage under this folder (OUTPUT_ROOT/<stage folder name>)")
     p.add_argument("--init", help="start from this checkpoint (ours, Meta SAM .pth or official CellSAM .pt)")
     p.add_argument("--resume", action="store_true", help="resume from OUTPUT/checkpoints/last.ckpt")
     p.add_argument("--skip-done", action="store_true",
@@ -37,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
     from cellsam.train.run import make_loaders, train
 
     try:
-        configs = load_train_configs(args.config, overrides)
+        configs = load_train_configs(args.config, overrides, output_root=args.output_root)
         for cfg in configs:  # every stage's data and source selection, before an hour of training
             make_loaders(cfg)
     except (ValueError, FileNotFoundError, KeyError, TypeError) as e:

@@ -118,12 +118,15 @@ class TrainConfig:
         return dataclass_from_dict(cls, d)
 
 
-def load_train_configs(path: str | Path, overrides: dict[str, Any] | None = None) -> list[TrainConfig]:
+def load_train_configs(path: str | Path, overrides: dict[str, Any] | None = None, *,
+                       output_root: str | Path | None = None) -> list[TrainConfig]:
     """Read a YAML training config: one stage, or a recipe of stages run in order.
 
     A recipe has ``common:`` (keys shared by all stages) and ``stages:`` (a list of per-stage keys);
     each stage after the first starts from the model the previous stage exported unless it sets
     ``init`` itself. ``overrides`` (dotted keys, e.g. ``optim.lr_head``) apply to every stage.
+    ``output_root`` moves every stage's output to ``output_root/<last part of its output>`` (a second
+    run of a recipe, e.g. a specialist, beside the first; the stages still chain).
     """
     p = Path(path)
     if not p.is_file():
@@ -147,9 +150,14 @@ def load_train_configs(path: str | Path, overrides: dict[str, Any] | None = None
             for k in parents:
                 node = node.setdefault(k, {})
             node[leaf] = value
+        if output_root is not None:
+            sd["output"] = str(Path(output_root) / Path(str(sd.get("output", "run"))).name)
         if configs and not sd.get("init"):
             sd["init"] = str(Path(configs[-1].output) / "model.safetensors")
         configs.append(TrainConfig.from_dict(sd))
+    outputs = [c.output for c in configs]
+    if output_root is not None and len(set(outputs)) < len(outputs):
+        raise ValueError(f"--output-root maps two stages to the same folder: {outputs}")
     return configs
 
 
