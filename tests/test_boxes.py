@@ -96,3 +96,17 @@ def test_clip_boxes() -> None:
     torch.testing.assert_close(clip_boxes(b, size=(30, 12)), torch.tensor([[0.0, 2.0, 12.0, 30.0]]))
     with pytest.raises(ValueError):
         clip_boxes(b, size=0)
+
+
+def test_paired_giou_is_the_diagonal_bit_for_bit() -> None:
+    from cellsam.ops.boxes import paired_generalized_box_iou
+
+    g = torch.Generator().manual_seed(3)
+    a = box_cxcywh_to_xyxy(torch.rand(50, 4, generator=g) * 0.5 + 0.1)
+    b = box_cxcywh_to_xyxy(torch.rand(50, 4, generator=g) * 0.5 + 0.1)
+    b[7] = a[7]  # identical pair: 1
+    paired = paired_generalized_box_iou(a, b)
+    assert torch.equal(paired, torch.diag(generalized_box_iou(a, b)))  # same rounding: reruns stay bit-exact
+    assert paired[7] == 1.0 and (paired >= -1).all() and (paired <= 1).all()
+    with pytest.raises(ValueError, match="equal shapes"):
+        paired_generalized_box_iou(a, b[:3])

@@ -20,6 +20,7 @@ __all__ = [
     "box_area",
     "box_cxcywh_to_xyxy",
     "box_iou",
+    "paired_generalized_box_iou",
     "box_xyxy_to_cxcywh",
     "clip_boxes",
     "generalized_box_iou",
@@ -83,6 +84,21 @@ def generalized_box_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
     rb = torch.max(boxes1[:, None, 2:], boxes2[None, :, 2:])
     hull = (rb - lt).clamp(min=0).prod(dim=-1)
     return iou - (hull - union) / hull
+
+
+def paired_generalized_box_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
+    """Generalised IoU of row i of ``boxes1`` with row i of ``boxes2`` (xyxy): (N, 4), (N, 4) -> (N,).
+
+    The diagonal of :func:`generalized_box_iou` (the same arithmetic per pair) in O(N), for losses
+    over matched pairs.
+    """
+    _check_pair(boxes1, boxes2)
+    if boxes1.shape != boxes2.shape:
+        raise ValueError(f"paired boxes need equal shapes, got {tuple(boxes1.shape)} and {tuple(boxes2.shape)}")
+    inter = (torch.min(boxes1[:, 2:], boxes2[:, 2:]) - torch.max(boxes1[:, :2], boxes2[:, :2])).clamp(min=0).prod(-1)
+    union = box_area(boxes1) + box_area(boxes2) - inter
+    hull = (torch.max(boxes1[:, 2:], boxes2[:, 2:]) - torch.min(boxes1[:, :2], boxes2[:, :2])).clamp(min=0).prod(-1)
+    return inter / union - (hull - union) / hull
 
 
 def clip_boxes(boxes: Tensor, *, size: int | tuple[int, int]) -> Tensor:

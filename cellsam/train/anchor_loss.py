@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from cellsam.ops.boxes import box_cxcywh_to_xyxy, generalized_box_iou
+from cellsam.ops.boxes import box_cxcywh_to_xyxy, paired_generalized_box_iou
 
 __all__ = ["anchor_assignment", "anchor_box_losses"]
 
@@ -86,5 +86,5 @@ def anchor_box_losses(pred_boxes: Tensor, anchors: Tensor, targets: list[dict[st
         return {"loss_anchor_bbox": z, "loss_anchor_giou": z}
     n = float(s.shape[0])
     l1 = F.l1_loss(s, g, reduction="none").sum() / n
-    giou = torch.diag(generalized_box_iou(box_cxcywh_to_xyxy(s), box_cxcywh_to_xyxy(g)))
+    giou = paired_generalized_box_iou(box_cxcywh_to_xyxy(s), box_cxcywh_to_xyxy(g))
     return {"loss_anchor_bbox": l1, "loss_anchor_giou": (1 - giou).sum() / n}

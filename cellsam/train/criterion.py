@@ -23,7 +23,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from cellsam.ops.boxes import box_cxcywh_to_xyxy, generalized_box_iou
+from cellsam.ops.boxes import box_cxcywh_to_xyxy, paired_generalized_box_iou
 from cellsam.train.anchor_loss import anchor_box_losses
 from cellsam.train.matcher import HungarianMatcher
 
@@ -122,9 +122,7 @@ class SetCriterion(nn.Module):
         tgt_boxes = tgt_boxes.to(src_boxes.dtype).reshape(-1, 4)
         loss_bbox = F.l1_loss(src_boxes, tgt_boxes, reduction="none").sum() / num_boxes
         if src_boxes.shape[0]:
-            giou = torch.diag(
-                generalized_box_iou(box_cxcywh_to_xyxy(src_boxes), box_cxcywh_to_xyxy(tgt_boxes))
-            )
+            giou = paired_generalized_box_iou(box_cxcywh_to_xyxy(src_boxes), box_cxcywh_to_xyxy(tgt_boxes))
             loss_giou = (1 - giou).sum() / num_boxes
         else:  # no targets at all: zero, but still connected to the graph
             loss_giou = boxes.sum() * 0.0
