@@ -5,7 +5,7 @@
 For every arm (``all`` and one per training source) runs
 ``cellsam train --config configs/finetune_specialist.yaml --set output=runs/finetune/ARM [--set sources=[ARM]]``
 (skipped when ``runs/finetune/ARM/model.safetensors`` exists), evaluates the model on the validation
-split (``cellsam evaluate --json``) and writes ``OUT.md`` / ``OUT.json``: per validation source, F1@0.5
+split (``cellsam evaluate --json``; kept when the model was not retrained) and writes ``OUT.md`` / ``OUT.json``: per validation source, F1@0.5
 (mean over images), DeepCell F1 (IoU > 0.6) and Cellpose AP50 of every arm, next to the starting model.
 Every arm gets the same extra steps, so the comparison is specialisation at equal budget, not a
 specialist trained from scratch as in the paper (that needs a full recipe per source).
@@ -32,14 +32,23 @@ def _run(cmd: list[str]) -> float:
 
 
 def table(reports: dict[str, dict], sources: list[str]) -> str:
-    """Markdown: one row per arm, per source the three metrics."""
-    head = "| model | " + " | ".join(f"{src} {name}" for src in sources for name, _ in METRICS) + " |"
-    lines = [head, "|" + "---|" * (1 + len(sources) * len(METRICS))]
+    """Markdown: one row per arm; the three metrics over all images, then per validation source."""
+    groups = ["ALL", *sources]
+    head = "| model | " + " | ".join(f"{g} {name}" for g in groups for name, _ in METRICS) + " |"
+    lines = [head, "|" + "---|" * (1 + len(groups) * len(METRICS))]
     for arm, rep in reports.items():
-        by = rep["methods"]["cellsam"]["by_source"]
-        cells = [f"{fn(by[src]):.3f}" if src in by else "-" for src in sources for _, fn in METRICS]
+        by = {"ALL": rep["methods"]["cellsam"]["overall"], **rep["methods"]["cellsam"]["by_source"]}
+        cells = [f"{fn(by[g]):.3f}" if g in by else "-" for g in groups for _, fn in METRICS]
         lines.append(f"| {arm} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def tiles_note(config: str) -> str:
+    """'N joint steps of batch B' from the fine-tuning config."""
+    import yaml
+
+    cfg = yaml.safe_load(Path(config).read_text())
+    return f"{cfg['max_steps']} {cfg['stage']} steps of batch {cfg['batch_size']}"
 
 
 def main() -> None:
@@ -56,26 +65,37 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     reports: dict[str, dict] = {}
     record: dict[str, dict] = {}
+    old_json = args.out.with_suffix(".json")
+    previous = json.loads(old_json.read_text())["arms"] if old_json.is_file() else {}
     for arm in ["start", "all", *sources]:
         model = args.start if arm == "start" else str(args.runs / arm / "model.safetensors")
-        train_s = None
+        train_s: float | None = None
         if arm != "start" and not Path(model).is_file():
             cmd = [*cellsam, "train", "--config", args.config, "--set", f"data={args.data}",
                    "--set", f"output={args.runs / arm}"]
             if arm != "all":
                 cmd += ["--set", f"sources=[{arm}]"]
-            train_s = _run(cmd)
+            train_s = round(_run(cmd), 1)
         js = args.runs / f"eval_{arm}.json"
-        eval_s = _run([*cellsam, "evaluate", "--data", args.data, "--split", "val", "--model", model,
-                       "--json", str(js), "--no-progress"])
+        eval_s = None
+        if train_s is not None or not js.is_file():  # a new model, or no report yet
+            eval_s = round(_run([*cellsam, "evaluate", "--data", args.data, "--split", "val", "--model", model,
+                                 "--json", str(js), "--no-progress"]), 1)
         reports[arm] = json.loads(js.read_text())
-        record[arm] = {"model": model, "train_seconds": train_s, "eval_seconds": round(eval_s, 1),
+        before = previous.get(arm, {})  # timings of the run that made a kept model / report
+        record[arm] = {"model": model, "train_seconds": train_s if train_s is not None else before.get("train_seconds"),
+                       "eval_seconds": eval_s if eval_s is not None else before.get("eval_seconds"),
                        "by_source": {src: {name: fn(s) for name, fn in METRICS}
                                      for src, s in reports[arm]["methods"]["cellsam"]["by_source"].items()}}
     val_sources = sorted({s for r in reports.values() for s in r["methods"]["cellsam"]["by_source"]})
     md = table(reports, val_sources)
     args.out.with_suffix(".json").write_text(json.dumps({"config": args.config, "arms": record}, indent=1) + "\n")
-    args.out.with_suffix(".md").write_text(md + "\n")
+    header = ("# Generalist vs specialist at a reduced budget\n\n"
+              f"Every arm: `{args.config}` from `{args.start}` ({tiles_note(args.config)}), on one training source "
+              "or on all (`all`); `start` is the model before fine-tuning. Validation split of "
+              f"`{args.data}`, the model's stored inference defaults. Made by `python scripts/specialist_study.py "
+              f"--data {args.data} --out {args.out}`; training and evaluation times in `{args.out.name}.json`.\n\n")
+    args.out.with_suffix(".md").write_text(header + md + "\n")
     print(md)
 
 
