@@ -57,7 +57,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("benchmarks/specialists"))
     ap.add_argument("--runs", type=Path, default=Path("runs/finetune"))
     ap.add_argument("--config", default="configs/finetune_specialist.yaml")
-    ap.add_argument("--start", default="default", help="the model every arm starts from (as in the config)")
+    ap.add_argument("--start", default="default", help="the model every arm starts from (overrides the config's init)")
     args = ap.parse_args()
     tiles = json.loads((Path(args.data) / "train" / "tiles.json").read_text())
     sources = sorted({t.get("source", "?") for t in tiles})
@@ -72,7 +72,7 @@ def main() -> None:
         train_s: float | None = None
         if arm != "start" and not Path(model).is_file():
             cmd = [*cellsam, "train", "--config", args.config, "--set", f"data={args.data}",
-                   "--set", f"output={args.runs / arm}"]
+                   "--set", f"init={args.start}", "--set", f"output={args.runs / arm}"]
             if arm != "all":
                 cmd += ["--set", f"sources=[{arm}]"]
             train_s = round(_run(cmd), 1)
