@@ -5,8 +5,9 @@
 For every arm (``all`` and one per training source) runs
 ``cellsam train --config configs/finetune_specialist.yaml --set output=runs/finetune/ARM [--set sources=[ARM]]``
 (skipped when ``runs/finetune/ARM/model.safetensors`` exists), evaluates the model on the validation
-split (``cellsam evaluate --json``; kept when the model was not retrained) and writes ``OUT.md`` / ``OUT.json``: per validation source, F1@0.5
-(mean over images), DeepCell F1 (IoU > 0.6) and Cellpose AP50 of every arm, next to the starting model.
+split (``cellsam evaluate --json``; kept when the model was not retrained) and writes ``OUT.md`` /
+``OUT.json``: over all images and per validation source, F1@0.5 (mean over images), DeepCell F1
+(IoU > 0.6) and Cellpose AP50 of every arm, next to the starting model.
 Every arm gets the same extra steps, so the comparison is specialisation at equal budget, not a
 specialist trained from scratch as in the paper (that needs a full recipe per source).
 """
