@@ -50,6 +50,10 @@ def test_losses_zero_for_exact_boxes_and_gradient_only_on_assigned_queries() -> 
     # two assigned queries, each off by (0.2, 0.2, 0.4, 0.4): mean L1 = 1.2
     assert out["loss_anchor_bbox"].item() == pytest.approx(1.2, abs=1e-6)
     assert out["loss_anchor_giou"] > 0.5
+    given = anchor_box_losses(pred, ANCHORS, [{"boxes": boxes}], [anchor_assignment(ANCHORS, boxes)])
+    assert all(torch.equal(given[k], out[k]) for k in out)  # a precomputed assignment gives the same losses
+    with pytest.raises(ValueError, match="assignments"):
+        anchor_box_losses(pred, ANCHORS, [{"boxes": boxes}], [])
     (out["loss_anchor_bbox"] + out["loss_anchor_giou"]).backward()
     moved = pred.grad.abs().sum(-1)[0]
     assert (moved[[1, 2]] > 0).all() and (moved[[0, 3, 4]] == 0).all()

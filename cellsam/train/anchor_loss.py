@@ -57,13 +57,16 @@ def anchor_assignment(anchors: Tensor, boxes: Tensor) -> Tensor:
     return assigned
 
 
-def anchor_box_losses(pred_boxes: Tensor, anchors: Tensor, targets: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+def anchor_box_losses(pred_boxes: Tensor, anchors: Tensor, targets: list[dict[str, Tensor]],
+                      assigned: list[Tensor] | None = None) -> dict[str, Tensor]:
     """L1 and (1 - GIoU) of every assigned query's box vs its cell's box, mean over assigned queries.
 
     Args:
         pred_boxes: (B, Q, 4) predicted cxcywh in [0, 1].
         anchors: (Q, 2) the queries' anchor points.
         targets: B dicts with ``boxes`` (M, 4) cxcywh in [0, 1].
+        assigned: per image, :func:`anchor_assignment` of ``anchors`` and its boxes, when the caller
+            has it already (it depends on the targets only, so one computation serves every decoder layer).
 
     Returns:
         ``loss_anchor_bbox`` (L1 summed over the 4 coordinates) and ``loss_anchor_giou``; zero (still
@@ -73,10 +76,12 @@ def anchor_box_losses(pred_boxes: Tensor, anchors: Tensor, targets: list[dict[st
         raise ValueError(f"pred_boxes {tuple(pred_boxes.shape)} do not match anchors {tuple(anchors.shape)}")
     if len(targets) != pred_boxes.shape[0]:
         raise ValueError(f"{len(targets)} targets for a batch of {pred_boxes.shape[0]}")
+    if assigned is not None and len(assigned) != len(targets):
+        raise ValueError(f"{len(assigned)} assignments for {len(targets)} targets")
     src, tgt = [], []
     for b, t in enumerate(targets):
         boxes = t["boxes"].to(pred_boxes)
-        idx = anchor_assignment(anchors, boxes)
+        idx = anchor_assignment(anchors, boxes) if assigned is None else assigned[b]
         pos = torch.nonzero(idx >= 0).squeeze(1)
         src.append(pred_boxes[b, pos])
         tgt.append(boxes[idx[pos]])

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cellsam.ops.boxes import box_cxcywh_to_xyxy, paired_generalized_box_iou
-from cellsam.train.anchor_loss import anchor_box_losses
+from cellsam.train.anchor_loss import anchor_assignment, anchor_box_losses
 from cellsam.train.matcher import HungarianMatcher
 
 __all__ = ["SetCriterion", "detection_weight_dict", "sigmoid_focal_loss", "total_loss"]
@@ -145,12 +145,14 @@ class SetCriterion(nn.Module):
         if self.anchor_losses and "anchors" not in outputs:
             raise ValueError("anchor_losses needs the queries' 'anchors' in the outputs (CellFinder gives them)")
         losses = self._single(outputs, targets, num_boxes)
-        if self.anchor_losses:
-            losses.update(anchor_box_losses(outputs["pred_boxes"], outputs["anchors"], targets))
+        if self.anchor_losses:  # which query regresses which box: the same for every decoder layer
+            anchors = outputs["anchors"]
+            assigned = [anchor_assignment(anchors, t["boxes"].to(anchors)) for t in targets]
+            losses.update(anchor_box_losses(outputs["pred_boxes"], anchors, targets, assigned))
         for i, aux in enumerate(outputs.get("aux_outputs", [])):
             losses.update({f"{k}_{i}": v for k, v in self._single(aux, targets, num_boxes).items()})
             if self.anchor_losses:
-                extra = anchor_box_losses(aux["pred_boxes"], outputs["anchors"], targets)
+                extra = anchor_box_losses(aux["pred_boxes"], anchors, targets, assigned)
                 losses.update({f"{k}_{i}": v for k, v in extra.items()})
         return losses
 
