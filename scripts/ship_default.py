@@ -1,7 +1,7 @@
 """Ship a trained run as the package's default model (a maintainer script, not part of the package).
 
-    python scripts/ship_default.py runs/cpu_default/stage3/model.safetensors --name cellsam_cpu_v1 \
-        --data prepared --sweep-images 16
+    python scripts/ship_default.py runs/cpu_v2/stage4/model.safetensors --name cellsam_cpu_v2 --version v2 \
+        --recipe configs/cpu_v2.yaml --data prepared --sweep-images 16
 
 1. Picks the default box / IoU thresholds on ``--sweep-images`` validation images spread over the sorted
    list (so over the sources) by the reference F1 at IoU 0.5 (``f1_mean``), then tries one box-refinement
@@ -52,8 +52,9 @@ def sweep(model, loaded, boxes, ious, refine: int = 0, tiles=(None,)) -> list[di
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("model")
-    ap.add_argument("--name", default="cellsam_cpu_v1")
-    ap.add_argument("--version", default="v1")
+    ap.add_argument("--name", default="cellsam_cpu_v2")
+    ap.add_argument("--version", default="v2")
+    ap.add_argument("--recipe", default="configs/cpu_v2.yaml", help="the training config, named in the metadata")
     ap.add_argument("--data", default="prepared")
     ap.add_argument("--sweep-images", type=int, default=16)
     ap.add_argument("--boxes", type=float, nargs="+", default=[0.15, 0.2, 0.25, 0.3, 0.4])
@@ -83,7 +84,7 @@ def main() -> None:
     meta_src = json.loads(Path(args.model).with_suffix(".json").read_text())
     meta = {
         "variant": meta_src.get("variant", "vit_cpu"),
-        "description": "CellSAM CPU model trained from scratch with `cellsam train --config configs/cpu_default.yaml`",
+        "description": f"CellSAM CPU model trained from scratch with `cellsam train --config {args.recipe}`",
         "training_data": TRAINING_DATA,
         "license": "weights: Apache-2.0 code licence; trained on MoNuSeg (CC BY-NC-SA 4.0): non-commercial use",
         "threshold_sweep": {"images": [it.name for it in subset], "grid": rows, "chosen": best},

@@ -29,12 +29,14 @@ def main() -> None:
     ap.add_argument("--sources", nargs="+", default=(), help="train on these sources only (a specialist)")
     ap.add_argument("--exclude-sources", nargs="+", default=(), help="leave these sources out")
     ap.add_argument("--save-every", type=int, default=None, help="also save every N epochs (default: at the end)")
+    ap.add_argument("--init", default=None, help="fine-tune this Cellpose model file (default: from scratch)")
+    ap.add_argument("--name", default="cellpose_generalist", help="model name: OUT/models/NAME, OUT/NAME.json")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO)
     path = train_cellpose(args.prepared, args.out, epochs=args.epochs, nimg_per_epoch=args.nimg_per_epoch,
                           max_tiles=args.max_tiles, seed=args.seed,
                           save_every=args.save_every, sources=tuple(args.sources),
-                          exclude_sources=tuple(args.exclude_sources))
+                          exclude_sources=tuple(args.exclude_sources), init=args.init, name=args.name)
     print("model written to", path)
 
 

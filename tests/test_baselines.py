@@ -104,6 +104,8 @@ def test_train_cellpose_rejects_bad_counts_before_any_work(tmp_path: Path) -> No
     for kw in ({"epochs": 0}, {"epochs": 2, "nimg_per_epoch": 0}, {"epochs": 2, "save_every": 0}):
         with pytest.raises(ValueError, match="must be >= 1"):
             train_cellpose(tmp_path / "missing", tmp_path / "out", **kw)  # type: ignore[arg-type]
+    with pytest.raises(FileNotFoundError, match="to start from"):
+        train_cellpose(tmp_path / "missing", tmp_path / "out", epochs=2, init=tmp_path / "nope")
     assert not (tmp_path / "out").exists()
 
 
@@ -126,6 +128,22 @@ def test_cellpose_trains_from_scratch_and_predicts(tmp_path: Path) -> None:
     assert rep["methods"]["cellpose"]["overall"]["coco"]["detections"].startswith("label image")
     with pytest.raises(FileNotFoundError):
         cellpose_predict(tmp_path / "nope", image)
+    # Fine-tuning starts from init's weights: at learning rate 0 they come out unchanged, while a
+    # from-scratch run at lr 0 keeps its own random weights (batch-norm statistics still move: left out).
+    import torch
+
+    def weights(p: Path) -> dict[str, torch.Tensor]:
+        return {k: v for k, v in torch.load(p, map_location="cpu", weights_only=True).items()
+                if "diam" not in k and "running_" not in k and "num_batches" not in k}
+
+    tuned = train_cellpose(root, tmp_path / "ft", epochs=1, batch_size=2, bsize=64, name="ft", init=path,
+                           learning_rate=0.0)
+    fresh = train_cellpose(root, tmp_path / "fresh", epochs=1, batch_size=2, bsize=64, name="fresh",
+                           learning_rate=0.0, seed=1)
+    w0, w1, w2 = weights(path), weights(tuned), weights(fresh)
+    assert all(torch.equal(w0[k], w1[k]) for k in w0)
+    assert not all(torch.equal(w0[k], w2[k]) for k in w0)
+    assert json.loads((tmp_path / "ft" / "ft.json").read_text())["init"] == str(path)
 
 
 def test_cellpose_training_tiles_by_source(tmp_path: Path) -> None:

@@ -15,7 +15,7 @@ import torch
 import yaml
 
 from cellsam.train.config import TrainConfig, load_train_configs
-from cellsam.train.dataset import PreparedTiles
+from cellsam.train.dataset import PreparedTiles, StreamSampler
 from cellsam.train.module import CellSAMModule, NonFiniteLossError
 from cellsam.train.run import initial_model, train
 from tests.conftest import make_blobs
@@ -67,6 +67,23 @@ def test_balanced_weights(tmp_path: Path) -> None:
     for tile, wi in zip(ds.tiles, w):
         by_source[tile["source"]] = by_source.get(tile["source"], 0) + wi
     assert all(abs(v - 1.0) < 1e-9 for v in by_source.values())  # each source drawn equally often
+
+
+def test_source_balance_power(tmp_path: Path) -> None:
+    root = make_prepared(tmp_path, n_train=10)
+    tiles = json.loads((root / "train" / "tiles.json").read_text())
+    for i, t in enumerate(tiles):
+        t["source"] = "small" if i == 0 else "big"  # 1 tile vs 9
+    (root / "train" / "tiles.json").write_text(json.dumps(tiles))
+    ds = PreparedTiles(root, "train")
+    for power, big_share in ((1.0, 0.5), (0.5, 3 / 4), (0.0, 0.9)):  # big drawn ~ 9 ** (1 - power)
+        w = ds.source_weights(power)
+        assert abs(sum(w[1:]) / sum(w) - big_share) < 1e-9
+    sampler = StreamSampler(ds, steps=2000, batch_size=2, seed=0, balanced=True, balance_power=0.5)
+    drawn = torch.tensor([key % len(ds) for key in sampler])
+    assert abs((drawn != 0).float().mean().item() - 0.75) < 0.03
+    with pytest.raises(ValueError, match="source_balance"):
+        tiny_cfg(tmp_path, source_balance=1.5)
 
 
 def test_missing_split_is_clear(tmp_path: Path) -> None:

@@ -183,8 +183,9 @@ def train_cellpose(prepared_dir: str | Path, out: str | Path, *, epochs: int, ni
                    max_tiles: int | None = None, batch_size: int = 8, learning_rate: float = 0.1,
                    weight_decay: float = 1e-4, bsize: int = 224, min_train_masks: int = 1, seed: int = 0,
                    name: str = "cellpose_generalist", device: str = "cpu", save_every: int | None = None,
-                   sources: tuple[str, ...] = (), exclude_sources: tuple[str, ...] = ()) -> Path:
-    """Train a Cellpose 3 CPnet from scratch on prepared training tiles (one generalist model).
+                   sources: tuple[str, ...] = (), exclude_sources: tuple[str, ...] = (),
+                   init: str | Path | None = None) -> Path:
+    """Train a Cellpose 3 CPnet on prepared training tiles, from scratch or from ``init``.
 
     Args:
         prepared_dir: ``cellsam prepare`` output; its ``train`` tiles are used.
@@ -202,6 +203,8 @@ def train_cellpose(prepared_dir: str | Path, out: str | Path, *, epochs: int, ni
         save_every: also save the model every this many epochs, over the same file (None: only at
             the end), so a run cut short by its time budget leaves a usable model.
         sources, exclude_sources: train on some sources only (a specialist, a leave-one-source-out run).
+        init: a model file from an earlier run to fine-tune (None: random weights, as the paper's
+            from-scratch baseline). The warm-up and learning rate are the same either way.
 
     Returns:
         path of the saved model (pass it to :func:`cellpose_predict` or ``--baseline cellpose:PATH``).
@@ -212,6 +215,8 @@ def train_cellpose(prepared_dir: str | Path, out: str | Path, *, epochs: int, ni
         raise ValueError(f"nimg_per_epoch must be >= 1, got {nimg_per_epoch}")
     if save_every is not None and save_every < 1:
         raise ValueError(f"save_every must be >= 1, got {save_every}")
+    if init is not None and not Path(init).is_file():
+        raise FileNotFoundError(f"Cellpose model to start from not found: {init}")
     cellpose = require_cellpose()
     import torch
     from cellpose import models, train
@@ -223,7 +228,8 @@ def train_cellpose(prepared_dir: str | Path, out: str | Path, *, epochs: int, ni
                                                 exclude_sources=exclude_sources)
     torch.manual_seed(seed)
     np.random.seed(seed)
-    model = models.CellposeModel(gpu=device != "cpu", pretrained_model=False, device=torch.device(device))
+    model = models.CellposeModel(gpu=device != "cpu", pretrained_model=str(init) if init is not None else False,
+                                 device=torch.device(device))
     model_path, train_losses, _ = train.train_seg(
         model.net, train_data=images, train_labels=labels, channels=[3, 2], channel_axis=0,
         batch_size=batch_size, learning_rate=learning_rate, weight_decay=weight_decay, SGD=True,
@@ -239,6 +245,7 @@ def train_cellpose(prepared_dir: str | Path, out: str | Path, *, epochs: int, ni
         "tiles_used": len(index),
         "sources": list(sources) or "all",
         "exclude_sources": list(exclude_sources),
+        "init": str(init) if init is not None else None,
         "recipe": {"optimizer": "SGD", "momentum": 0.9, "weight_decay": weight_decay, "batch_size": batch_size,
                    "learning_rate": learning_rate, "warmup_epochs": 10, "epochs": epochs,
                    "nimg_per_epoch": n_used, "optimizer_steps": int(epochs * -(-n_used // batch_size)),

@@ -78,7 +78,11 @@ class TrainConfig:
     devices: int = 1
     num_nodes: int = 1
     strategy: str = "auto"
-    balance_sources: bool = True
+    balance_sources: bool = True  # False: shuffled passes over all tiles
+    # How balanced: source s is drawn with probability proportional to n_s ** (1 - source_balance)
+    # (n_s its tile count): 1 = every source equally often, 0.5 = by the square root of its size
+    # ("temperature" sampling, between equal and proportional), 0 = by tile count.
+    source_balance: float = 1.0
     # Train (and validate) on some sources only: specialists (sources: [dsb2018]) and
     # leave-one-source-out runs (exclude_sources: [monuseg]); empty = every source.
     sources: tuple[str, ...] = ()
@@ -107,6 +111,8 @@ class TrainConfig:
         bad = set(self.mask_trainable) - {"neck", "prompt_encoder", "mask_decoder"}
         if bad:
             raise ValueError(f"mask_trainable: unknown parts {sorted(bad)}")
+        if not 0.0 <= self.source_balance <= 1.0:
+            raise ValueError(f"source_balance must be in [0, 1], got {self.source_balance}")
         if self.max_steps < 1 or self.batch_size < 1:
             raise ValueError("max_steps and batch_size must be >= 1")
 

@@ -89,11 +89,15 @@ class PreparedTiles(Dataset):
                 break
         return y0, x0, c
 
-    def source_weights(self) -> list[float]:
-        """Per-tile sampling weight 1/len(its source): each source is drawn equally often."""
+    def source_weights(self, power: float = 1.0) -> list[float]:
+        """Per-tile sampling weight ``n_s ** -power`` (``n_s``: tiles of its source).
+
+        Source s is then drawn with probability proportional to ``n_s ** (1 - power)``: power 1 draws
+        every source equally often, 0.5 by the square root of its size, 0 every tile equally.
+        """
         sources = [self.tiles[j].get("source", "?") for j in self.index]
         counts = Counter(sources)
-        return [1.0 / counts[s] for s in sources]
+        return [counts[s] ** -power for s in sources]
 
 
 class StreamSampler(Sampler[int]):
@@ -106,12 +110,13 @@ class StreamSampler(Sampler[int]):
     rank r of W takes positions r, r+W, ...: no Lightning sampler wrapping is needed.
     """
 
-    def __init__(self, ds: PreparedTiles, *, steps: int, batch_size: int, seed: int, balanced: bool) -> None:
+    def __init__(self, ds: PreparedTiles, *, steps: int, batch_size: int, seed: int, balanced: bool,
+                 balance_power: float = 1.0) -> None:
         self.n_items = len(ds)
         self.batch_size = batch_size
         self.steps = steps
         self.seed = seed
-        self.weights = torch.tensor(ds.source_weights(), dtype=torch.float64) if balanced else None
+        self.weights = torch.tensor(ds.source_weights(balance_power), dtype=torch.float64) if balanced else None
         self.start_step = 0
 
     def _world(self) -> tuple[int, int]:

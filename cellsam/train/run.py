@@ -55,7 +55,7 @@ def make_loaders(cfg: TrainConfig) -> tuple[DataLoader, DataLoader | None]:
     if len(train_ds) == 0:
         raise ValueError(f"no training tiles in {cfg.data}/train")
     sampler = StreamSampler(train_ds, steps=cfg.max_steps, batch_size=cfg.batch_size, seed=cfg.seed,
-                            balanced=cfg.balance_sources)
+                            balanced=cfg.balance_sources, balance_power=cfg.source_balance)
     train = DataLoader(train_ds, batch_size=cfg.batch_size, sampler=sampler, collate_fn=collate,
                        num_workers=cfg.num_workers, drop_last=True)
     val = None
