@@ -123,3 +123,19 @@ def test_data_errors(tmp_path: Path, capsys) -> None:
     assert "split 'test' does not exist" in capsys.readouterr().err
     assert main(["evaluate", "--data", str(root), "--model", str(tmp_path / "missing.safetensors")]) == 2
     assert "not found" in capsys.readouterr().err
+
+
+def test_data_sources_selects_images(tmp_path: Path, capsys) -> None:
+    root = write_prepared(tmp_path / "p", n_val=5)  # sources alternate: blobsA x3, blobsB x2
+    out = tmp_path / "r.json"
+    base = ["evaluate", "--data", str(root), "--model", "none", "--baseline", "otsu", "--json", str(out),
+            "--no-progress"]
+    assert main([*base, "--sources", "blobsB"]) == 0
+    rep = json.loads(out.read_text())
+    assert [im["source"] for im in rep["images"]] == ["blobsB", "blobsB"]
+    assert list(rep["methods"]["otsu"]["by_source"]) == ["blobsB"]
+    assert main([*base, "--sources", "blobsA", "--limit", "2"]) == 0  # the limit counts selected images
+    assert [im["source"] for im in json.loads(out.read_text())["images"]] == ["blobsA", "blobsA"]
+    capsys.readouterr()
+    assert main([*base, "--sources", "nope"]) == 2
+    assert "unknown source(s) ['nope']" in capsys.readouterr().err

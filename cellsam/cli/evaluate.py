@@ -53,6 +53,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--prompt-study", action="store_true",
                    help="also score the model's masks from ground-truth box and point prompts")
     p.add_argument("--limit", type=int, default=None, help="only the first N images")
+    p.add_argument("--sources", nargs="+", default=(), metavar="SOURCE",
+                   help="with --data: only the images of these sources (e.g. monuseg)")
     p.add_argument("--json", type=Path, default=None, help="write every number to this JSON file")
     p.add_argument("--plots", type=Path, default=None, help="write PNG plots into this folder")
     p.add_argument("--worst", type=int, default=6, help="worst images per method in the plots (default 6)")
@@ -264,7 +266,12 @@ def run(args: argparse.Namespace) -> int:
         if args.pred is not None:
             report, arrays = evaluate_folders(args.pred, args.gt, missing_as_empty=args.missing_as_empty)
         else:
-            items = load_data(args.data, args.split, limit=args.limit)
+            items = load_data(args.data, args.split, limit=None if args.sources else args.limit)
+            if args.sources:
+                from cellsam.data.splits import select_sources
+
+                items = [items[i] for i in select_sources([it.source for it in items], include=args.sources)]
+                items = items[: args.limit] if args.limit is not None else items
             methods, settings = _methods(args)
             kept: dict[str, dict[int, Any]] = {m: {} for m in methods}
             index = {id(it): i for i, it in enumerate(items)}
