@@ -16,6 +16,7 @@ COMMANDS: dict[str, str] = {
     "prepare": "prepare",
     "train": "train",
     "evaluate": "evaluate",
+    "benchmark": "benchmark",
     "bench": "bench",
     "serve": "serve",
     "models": "models",

@@ -1,0 +1,125 @@
+"""Leave-one-source-out (zero-shot) at a reduced budget, for CellSAM and Cellpose 3.
+
+    PYTHONPATH=/tmp/cp3 python scripts/zero_shot_study.py --source monuseg --data prepared \\
+        --out benchmarks/zero_shot
+
+Our stand-in for the paper's LIVECell zero-shot test (Fig. 2d): per tool, two models trained from
+random weights at the same budget, one on every training source (``all``) and one without ``--source``
+(``no_SOURCE``); both are scored on ``--source``'s images of the ``--splits`` (val and test: images
+neither model trained on). CellSAM: the single-stage config ``--cellsam-config`` (v1's stage 1 by
+default), also scored with ground-truth boxes as prompts (``--prompt-study``), which isolates the mask
+decoder from the detector. Cellpose: ``scripts/train_cellpose_baseline.py`` with ``--cellpose-steps``
+SGD steps of batch 8 on at most ``--cellpose-tiles`` random tiles. A model whose file exists is kept
+(``runs/zero_shot/ARM``), so a run can be resumed or an identical earlier run reused.
+
+Writes ``OUT.md`` / ``OUT.json``: per arm, F1@0.5 and Cellpose AP50 (means over images), DeepCell F1
+and the number of images, pooled over the splits and per split.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def _run(cmd: list[str]) -> float:
+    print("+", " ".join(cmd), flush=True)
+    t0 = time.perf_counter()
+    subprocess.run(cmd, check=True)
+    return time.perf_counter() - t0
+
+
+def summarise(reports: list[dict], method: str) -> dict[str, float]:
+    """Means over the images of several evaluation reports (one per split) for one method."""
+    per = [im for r in reports for im in r["methods"][method]["per_image"]]
+    tp = sum(im["deepcell"]["correct"] for im in per)
+    n_true = sum(im["deepcell"]["n_true"] for im in per)
+    n_pred = sum(im["deepcell"]["n_pred"] for im in per)
+    return {"images": len(per), "f1_50_mean": float(np.mean([im["f1"]["0.50"] for im in per])),
+            "ap50_mean": float(np.mean([im["ap"]["0.50"] for im in per])),
+            "deepcell_f1": 2 * tp / (n_true + n_pred) if n_true + n_pred else 1.0}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--source", default="monuseg", help="the source left out and tested on")
+    ap.add_argument("--data", default="prepared")
+    ap.add_argument("--splits", nargs="+", default=["val", "test"])
+    ap.add_argument("--out", type=Path, default=Path("benchmarks/zero_shot"))
+    ap.add_argument("--runs", type=Path, default=Path("runs/zero_shot"))
+    ap.add_argument("--cellsam-config", default="configs/zero_shot_cellsam.yaml")
+    ap.add_argument("--cellpose-steps", type=int, default=150)
+    ap.add_argument("--cellpose-tiles", type=int, default=400)
+    ap.add_argument("--tools", nargs="+", choices=("cellsam", "cellpose"), default=["cellsam", "cellpose"])
+    args = ap.parse_args()
+    cli = [sys.executable, "-m", "cellsam.cli"]
+    rows: dict[str, dict] = {}
+    for tool in args.tools:
+        for arm in ("all", f"no_{args.source}"):
+            name = f"{tool}_{arm}"
+            out = args.runs / name
+            model = out / "model.safetensors" if tool == "cellsam" else out / "models" / name
+            train_s = None
+            if not model.is_file():
+                if tool == "cellsam":
+                    cmd = [*cli, "train", "--config", args.cellsam_config, "--set", f"data={args.data}",
+                           "--set", f"output={out}"]
+                    cmd += ["--set", f"exclude_sources=[{args.source}]"] if arm != "all" else []
+                else:
+                    cmd = [sys.executable, str(Path(__file__).with_name("train_cellpose_baseline.py")), args.data,
+                           "-o", str(out), "--name", name, "--epochs", str(args.cellpose_steps),
+                           "--nimg-per-epoch", "8", "--max-tiles", str(args.cellpose_tiles)]
+                    cmd += ["--exclude-sources", args.source] if arm != "all" else []
+                train_s = round(_run(cmd), 1)
+            which = (["--model", str(model), "--prompt-study"] if tool == "cellsam"
+                     else ["--model", "none", "--baseline", f"cellpose:{model}"])
+            reports = []
+            for split in args.splits:
+                js = args.runs / f"eval_{name}_{split}.json"
+                if train_s is not None or not js.is_file():
+                    _run([*cli, "evaluate", "--data", args.data, "--split", split, "--sources", args.source,
+                          *which, "--json", str(js), "--no-progress"])
+                reports.append(json.loads(js.read_text()))
+            methods = ["cellsam", "prompt:box"] if tool == "cellsam" else ["cellpose"]
+            for m in methods:
+                label = f"{name}" if m in ("cellsam", "cellpose") else f"{name} (ground-truth boxes)"
+                rows[label] = {"model": str(model), "train_seconds": train_s, "pooled": summarise(reports, m),
+                               "by_split": {s: summarise([r], m) for s, r in zip(args.splits, reports, strict=True)}}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    record = {"source": args.source, "splits": args.splits, "cellsam_config": args.cellsam_config,
+              "cellpose": {"steps": args.cellpose_steps, "batch": 8, "max_tiles": args.cellpose_tiles},
+              "arms": rows}
+    old = args.out.with_suffix(".json")
+    if old.is_file():  # keep the training times of models reused from an earlier run of this script
+        for k, v in json.loads(old.read_text()).get("arms", {}).items():
+            if k in rows and rows[k]["train_seconds"] is None:
+                rows[k]["train_seconds"] = v.get("train_seconds")
+    old.write_text(json.dumps(record, indent=1) + "\n")
+    head = ("| model | images | F1@.5 mean | AP50 mean | DeepCell F1 | "
+            + " | ".join(f"{s} F1@.5" for s in args.splits) + " |")
+    lines = [head, "|" + "---|" * (5 + len(args.splits))]
+    for label, r in rows.items():
+        p = r["pooled"]
+        lines.append(f"| {label} | {p['images']} | {p['f1_50_mean']:.3f} | {p['ap50_mean']:.3f} | "
+                     f"{p['deepcell_f1']:.3f} | " + " | ".join(f"{r['by_split'][s]['f1_50_mean']:.3f}"
+                                                             for s in args.splits) + " |")
+    md = "\n".join(lines)
+    header = (f"# Leave one source out: `{args.source}` (zero-shot), at a reduced budget\n\n"
+              f"Per tool, a model trained from random weights on every training source (`all`) and one without "
+              f"`{args.source}` (`no_{args.source}`), at the same budget; both scored on the `{args.source}` images "
+              f"of the {' and '.join(args.splits)} splits of `{args.data}` (seen by neither). CellSAM: "
+              f"`{args.cellsam_config}`; Cellpose 3: {args.cellpose_steps} SGD steps of batch 8 from scratch on at "
+              f"most {args.cellpose_tiles} tiles. Made by `python scripts/zero_shot_study.py --source {args.source} "
+              f"--data {args.data} --out {args.out}`; times and per-split numbers in `{old.name}`.\n\n")
+    args.out.with_suffix(".md").write_text(header + md + "\n")
+    print(md)
+
+
+if __name__ == "__main__":
+    main()
