@@ -111,7 +111,7 @@ def vit_cpu() -> CellSAMConfig:
 class WeightsRecord:
     """A named, versioned checkpoint that can be downloaded and verified."""
 
-    name: str  # "variant.tag", e.g. "cellsam_cpu.v1"
+    name: str  # "variant.tag", e.g. "cellsam_cpu.v2"
     variant: str
     url: str  # http(s):// or file:// URL, or "package:<relative path>" for bundled weights
     sha256: str
@@ -147,17 +147,18 @@ def get_weights(name: str) -> WeightsRecord:
         raise KeyError(f"unknown weights {name!r}; choose one of {list_weights()}") from None
 
 
-# The shipped default model: trained from scratch on the 2-core CPU with configs/cpu_default.yaml and
-# bundled in the package (cellsam/pretrained/; model card cellsam_cpu_v1.md). Registering a record is
+# The shipped default model: trained from scratch on the 2-core CPU with configs/cpu_v2.yaml and
+# bundled in the package (cellsam/pretrained/; model card cellsam_cpu_v2.md). v1 (configs/cpu_default.yaml)
+# is in the git history (tag-free: the commit before v2 was shipped). Registering a record is
 # pure data: nothing is read or downloaded until load_model("default") is called.
 register_weights(
     WeightsRecord(
-        name="cellsam_cpu.v1",
+        name="cellsam_cpu.v2",
         variant="vit_cpu",
-        url="package:pretrained/cellsam_cpu_v1.safetensors",
-        sha256="224fbb93d8a1cdcba6b906b63204774f7193a667be14487b9f27313ec583a4b8",
-        version="v1",
-        description="vit_cpu trained from scratch on DSB 2018, DeepCell 1.0 and MoNuSeg (2-core CPU, ~1.6 h)",
+        url="package:pretrained/cellsam_cpu_v2.safetensors",
+        sha256="145ee11bad8360ce377c1602bb86b7c68465151f9e3e5b0061a0fb1a62137ba2",
+        version="v2",
+        description="vit_cpu trained from scratch on DSB 2018, DeepCell 1.0 and MoNuSeg (2-core CPU, ~1.8 h)",
         license="Apache-2.0 weights; trained on MoNuSeg (CC BY-NC-SA 4.0): non-commercial use",
     ),
     aliases=("default",),

@@ -76,6 +76,10 @@ def main() -> None:
         if args.runs == Path("runs/finetune"):
             args.runs = Path("runs/finetune_cellpose")
     args.start = args.start or "default"
+    if args.tool == "cellsam" and args.start == "default":
+        from cellsam.registry import get_weights
+
+        args.start = get_weights("default").name  # name the model the study starts from
     tiles = json.loads((Path(args.data) / "train" / "tiles.json").read_text())
     sources = sorted({t.get("source", "?") for t in tiles})
     cellsam = [sys.executable, "-m", "cellsam.cli"]
