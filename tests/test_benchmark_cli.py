@@ -51,6 +51,7 @@ def test_benchmark_options_and_merge(tmp_path: Path, capsys) -> None:
     assert main(["benchmark", "--merge", str(a), str(b), "--out", str(merged), "--title", "Both"]) == 0
     page = merged.read_text()
     assert page.startswith("# Both") and "== cellsam: by source" in page and "== otsu: by source" in page
+    assert f'Made by `cellsam benchmark --merge {a} {b} --out {merged} --title Both`' in page
     assert page.count("- `cellsam evaluate") == 2
     capsys.readouterr()
     # errors: the same method twice, different images, missing or corrupt reports, missing notes

@@ -66,8 +66,28 @@ def evaluate_argv(args: argparse.Namespace, json_path: Path) -> list[str]:
     return argv
 
 
+def benchmark_command(args: argparse.Namespace) -> str:
+    """This run's ``cellsam benchmark`` command line (multi-value options as one flag, as argparse reads them)."""
+    keys = (["merge", "out", "title", "notes"] if args.merge else
+            ["data", "split", "model", "cellpose", "no_otsu", "no_prompt_study", "sources", "out", "json", "plots",
+             "title", "notes", "device", "precision", "no_progress"])
+    parts = ["cellsam benchmark"]
+    for k in keys:
+        v = getattr(args, k)
+        if v in (None, False, (), []):
+            continue
+        flag = "--" + k.replace("_", "-")
+        if v is True:
+            parts.append(flag)
+        elif isinstance(v, (list, tuple)):
+            parts.append(f"{flag} " + " ".join(str(x) for x in v))
+        else:
+            parts.append(f"{flag} {v}" if " " not in str(v) else f'{flag} "{v}"')
+    return " ".join(parts)
+
+
 def run(args: argparse.Namespace) -> int:
-    from cellsam.eval.report import accuracy_markdown, command_line
+    from cellsam.eval.report import accuracy_markdown
 
     notes = ""
     if args.notes is not None:
@@ -101,9 +121,7 @@ def run(args: argparse.Namespace) -> int:
     except (ValueError, KeyError) as e:
         print(f"cellsam benchmark: error: {e}", file=sys.stderr)
         return 2
-    recorded = {k: (str(v) if isinstance(v, Path) else [str(x) for x in v] if isinstance(v, (list, tuple)) else v)
-                for k, v in vars(args).items() if k not in ("func", "command", "verbose")}
-    made_by = command_line(recorded, command="cellsam benchmark")
+    made_by = benchmark_command(args)
     page = page.replace("Commands (arguments", f"Made by `{made_by}`.\n\nCommands (arguments", 1)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(page)
