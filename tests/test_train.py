@@ -375,3 +375,20 @@ def test_output_root_moves_every_stage_and_keeps_the_chain(tmp_path: Path) -> No
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
     with pytest.raises(ValueError, match="same folder"):
         load_train_configs(tmp_path / "r.yaml", output_root=tmp_path / "x")
+
+
+def test_shipped_recipe_v2_extends_v1() -> None:
+    """configs/cpu_v2.yaml: v1's two joint stages unchanged (so v1's stage files can be reused), then the
+    sqrt-balanced stages; the zero-shot config is v1's stage 1 as one stage."""
+    v1 = load_train_configs(REPO / "configs" / "cpu_default.yaml")
+    v2 = load_train_configs(REPO / "configs" / "cpu_v2.yaml")
+    assert [c.stage for c in v2] == ["joint", "joint", "joint", "masks"]
+    moved = {"output", "init", "version"}
+    for a, b in zip(v1[:2], v2[:2], strict=True):
+        da, db = a.to_dict(), b.to_dict()
+        assert {k for k in da if da[k] != db[k]} <= moved
+    assert v2[2].source_balance == v2[3].source_balance == 0.5 and v1[2].source_balance == 1.0
+    assert v2[2].init == str(Path(v2[1].output) / "model.safetensors")
+    da = v1[0].to_dict()
+    dz = load_train_configs(REPO / "configs" / "zero_shot_cellsam.yaml")[0].to_dict()
+    assert {k for k in da if da[k] != dz[k]} == {"output"}
