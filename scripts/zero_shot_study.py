@@ -57,6 +57,9 @@ def main() -> None:
     ap.add_argument("--cellpose-steps", type=int, default=150)
     ap.add_argument("--cellpose-tiles", type=int, default=400)
     ap.add_argument("--tools", nargs="+", choices=("cellsam", "cellpose"), default=["cellsam", "cellpose"])
+    ap.add_argument("--cellsam-eval", default="",
+                    help="extra `cellsam evaluate` options for the CellSAM arms, e.g. '--box-threshold 0.2' "
+                         "(default: the model's stored settings)")
     args = ap.parse_args()
     cli = [sys.executable, "-m", "cellsam.cli"]
     rows: dict[str, dict] = {}
@@ -77,11 +80,13 @@ def main() -> None:
                            "--nimg-per-epoch", "8", "--max-tiles", str(args.cellpose_tiles)]
                     cmd += ["--exclude-sources", args.source] if arm != "all" else []
                 train_s = round(_run(cmd), 1)
-            which = (["--model", str(model), "--prompt-study"] if tool == "cellsam"
+            which = (["--model", str(model), "--prompt-study", *args.cellsam_eval.split()] if tool == "cellsam"
                      else ["--model", "none", "--baseline", f"cellpose:{model}"])
+            tag = "" if tool == "cellpose" or not args.cellsam_eval else "_" + "".join(
+                c for c in args.cellsam_eval if c.isalnum() or c == ".")
             reports = []
             for split in args.splits:
-                js = args.runs / f"eval_{name}_{split}.json"
+                js = args.runs / f"eval_{name}_{split}{tag}.json"
                 if train_s is not None or not js.is_file():
                     _run([*cli, "evaluate", "--data", args.data, "--split", split, "--sources", args.source,
                           *which, "--json", str(js), "--no-progress"])
@@ -93,6 +98,7 @@ def main() -> None:
                                "by_split": {s: summarise([r], m) for s, r in zip(args.splits, reports, strict=True)}}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     record = {"source": args.source, "splits": args.splits, "cellsam_config": args.cellsam_config,
+              "cellsam_eval": args.cellsam_eval,
               "cellpose": {"steps": args.cellpose_steps, "batch": 8, "max_tiles": args.cellpose_tiles},
               "arms": rows}
     old = args.out.with_suffix(".json")
@@ -114,9 +120,10 @@ def main() -> None:
               f"Per tool, a model trained from random weights on every training source (`all`) and one without "
               f"`{args.source}` (`no_{args.source}`), at the same budget; both scored on the `{args.source}` images "
               f"of the {' and '.join(args.splits)} splits of `{args.data}` (seen by neither). CellSAM: "
-              f"`{args.cellsam_config}`; Cellpose 3: {args.cellpose_steps} SGD steps of batch 8 from scratch on at "
-              f"most {args.cellpose_tiles} tiles. Made by `python scripts/zero_shot_study.py --source {args.source} "
-              f"--data {args.data} --out {args.out}`; times and per-split numbers in `{old.name}`.\n\n")
+              f"`{args.cellsam_config}`, scored with `{args.cellsam_eval or 'its stored defaults'}`; Cellpose 3: "
+              f"{args.cellpose_steps} SGD steps of batch 8 from scratch on at most {args.cellpose_tiles} tiles. "
+              f"Made by `python scripts/zero_shot_study.py --source {args.source} --data {args.data} --out {args.out} "
+              f"--cellpose-steps {args.cellpose_steps}`; times and per-split numbers in `{old.name}`.\n\n")
     args.out.with_suffix(".md").write_text(header + md + "\n")
     print(md)
 
