@@ -116,14 +116,19 @@ def main() -> None:
                      f"{p['deepcell_f1']:.3f} | " + " | ".join(f"{r['by_split'][s]['f1_50_mean']:.3f}"
                                                              for s in args.splits) + " |")
     md = "\n".join(lines)
+    scored = args.cellsam_eval or "its stored settings"
+    recipes = {"cellsam": f"CellSAM: `{args.cellsam_config}`, scored with `{scored}` and with ground-truth boxes "
+                          "as prompts",
+               "cellpose": f"Cellpose 3: {args.cellpose_steps} SGD steps of batch 8 from scratch on at most "
+                           f"{args.cellpose_tiles} tiles"}
     header = (f"# Leave one source out: `{args.source}` (zero-shot), at a reduced budget\n\n"
               f"Per tool, a model trained from random weights on every training source (`all`) and one without "
               f"`{args.source}` (`no_{args.source}`), at the same budget; both scored on the `{args.source}` images "
-              f"of the {' and '.join(args.splits)} splits of `{args.data}` (seen by neither). CellSAM: "
-              f"`{args.cellsam_config}`, scored with `{args.cellsam_eval or 'its stored defaults'}`; Cellpose 3: "
-              f"{args.cellpose_steps} SGD steps of batch 8 from scratch on at most {args.cellpose_tiles} tiles. "
-              f"Made by `python scripts/zero_shot_study.py --source {args.source} --data {args.data} --out {args.out} "
-              f"--cellpose-steps {args.cellpose_steps}`; times and per-split numbers in `{old.name}`.\n\n")
+              f"of the {' and '.join(args.splits)} splits of `{args.data}` (seen by neither). "
+              + "; ".join(recipes[t] for t in args.tools) + ". A model whose file existed was reused (its training "
+              f"time is then the earlier run's, or none). Made by `python scripts/zero_shot_study.py --source "
+              f"{args.source} --data {args.data} --out {args.out} --tools {' '.join(args.tools)}`; times and "
+              f"per-split numbers in `{old.name}`.\n\n")
     args.out.with_suffix(".md").write_text(header + md + "\n")
     print(md)
 
