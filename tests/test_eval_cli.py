@@ -139,3 +139,6 @@ def test_data_sources_selects_images(tmp_path: Path, capsys) -> None:
     capsys.readouterr()
     assert main([*base, "--sources", "nope"]) == 2
     assert "unknown source(s) ['nope']" in capsys.readouterr().err
+    pred_dir, gt_dir, _, _ = _pairs(tmp_path)
+    assert main(["evaluate", "--pred", str(pred_dir), "--gt", str(gt_dir), "--sources", "blobsA"]) == 2
+    assert "--sources selects images of --data" in capsys.readouterr().err

@@ -178,8 +178,6 @@ def test_resume_is_exact(tmp_path: Path) -> None:
 
 
 def test_stream_sampler_balances_and_shards(tmp_path: Path) -> None:
-    from cellsam.train.dataset import StreamSampler
-
     ds = PreparedTiles(make_prepared(tmp_path, n_train=5), "train")
     s = StreamSampler(ds, steps=300, batch_size=2, seed=0, balanced=True)
     keys = list(s)

@@ -259,6 +259,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         if (args.pred is None) != (args.gt is None):
             raise InputError("--pred and --gt go together")
+        if args.pred is not None and args.sources:
+            raise InputError("--sources selects images of --data; with --pred/--gt every paired file is scored")
         if args.pred is not None and args.data is not None:
             raise InputError("give either --pred/--gt or --data, not both")
         if args.pred is None and args.data is None:
