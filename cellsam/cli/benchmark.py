@@ -67,23 +67,13 @@ def evaluate_argv(args: argparse.Namespace, json_path: Path) -> list[str]:
 
 
 def benchmark_command(args: argparse.Namespace) -> str:
-    """This run's ``cellsam benchmark`` command line (multi-value options as one flag, as argparse reads them)."""
+    """This run's ``cellsam benchmark`` command line (only the options of the mode used)."""
+    from cellsam.eval.report import command_line
+
     keys = (["merge", "out", "title", "notes"] if args.merge else
             ["data", "split", "model", "cellpose", "no_otsu", "no_prompt_study", "sources", "out", "json", "plots",
              "title", "notes", "device", "precision", "no_progress"])
-    parts = ["cellsam benchmark"]
-    for k in keys:
-        v = getattr(args, k)
-        if v in (None, False, (), []):
-            continue
-        flag = "--" + k.replace("_", "-")
-        if v is True:
-            parts.append(flag)
-        elif isinstance(v, (list, tuple)):
-            parts.append(f"{flag} " + " ".join(str(x) for x in v))
-        else:
-            parts.append(f"{flag} {v}" if " " not in str(v) else f'{flag} "{v}"')
-    return " ".join(parts)
+    return command_line({k: getattr(args, k) for k in keys}, "cellsam benchmark", lists_as_one_flag=True)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -117,12 +107,10 @@ def run(args: argparse.Namespace) -> int:
     title = args.title or (f"Accuracy on the {reports[0].get('split', args.split)} split of "
                            f"{reports[0].get('data', args.data)} ({n_images} images)")
     try:
-        page = accuracy_markdown(reports, title=title, notes=notes)
+        page = accuracy_markdown(reports, title=title, notes=notes, made_by=benchmark_command(args))
     except (ValueError, KeyError) as e:
         print(f"cellsam benchmark: error: {e}", file=sys.stderr)
         return 2
-    made_by = benchmark_command(args)
-    page = page.replace("Commands (arguments", f"Made by `{made_by}`.\n\nCommands (arguments", 1)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(page)
     print(f"wrote {args.out}")

@@ -13,19 +13,26 @@ from typing import Any
 from cellsam.eval.harness import format_tables
 
 
-def command_line(arguments: dict[str, Any], command: str = "cellsam evaluate") -> str:
-    """The command line of a report's recorded arguments (flags at their default values included)."""
+def command_line(arguments: dict[str, Any], command: str = "cellsam evaluate", *,
+                 lists_as_one_flag: bool = False) -> str:
+    """The command line of recorded arguments (flags at their default values included).
+
+    List values become one flag per item (``--baseline a --baseline b``, argparse's ``append``) or, with
+    ``lists_as_one_flag``, one flag with every item (``--merge a b``, ``nargs="+"``). Values holding a
+    space are quoted.
+    """
     parts = [command]
     for k, v in arguments.items():
         flag = "--" + k.replace("_", "-")
-        if k == "command" or v in (None, False, [], "None"):
+        if k == "command" or v in (None, False, [], (), "None"):
             continue
         if v is True:
             parts.append(flag)
-        elif isinstance(v, list):
-            parts += [f"{flag} {x}" for x in v]
+        elif isinstance(v, (list, tuple)):
+            items = [str(x) for x in v]
+            parts += [f"{flag} " + " ".join(items)] if lists_as_one_flag else [f"{flag} {x}" for x in items]
         else:
-            parts.append(f"{flag} {v}")
+            parts.append(f'{flag} "{v}"' if " " in str(v) else f"{flag} {v}")
     return " ".join(parts)
 
 
@@ -50,12 +57,16 @@ def merge_reports(reports: list[dict[str, Any]]) -> dict[str, Any]:
     return merged
 
 
-def accuracy_markdown(reports: list[dict[str, Any]], *, title: str, notes: str = "") -> str:
-    """The markdown page: title, notes, commands, environment and every table of the merged reports."""
+def accuracy_markdown(reports: list[dict[str, Any]], *, title: str, notes: str = "",
+                      made_by: str | None = None) -> str:
+    """The markdown page: title, notes, the command that made it (``made_by``), the commands of the
+    reports, the environment and every table of the merged reports."""
     merged = merge_reports(reports)
     lines = [f"# {title}", ""]
     if notes.strip():
         lines += [notes.strip(), ""]
+    if made_by:
+        lines += [f"Made by `{made_by}`.", ""]
     lines += ["Commands (arguments as recorded in each JSON report):", ""]
     lines += [f"- `{command_line(r.get('arguments', {}))}`" for r in reports]
     env = reports[0].get("environment", {})
