@@ -245,6 +245,24 @@ def test_cli_bench_rejects_bad_arguments(tmp_path) -> None:
     assert not (tmp_path / "x.json").exists()
     with pytest.raises(ValueError, match="precisions"):
         BenchSpec(precisions=["fp16"]).validate()
+    with pytest.raises(ValueError, match="decode_window"):
+        BenchSpec(decode_windows=[-2.0]).validate()
+    with pytest.raises(ValueError, match="decode window"):
+        BenchSpec(decode_windows=[]).validate()
+
+
+def test_cli_bench_decode_windows_are_one_run_each(tmp_path) -> None:
+    """--decode-window 3 0: an A/B in one run; 0 is recorded as whole frames (None) and both are labelled."""
+    from cellsam.cli import main
+
+    out = tmp_path / "win"
+    assert main(["bench", "--model", "vit_tiny", "--sizes", "64", "--cells", "20", "--repeats", "1", "--warmup", "0",
+                 "--decode-window", "3", "0", "--no-plot", "--out", str(out)]) == 0
+    res = json.loads(out.with_suffix(".json").read_text())
+    assert [r["decode_window"] for r in res["runs"]] == [3.0, None]
+    assert res["command"][res["command"].index("--decode-window") + 1 :][:2] == ["3", "0"]
+    md = out.with_suffix(".md").read_text()
+    assert md.count("| fp32 | 3x |") == 2 and md.count("| fp32 | whole |") == 2  # end-to-end and stages
 
 
 def test_markdown_renders_without_optional_parts() -> None:

@@ -145,3 +145,46 @@ def test_auto_chunk_size_keeps_cpu_chunks_cache_sized() -> None:
     with torch.no_grad():
         small.decode(emb, boxes=torch.tensor([[0.0, 0, 10, 10]]).repeat(20, 1))
     assert calls[0] == 3  # 20 prompts in chunks of 8
+
+
+def test_windowed_masks_equal_whole_frames_inside_their_windows(tiny: torch.nn.Module) -> None:
+    """decode(window=): each mask computed on a token window about its box gives the whole-frame logits
+    there and WINDOW_FILL elsewhere; IoUs unchanged; prompts come back in their order although chunks
+    are formed by window size."""
+    from cellsam.models.mask_decoder import WINDOW_FILL
+
+    x = tiny.preprocess(torch.rand(1, 3, 64, 64))
+    emb = tiny.encode(x).embedding
+    # token = 8 px of the 64 px input, grid 8x8: sides ceil(1 x longer / 8 + 2) = 3, 4, 3, 8 (whole), 4
+    boxes = torch.tensor([[4.0, 4, 10, 9], [40, 30, 52, 46], [56, 56, 63, 63], [0, 0, 60, 40], [20, 2, 35, 8]])
+    origins, sides = tiny.box_windows(boxes, 1.0)
+    assert sides.tolist() == [3, 4, 3, 8, 4]
+    assert (origins >= 0).all() and ((origins + sides[:, None]) <= 8).all()
+    assert origins[2].tolist() == [5, 5]  # the corner box: its window is pushed inside the grid
+    with torch.no_grad():
+        full, iou_full = tiny.decode(emb, boxes=boxes, chunk_size=2)
+        win, iou_win = tiny.decode(emb, boxes=boxes, chunk_size=2, window=1.0)
+    torch.testing.assert_close(iou_win, iou_full, atol=1e-5, rtol=0)
+    # chunks of 2 sorted by side: [3, 3], [4, 4], [8] -> windows of 3 and 4 tokens and the whole grid
+    for i, k in enumerate(sides.tolist()):
+        r0, c0 = (tiny.box_windows(boxes[i : i + 1], 1.0, side=k)[0][0] * 4).tolist()
+        inside = torch.zeros(32, 32, dtype=torch.bool)
+        inside[r0 : r0 + 4 * k, c0 : c0 + 4 * k] = True
+        torch.testing.assert_close(win[i, 0][inside], full[i, 0][inside], atol=1e-5, rtol=0)
+        assert (win[i, 0][~inside] == WINDOW_FILL).all()
+        assert int(inside.sum()) == (32 * 32 if k == 8 else 16 * k * k)
+
+
+def test_windowed_decoding_rejects_what_it_cannot_do(tiny: torch.nn.Module) -> None:
+    emb = tiny.encode(tiny.preprocess(torch.rand(1, 3, 64, 64))).embedding
+    boxes = torch.tensor([[4.0, 4, 10, 9]])
+    pts = (torch.tensor([[[8.0, 8.0]]]), torch.tensor([[1]]))
+    with pytest.raises(ValueError, match="only for box prompts"):
+        tiny.decode(emb, points=pts, window=2.0)
+    with pytest.raises(ValueError, match="> 0"):
+        tiny.decode(emb, boxes=boxes, window=0.0)
+    src = torch.zeros(1, 64, tiny.mask_decoder.transformer_dim)
+    from cellsam.models.mask_decoder import _gather_windows
+
+    with pytest.raises(ValueError, match="inside the 8x8 grid"):
+        _gather_windows(src, (torch.tensor([[6, 0]]), 3), (8, 8))

@@ -68,3 +68,17 @@ def test_default_model_matches_the_samples_ground_truth(default, shared_data: Pa
     seg = cellsam.segment(load_image(sample_path()).data, default)
     s = evaluate_labels([gt], [seg.labels], deepcell=False, coco=False, per_image=False)
     assert s["f1_mean"] >= SAMPLE_F1_FLOOR, s
+
+
+def test_default_decode_window_gives_the_whole_frame_result(default) -> None:  # type: ignore[no-untyped-def]
+    """The default decoder window (3x each box) changes no pixel of the sample's labels vs whole frames,
+    while it does cut the work: a window of 0.5x (smaller than the cells) changes them."""
+    import cellsam
+    from cellsam.io import load_image
+
+    image = load_image(sample_path()).data
+    whole = cellsam.segment(image, default, decode_window=0)
+    windowed = cellsam.segment(image, default)  # the default window
+    np.testing.assert_array_equal(windowed.labels, whole.labels)
+    tight = cellsam.segment(image, default, decode_window=0.5)
+    assert (tight.labels > 0).sum() < (whole.labels > 0).sum()  # masks cut at their windows

@@ -228,3 +228,27 @@ def test_refine_boxes_travels_with_the_model_and_changes_the_decoding(tiny: torc
     calls.clear()
     cellsam.segment(img, net, **open_kw)
     assert n0 >= 1 and len(calls) == 2 * n0
+
+
+def test_decode_window_reaches_every_refinement_round_and_is_validated() -> None:
+    from cellsam.inference.segment import decode_refined
+
+    class FakeNet:
+        img_size = 64
+        windows: list[float | None] = []
+
+        def decode(self, embedding, *, boxes, multimask_output, chunk_size, window=None):  # noqa: ANN001, ANN202
+            self.windows.append(window)
+            lo = torch.full((boxes.shape[0], 1, 16, 16), -10.0)
+            lo[:, 0, 2:6, 3:9] = 5.0
+            return lo, torch.ones(boxes.shape[0], 1)
+
+    net = FakeNet()
+    boxes = torch.tensor([[0.0, 0.0, 60.0, 60.0]])
+    decode_refined(net, torch.zeros(1, 8, 4, 4), boxes, thr=0.0, rounds=2, chunk_size=None, window=2.5)
+    assert net.windows == [2.5, 2.5, 2.5]
+    img = np.zeros((32, 32), np.float32)
+    for bad in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="decode_window"):
+            segment(img, "vit_tiny", decode_window=bad)
+

@@ -41,6 +41,7 @@ import numpy as np
 import torch
 
 from cellsam.bench.timing import PeakMemory, StageTimer, merge_peaks, summarize, synchronize
+from cellsam.config import DEFAULT_DECODE_WINDOW, check_decode_window
 from cellsam.inference.runtime import autocast_context
 
 AREA_UNIT = 512 * 512  # "cells" are given per 512 x 512 pixels
@@ -274,12 +275,13 @@ def _recording(fn: Any, oracle: BoxOracle) -> Any:
 
 
 # ---------------------------------------------------------------------------------------------- runs
-def _segment_params(net: Any, *, batch_size: int, decode_chunk: int | None) -> dict[str, Any]:
+def _segment_params(net: Any, *, batch_size: int, decode_chunk: int | None,
+                    decode_window: float | None) -> dict[str, Any]:
     return dict(
         box_threshold=0.4, iou_threshold=float("-inf"), mask_threshold=0.5, min_area=15,
         tile_size=int(getattr(getattr(net, "cfg", None), "tile_size", 512)), tile_overlap=0.25,
         batch_size=int(batch_size), decode_chunk=None if decode_chunk is None else int(decode_chunk),
-        return_masks=False, progress=False,
+        decode_window=check_decode_window(decode_window), return_masks=False, progress=False,
     )
 
 
@@ -293,6 +295,7 @@ def time_pipeline(
     warmup: int = 1,
     batch_size: int = 4,
     decode_chunk: int | None = None,
+    decode_window: float | None = DEFAULT_DECODE_WINDOW,
     clip_masks: bool = True,
     model_name: str = "",
 ) -> dict[str, Any]:
@@ -302,6 +305,7 @@ def time_pipeline(
         net: a CellSAM model (eval mode, on its device).
         image_path: the scene written as an image file (a temporary TIFF when None).
         precision: "fp32" or "bf16" (autocast around the whole segmentation).
+        decode_window: :func:`cellsam.segment`'s ``decode_window`` (None or 0: whole frames).
     Returns:
         a run record (see ``benchmarks/README.md``): end_to_end and per-stage statistics in seconds,
         peak memory, tiles, throughput, cells found.
@@ -313,7 +317,7 @@ def time_pipeline(
     if repeats < 1 or warmup < 0:
         raise ValueError(f"repeats must be >= 1 and warmup >= 0, got {repeats}, {warmup}")
     dev = next(net.parameters()).device
-    params = _segment_params(net, batch_size=batch_size, decode_chunk=decode_chunk)
+    params = _segment_params(net, batch_size=batch_size, decode_chunk=decode_chunk, decode_window=decode_window)
     oracle = BoxOracle(scene.boxes, tile_size=params["tile_size"], model_side=int(net.img_size))
     timer, mem = StageTimer(dev), PeakMemory(dev)
     proxy = TimedModel(net, timer, oracle, clip_masks=clip_masks)
@@ -357,6 +361,7 @@ def time_pipeline(
         "model_side": int(net.img_size),
         "batch_size": int(batch_size),
         "decode_chunk": int(net.auto_chunk_size() if decode_chunk is None else decode_chunk),
+        "decode_window": params["decode_window"],
         "clip_masks": bool(clip_masks),
         "repeats": int(repeats),
         "warmup": int(warmup),

@@ -154,27 +154,28 @@ def render_markdown(result: dict[str, Any]) -> str:
     for r in result["runs"]:
         e = r["end_to_end"]
         rows.append([r["pipeline"], r["model"], _size(r), str(r["cells"]), str(r["n_cells"]), r["precision"],
-                     r["device"], str(r["tiles"] or "-"), _s(e["median"]), _s(e["iqr"]),
+                     _window(r), r["device"], str(r["tiles"] or "-"), _s(e["median"]), _s(e["iqr"]),
                      f"{_s(e['min'])}-{_s(e['max'])}", _gib(r["memory"]["peak_rss_bytes"]), _rise(r["memory"]),
                      _gib(r["memory"]["peak_gpu_allocated_bytes"]), _s(r["tiles_per_s"], 2),
                      _s(r["megapixels_per_s"], 3), str(r["cells_found"])])
-    header = ["pipeline", "model", "size", "cells", "N", "precision", "device", "tiles", "median s", "IQR s",
+    header = ["pipeline", "model", "size", "cells", "N", "precision", "window", "device", "tiles", "median s", "IQR s",
               "min-max s", "peak RSS GiB", "RSS rise GiB", "peak GPU GiB", "tiles/s", "MP/s", "found"]
     out.append(_table(header, rows))
     stages: list[str] = []
     for r in result["runs"]:
         stages += [s for s in r["stages"] if s not in stages]
     out += ["", "## Stages (median seconds; 'other' = end to end minus the named stages)", ""]
-    rows = [[r["pipeline"], r["model"], _size(r), str(r["cells"]), r["precision"]]
+    rows = [[r["pipeline"], r["model"], _size(r), str(r["cells"]), r["precision"], _window(r)]
             + [_s(r["stages"][s]["median"]) if s in r["stages"] else "" for s in stages] for r in result["runs"]]
-    out.append(_table(["pipeline", "model", "size", "cells", "precision", *stages], rows))
+    out.append(_table(["pipeline", "model", "size", "cells", "precision", "window", *stages], rows))
     comps = [c for c in result.get("comparisons", []) if c["reference_s"] or c["cellpose_s"]]
     if comps:
         out += ["", "## Ours vs reference structure vs Cellpose 3 (ratio > 1: ours is faster)", ""]
-        rows = [[c["model"], "x".join(map(str, c["size"])), str(c["cells"]), c["precision"], _s(c["ours_s"]),
+        rows = [[c["model"], "x".join(map(str, c["size"])), str(c["cells"]), c["precision"],
+                 _window({"pipeline": "cellsam", **c}), _s(c["ours_s"]),
                  _s(c["reference_s"]), _s(c["speedup_vs_reference"], 2), _s(c["cellpose_s"]),
                  _s(c["speedup_vs_cellpose"], 2)] for c in comps]
-        out.append(_table(["model", "size", "cells", "ours precision", "ours s", "reference s (fp32)",
+        out.append(_table(["model", "size", "cells", "ours precision", "window", "ours s", "reference s (fp32)",
                            "reference / ours", "cellpose s", "cellpose / ours"], rows))
     if result.get("parity"):
         out += ["", "## Mask parity: our batched decoder vs the reference per-box loop (identical boxes)", ""]
@@ -232,6 +233,14 @@ def _json_default(x: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(x).__name__}")
 
 
+def _window(r: dict[str, Any]) -> str:
+    """The decoder window of one of our runs ("whole": whole frames, also for records before windows)."""
+    if r["pipeline"] != "cellsam":
+        return "-"
+    w = r.get("decode_window")
+    return "whole" if w is None else f"{w:g}x"
+
+
 def plot_scaling(result: dict[str, Any], path: Path) -> Path | None:
     """Two panels: end-to-end time vs cells (at each size) and vs image area (at each cell density),
     one line per pipeline/model/precision. None when matplotlib is missing or nothing varies."""
@@ -248,7 +257,7 @@ def plot_scaling(result: dict[str, Any], path: Path) -> Path | None:
     for r in runs:
         area = r["size"][0] * r["size"][1] / 1e6
         names[area] = _size(r)
-        series.setdefault((r["pipeline"], r["model"], r["precision"]), []).append(
+        series.setdefault((r["pipeline"], r["model"], f"{r['precision']} {_window(r)}".strip(" -")), []).append(
             (area, r["end_to_end"]["median"], r["cells"]))
     if len({r["cells"] for r in runs}) < 2 and len({tuple(r["size"]) for r in runs}) < 2:
         return None

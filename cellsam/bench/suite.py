@@ -1,4 +1,5 @@
-"""A whole benchmark run: models x image sizes x cell counts x precisions, plus reference and Cellpose.
+"""A whole benchmark run: models x image sizes x cell counts x precisions x decode windows, plus reference
+and Cellpose.
 
 :func:`run_suite` returns the JSON-serialisable result written by :mod:`.report` (schema
 ``cellsam-bench/1``, documented in ``benchmarks/README.md``).
@@ -6,6 +7,7 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 import tempfile
 from collections.abc import Sequence
@@ -16,6 +18,7 @@ from typing import Any
 import torch
 
 from cellsam.bench.pipeline import synthetic_scene, time_pipeline, write_scene
+from cellsam.config import DEFAULT_DECODE_WINDOW, check_decode_window
 
 log = logging.getLogger(__name__)
 SCHEMA = "cellsam-bench/1"
@@ -39,6 +42,7 @@ class BenchSpec:
     cellpose_path: str | None = None
     batch_size: int = 4
     decode_chunk: int | None = None  # None: the model's auto_chunk_size
+    decode_windows: list[float | None] = field(default_factory=lambda: [DEFAULT_DECODE_WINDOW])  # None/0: whole
     clip_masks: str = "auto"  # auto: on for random weights
     seed: int = 0
 
@@ -57,6 +61,9 @@ class BenchSpec:
             raise ValueError(f"repeats must be >= 1 and warmup >= 0, got {self.repeats}, {self.warmup}")
         if self.batch_size < 1 or (self.decode_chunk is not None and self.decode_chunk < 1):
             raise ValueError(f"batch_size and decode_chunk must be >= 1, got {self.batch_size}, {self.decode_chunk}")
+        if not self.decode_windows:
+            raise ValueError("give at least one decode window (0: whole frames)")
+        self.decode_windows = [check_decode_window(w) for w in self.decode_windows]
         if self.clip_masks not in ("auto", "on", "off"):
             raise ValueError(f"clip_masks must be auto, on or off, got {self.clip_masks!r}")
         unknown = sorted(set(self.reference or []) - set(self.models))
@@ -140,11 +147,11 @@ def run_suite(spec: BenchSpec, *, command: Sequence[str] | None = None) -> dict[
                 scene = synthetic_scene(size, cells=cells, seed=spec.seed, keep_labels=cp_ok)
                 path = write_scene(scene, tmp, f"scene_{size}_{cells}")
                 for name, (net, info) in models.items():
-                    for prec in spec.precisions:
+                    for prec, win in itertools.product(spec.precisions, spec.decode_windows):
                         r = time_pipeline(
                             net, scene, image_path=path, precision=prec, repeats=spec.repeats,
                             warmup=spec.warmup, batch_size=spec.batch_size, decode_chunk=spec.decode_chunk,
-                            clip_masks=_clip(spec, info), model_name=name,
+                            decode_window=win, clip_masks=_clip(spec, info), model_name=name,
                         )
                         runs.append(r)
                         _log_run(r)
@@ -198,9 +205,9 @@ def _parity(net: Any, ref: Any, scene: Any, spec: BenchSpec, name: str) -> list[
 
 
 def _log_run(r: dict[str, Any]) -> None:
-    log.info("%-9s %-10s %5s %5d cells/512^2 %s: %.3f s (IQR %.3f)", r["pipeline"], r["model"][:10],
-             "x".join(map(str, r["size"])), r["cells"], r["precision"], r["end_to_end"]["median"],
-             r["end_to_end"]["iqr"])
+    log.info("%-9s %-10s %5s %5d cells/512^2 %s window %s: %.3f s (IQR %.3f)", r["pipeline"], r["model"][:10],
+             "x".join(map(str, r["size"])), r["cells"], r["precision"], r.get("decode_window"),
+             r["end_to_end"]["median"], r["end_to_end"]["iqr"])
 
 
 def comparisons(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -221,7 +228,8 @@ def comparisons(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         cp_s = cp["end_to_end"]["median"] if cp else None
         out.append({
             "model": r["model"], "size": r["size"], "cells": r["cells"], "n_cells": r["n_cells"],
-            "precision": r["precision"], "ours_s": ours, "reference_s": ref_s, "cellpose_s": cp_s,
+            "precision": r["precision"], "decode_window": r.get("decode_window"),
+            "ours_s": ours, "reference_s": ref_s, "cellpose_s": cp_s,
             "speedup_vs_reference": ref_s / ours if ref_s and ours > 0 else None,
             "speedup_vs_cellpose": cp_s / ours if cp_s and ours > 0 else None,
         })

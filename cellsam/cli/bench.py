@@ -14,6 +14,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from cellsam.config import DEFAULT_DECODE_WINDOW
+
 log = logging.getLogger(__name__)
 
 
@@ -61,6 +63,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=4, help="tiles per encoder pass (default 4)")
     p.add_argument("--decode-chunk", type=_chunk, default=None, metavar="N|auto",
                    help="boxes per mask-decoder call (default auto: the model's auto_chunk_size)")
+    p.add_argument("--decode-window", nargs="+", type=float, default=[DEFAULT_DECODE_WINDOW], metavar="X",
+                   help="decoder token window per box, x its longer side; several: one run each, for an A/B in "
+                   f"one run (default {DEFAULT_DECODE_WINDOW:g}; 0: whole frames)")
     p.add_argument("--clip-masks", choices=("auto", "on", "off"), default="auto",
                    help="clip decoder logits to the boxes (auto: only for random weights)")
     p.add_argument("--seed", type=int, default=0, help="seed of the synthetic scenes and random weights")
@@ -103,7 +108,8 @@ def run(args: argparse.Namespace) -> int:
         device=args.device, repeats=args.repeats, warmup=args.warmup,
         reference=None if args.reference is None else list(args.reference), parity=args.parity,
         cellpose=args.cellpose, cellpose_path=args.cellpose_path, batch_size=args.batch_size,
-        decode_chunk=args.decode_chunk, clip_masks=args.clip_masks, seed=args.seed,
+        decode_chunk=args.decode_chunk, decode_windows=list(args.decode_window), clip_masks=args.clip_masks,
+        seed=args.seed,
     )
     try:
         spec.validate()
@@ -171,5 +177,6 @@ def _command_line(args: argparse.Namespace) -> list[str]:
     if args.cellpose_path:
         cmd += ["--cellpose-path", args.cellpose_path]
     cmd += ["--batch-size", str(args.batch_size), "--decode-chunk", str(args.decode_chunk or "auto"),
+            "--decode-window", *(f"{w:g}" for w in args.decode_window),
             "--clip-masks", args.clip_masks, "--seed", str(args.seed), "--out", str(args.out)]
     return cmd

@@ -28,6 +28,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from cellsam.config import DEFAULT_DECODE_WINDOW
+
 log = logging.getLogger(__name__)
 
 LABEL_TAGS = ("_cp_masks", "_labels", "_label", "_masks", "_mask", "_seg", "_pred", "_gt")
@@ -67,6 +69,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--tile-size", type=int, default=None, help="tile side (default: the model's own)")
     p.add_argument("--decode-copies", action="store_true",
                    help="decode a cell in every overlapping tile that detects it (as `cellsam segment`)")
+    p.add_argument("--decode-window", type=float, default=DEFAULT_DECODE_WINDOW, metavar="X",
+                   help=f"decoder token window per box, x its longer side (default {DEFAULT_DECODE_WINDOW:g}; "
+                   "as `cellsam segment`); 0: whole frames")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
     return p
@@ -204,7 +209,8 @@ def _methods(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
         kw = dict(box_threshold=inf.box_threshold if args.box_threshold is None else args.box_threshold,
                   iou_threshold=inf.iou_threshold if args.iou_threshold is None else args.iou_threshold,
                   mask_threshold=inf.mask_threshold if args.mask_threshold is None else args.mask_threshold,
-                  tile_size=args.tile_size, precision=args.precision, decode_copies=args.decode_copies)
+                  tile_size=args.tile_size, precision=args.precision, decode_copies=args.decode_copies,
+                  decode_window=args.decode_window)
         methods["cellsam"] = cellsam_method(net, **kw)
         settings["cellsam"] = {"model": model_name, **kw}
         if args.prompt_study:

@@ -14,6 +14,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from cellsam.config import DEFAULT_DECODE_WINDOW
+
 log = logging.getLogger(__name__)
 
 
@@ -86,6 +88,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--decode-copies", action="store_true",
                    help="decode a cell in every overlapping tile that detects it, not only in the tile "
                    "that holds it farthest from its borders (about 2x slower masks; a few more cells)")
+    p.add_argument("--decode-window", type=float, default=DEFAULT_DECODE_WINDOW, metavar="X",
+                   help="compute each mask on decoder tokens within X times its box's longer side (default "
+                   f"{DEFAULT_DECODE_WINDOW:g}; same values there as whole frames, less work); 0: whole frames")
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
                    help="bf16 runs the networks under bfloat16 autocast (faster on CPUs with bf16 units)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto", help="default: auto")
@@ -147,6 +152,7 @@ def segment_file(path: Path, outdir: Path, name: str, model: Any, args: argparse
         tile_overlap=args.tile_overlap,
         batch_size=args.batch_size,
         decode_copies=args.decode_copies,
+        decode_window=args.decode_window,
         progress=True,
         precision=args.precision,
     )

@@ -115,6 +115,7 @@ def segment_large_file(path: Path, name: str, outdir: Path, args: argparse.Names
         tile_overlap=args.tile_overlap,
         batch_size=args.batch_size,
         decode_copies=args.decode_copies,
+        decode_window=args.decode_window,
         device=args.device,
     )
     rows = [{k: r[k] for k in io.CSV_COLUMNS} for r in res.rows]

@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from cellsam.config import DEFAULT_DECODE_WINDOW, check_decode_window
 from cellsam.distributed import blocks as B
 from cellsam.distributed import omezarr
 from cellsam.distributed.cluster import BlockFailure, close_client, get_client, wait_all, worker_model
@@ -140,6 +141,7 @@ def segment_dask(
     batch_size: int = 4,
     decode_chunk: int | None = None,
     decode_copies: bool = False,
+    decode_window: float | None = DEFAULT_DECODE_WINDOW,
     device: Any = None,
     block_tiles: int = 4,
     chunk: int = 1024,
@@ -171,6 +173,7 @@ def segment_dask(
         batch_size=int(batch_size),
         decode_chunk=None if decode_chunk is None else int(decode_chunk),
         decode_copies=bool(decode_copies),
+        decode_window=check_decode_window(decode_window),
         return_masks=False,
         progress=False,
     )

@@ -114,6 +114,7 @@ class CellSAM(nn.Module):
         multimask_output: bool = False,
         chunk_size: int | str | None = "auto",
         memory_budget_mb: float | None = None,
+        window: float | None = None,
     ) -> tuple[Tensor, Tensor]:
         """Decode N prompts on ONE image embedding, in chunks of ``chunk_size`` prompts.
 
@@ -127,6 +128,10 @@ class CellSAM(nn.Module):
                 :meth:`auto_chunk_size`.
             memory_budget_mb: if given, the chunk is instead the number of prompts whose decoder
                 activations fit this budget (see :meth:`prompt_bytes`).
+            window: box prompts only: compute each mask on a square of tokens about its box's centre,
+                ``window`` x the box's longer side plus one token each side (:meth:`box_windows`); the
+                logits outside are ``mask_decoder.WINDOW_FILL``. Same values inside the window
+                (the output upscaling is local per token), less work. None: the whole grid.
         Returns:
             low_res_logits (N,M,4h,4w) and iou_pred (N,M), M = 3 if multimask_output else 1.
         """
@@ -144,9 +149,22 @@ class CellSAM(nn.Module):
             chunk_size = self.auto_chunk_size()
         step = n if chunk_size is None else max(1, int(chunk_size))
         image_pe = self.prompt_encoder.get_dense_pe()
+        order, sides = None, None
+        if window is not None:
+            if boxes is None or points is not None or mask_input is not None:
+                raise ValueError("window: only for box prompts (no points, no mask_input)")
+            sides = self.box_windows(boxes, window)[1]
+            order = torch.argsort(sides, stable=True)  # chunks of similar window sizes
+            boxes = boxes[order]
+            sides = sides[order]
         logits, ious = [], []
         for i in range(0, n, step):
             sl = slice(i, i + step)
+            win = None
+            if sides is not None:
+                k = int(sides[sl].max())
+                if k < self.cfg.encoder.embedding_size:
+                    win = (self.box_windows(boxes[sl], window, side=k)[0], k)
             sparse, dense = self.prompt_encoder(
                 points=None if points is None else (points[0][sl], points[1][sl]),
                 boxes=None if boxes is None else boxes[sl],
@@ -158,10 +176,40 @@ class CellSAM(nn.Module):
                 sparse_prompt_embeddings=sparse,
                 dense_prompt_embeddings=dense,
                 multimask_output=multimask_output,
+                window=win,
             )
             logits.append(lo)
             ious.append(iou)
-        return torch.cat(logits), torch.cat(ious)
+        lo, iou = torch.cat(logits), torch.cat(ious)
+        if order is not None:
+            inv = torch.empty_like(order)
+            inv[order] = torch.arange(n, device=order.device)
+            lo, iou = lo[inv], iou[inv]
+        return lo, iou
+
+    def box_windows(self, boxes: Tensor, scale: float, *, side: int | None = None) -> tuple[Tensor, Tensor]:
+        """Token windows for box prompts (see :meth:`decode`'s ``window``).
+
+        Arguments:
+            boxes: (N,4) xyxy pixels of the S x S input; scale: window side / the box's longer side.
+            side: one window side (tokens) for all boxes instead of each box's own.
+        Returns:
+            origins (N,2) long (row, col) of each window's first token, inside the grid, and sides (N,)
+            long: ``ceil(scale * longer side / token + 2)``, at most the grid side (``side`` if given).
+        """
+        if not scale > 0:
+            raise ValueError(f"window scale must be > 0, got {scale}")
+        grid = self.cfg.encoder.embedding_size
+        token = self.img_size / grid
+        b = boxes.float()
+        longer = torch.maximum(b[:, 2] - b[:, 0], b[:, 3] - b[:, 1]).clamp(min=0)
+        sides = torch.ceil(scale * longer / token + 2).long().clamp(1, grid)
+        if side is not None:
+            sides = torch.full_like(sides, int(side))
+        centre = torch.stack([(b[:, 1] + b[:, 3]) / 2, (b[:, 0] + b[:, 2]) / 2], dim=1) / token  # (row, col)
+        origins = torch.round(centre - sides[:, None].float() / 2).long()
+        origins = torch.minimum(origins.clamp(min=0), (grid - sides)[:, None])
+        return origins, sides
 
     def auto_chunk_size(self) -> int:
         """Prompts per mask-decoder call: 64 on a GPU; on a CPU as many as keep one (D, h, w) copy of

@@ -3,6 +3,12 @@
 Semantics and parameter names equal Meta's ``segment_anything.modeling.MaskDecoder``. One image
 embedding (1, D, h, w) is shared by all N prompts through a broadcast view instead of a copy
 per prompt.
+
+Windowed masks (an inference option): after the two-way transformer, SAM's output upscaling (two
+stride-2 2x2 transposed convolutions, a per-pixel LayerNorm, GELUs) and the hypernetwork product are
+local: each token of the (h, w) grid alone gives its 4 x 4 block of the (4h, 4w) logits. So a mask
+needed only near its prompt can be computed on a window of tokens, with the same values there, and the
+rest filled with :data:`WINDOW_FILL`.
 """
 
 from __future__ import annotations
@@ -11,6 +17,9 @@ import torch
 from torch import nn
 
 from cellsam.models.common import MLP, LayerNorm2d
+
+WINDOW_FILL = -20.0
+"""Logit of the low-res pixels outside a prompt's window (sigmoid ~ 2e-9: background)."""
 
 
 class MaskDecoder(nn.Module):
@@ -64,6 +73,7 @@ class MaskDecoder(nn.Module):
         sparse_prompt_embeddings: torch.Tensor,
         dense_prompt_embeddings: torch.Tensor,
         multimask_output: bool,
+        window: tuple[torch.Tensor, int] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Decode N prompts against one image.
 
@@ -73,12 +83,15 @@ class MaskDecoder(nn.Module):
             sparse_prompt_embeddings: (N, T, D).
             dense_prompt_embeddings: (N, D, h, w) (or (1, D, h, w)).
             multimask_output: return masks 1..M (M = num_multimask_outputs) if True, else mask 0.
+            window: ``(origins, k)``: compute prompt i's masks only on the k x k tokens from
+                ``origins[i]`` = (row, col) (a (N, 2) integer tensor, windows inside the grid); the
+                logits elsewhere are :data:`WINDOW_FILL`. None: the whole grid (SAM).
 
         Returns:
             masks: (N, M or 1, 4h, 4w) logits; iou_pred: (N, M or 1).
         """
         masks, iou_pred = self.predict_masks(
-            image_embeddings, image_pe, sparse_prompt_embeddings, dense_prompt_embeddings
+            image_embeddings, image_pe, sparse_prompt_embeddings, dense_prompt_embeddings, window=window
         )
         sl = slice(1, None) if multimask_output else slice(0, 1)
         return masks[:, sl], iou_pred[:, sl]
@@ -121,6 +134,7 @@ class MaskDecoder(nn.Module):
         image_pe: torch.Tensor,
         sparse_prompt_embeddings: torch.Tensor,
         dense_prompt_embeddings: torch.Tensor,
+        window: tuple[torch.Tensor, int] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """All ``num_mask_tokens`` masks (N, M+1, 4h, 4w) and IoU predictions (N, M+1); see ``forward``."""
         n = self._check_shapes(image_embeddings, image_pe, sparse_prompt_embeddings, dense_prompt_embeddings)
@@ -139,12 +153,52 @@ class MaskDecoder(nn.Module):
         iou_token_out = hs[:, 0, :]
         mask_tokens_out = hs[:, 1 : 1 + self.num_mask_tokens, :]
 
-        src = src_tokens.transpose(1, 2).reshape(n, c, h, w)
-        upscaled = self.output_upscaling(src)  # (N, D/8, 4h, 4w)
+        if window is None:
+            src = src_tokens.transpose(1, 2).reshape(n, c, h, w)
+        else:
+            src = _gather_windows(src_tokens, window, (h, w))  # (N, D, k, k)
+        upscaled = self.output_upscaling(src)  # (N, D/8, 4h, 4w), or (N, D/8, 4k, 4k)
         hyper_in = torch.stack(
             [mlp(mask_tokens_out[:, i, :]) for i, mlp in enumerate(self.output_hypernetworks_mlps)], dim=1
         )  # (N, K, D/8)
         _, cu, hu, wu = upscaled.shape
         masks = (hyper_in @ upscaled.reshape(n, cu, hu * wu)).reshape(n, -1, hu, wu)
+        if window is not None:
+            masks = _paste_windows(masks, window[0], (4 * h, 4 * w))
         iou_pred = self.iou_prediction_head(iou_token_out)
         return masks, iou_pred
+
+
+def _check_window(window: tuple[torch.Tensor, int], n: int, grid: tuple[int, int]) -> None:
+    origins, k = window
+    if origins.shape != (n, 2) or not 1 <= k <= min(grid):
+        raise ValueError(f"window: origins must be ({n}, 2) and 1 <= k <= {min(grid)}, got "
+                         f"{tuple(origins.shape)}, k={k}")
+    if n and (int(origins.min()) < 0 or int(origins[:, 0].max()) + k > grid[0]
+              or int(origins[:, 1].max()) + k > grid[1]):
+        raise ValueError(f"window: every k x k window (k={k}) must lie inside the {grid[0]}x{grid[1]} grid")
+
+
+def _gather_windows(src_tokens: torch.Tensor, window: tuple[torch.Tensor, int], grid: tuple[int, int]) -> torch.Tensor:
+    """(N, h*w, D) tokens -> (N, D, k, k): prompt i's window from ``origins[i]``."""
+    origins, k = window
+    n, _, d = src_tokens.shape
+    _check_window(window, n, grid)
+    ar = torch.arange(k, device=src_tokens.device)
+    rows = origins[:, :1].to(ar) + ar  # (N, k)
+    cols = origins[:, 1:].to(ar) + ar
+    flat = (rows[:, :, None] * grid[1] + cols[:, None, :]).reshape(n, k * k)
+    picked = torch.gather(src_tokens, 1, flat[:, :, None].expand(n, k * k, d))  # (N, k*k, D)
+    return picked.transpose(1, 2).reshape(n, d, k, k)
+
+
+def _paste_windows(masks: torch.Tensor, origins: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """(N, M, 4k, 4k) window logits -> (N, M, H, W) frames of WINDOW_FILL with each window in place."""
+    n, m, kk, _ = masks.shape
+    full = masks.new_full((n, m, *size), WINDOW_FILL)
+    ar = torch.arange(kk, device=masks.device)
+    rows = 4 * origins[:, :1].to(ar) + ar  # (N, 4k) low-res rows of each window
+    cols = 4 * origins[:, 1:].to(ar) + ar
+    idx_n = torch.arange(n, device=masks.device)[:, None, None]
+    full[idx_n, :, rows[:, :, None], cols[:, None, :]] = masks.permute(0, 2, 3, 1)
+    return full
