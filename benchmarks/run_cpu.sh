@@ -9,7 +9,7 @@ B=.venv/bin/cellsam
 $B bench --model vit_b --sizes 512 --cells 10 100 500 --precision fp32 bf16 --repeats 1 --warmup 1 \
     --reference --cellpose --cellpose-path /tmp/cp3 --out benchmarks/cpu_vit_b_vs_reference
 # the shipped model vs Cellpose 3
-$B bench --model default --sizes 512 --cells 10 100 500 --precision fp32 bf16 --repeats 3 --warmup 1 \
+$B bench --model default --sizes 512 --cells 10 100 500 --precision fp32 bf16 --repeats 3 --warmup 1 --decode-window 3 0 \
     --cellpose --cellpose-path /tmp/cp3 --out benchmarks/cpu_default_vs_cellpose
 # interactive prompts on a cached embedding
 $B bench --prompts --model default --repeats 50 --warmup 5 --out benchmarks/cpu_default_prompts
