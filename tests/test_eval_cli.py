@@ -142,3 +142,21 @@ def test_data_sources_selects_images(tmp_path: Path, capsys) -> None:
     pred_dir, gt_dir, _, _ = _pairs(tmp_path)
     assert main(["evaluate", "--pred", str(pred_dir), "--gt", str(gt_dir), "--sources", "blobsA"]) == 2
     assert "--sources selects images of --data" in capsys.readouterr().err
+
+
+def test_named_baselines_run_side_by_side(tmp_path: Path, capsys) -> None:
+    """NAME=KIND[:ARG] names a baseline's method, so two of one kind run in one report; a repeated name is
+    an error, not a silent overwrite."""
+    root = write_prepared(tmp_path / "p", n_val=2)
+    out = tmp_path / "r.json"
+    base = ["evaluate", "--data", str(root), "--model", "none", "--json", str(out), "--no-progress"]
+    assert main([*base, "--baseline", "otsu", "--baseline", "floor=otsu"]) == 0
+    rep = json.loads(out.read_text())
+    assert sorted(rep["methods"]) == ["floor", "otsu"]
+    assert rep["methods"]["floor"]["overall"]["f1_mean"] == rep["methods"]["otsu"]["overall"]["f1_mean"]  # same method
+    out.unlink()
+    capsys.readouterr()
+    assert main([*base, "--baseline", "otsu", "--baseline", "otsu"]) == 2
+    assert "already evaluated" in capsys.readouterr().err and not out.exists()
+    assert main([*base, "--baseline", "x=magic"]) == 2
+    assert "unknown --baseline 'x=magic'" in capsys.readouterr().err

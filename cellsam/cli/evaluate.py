@@ -10,7 +10,8 @@ Two modes:
   error (``--missing-as-empty`` scores it as an empty prediction); predictions without a ground truth are
   listed and ignored.
 - ``--data PREPARED_OR_FOLDER``: run ``--model`` (default: the shipped model; ``none`` for baselines
-  only), each ``--baseline`` (``otsu``, ``cellpose:MODEL_FILE``) and, with ``--prompt-study``, the model's
+  only), each ``--baseline`` (``otsu``, ``cellpose:MODEL_FILE``, either as ``NAME=...`` to name its
+  method) and, with ``--prompt-study``, the model's
   masks from ground-truth box and point prompts, on the full images of ``--split`` of a prepared set (or
   on any folder ``cellsam prepare`` reads).
 
@@ -50,8 +51,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--split", default="val", help="split of a prepared dataset (default val)")
     p.add_argument("--model", default=None,
                    help="weights name or checkpoint for --data (default: 'default'; 'none' = no model)")
-    p.add_argument("--baseline", action="append", default=[], metavar="otsu|cellpose:PATH",
-                   help="add a baseline (repeatable)")
+    p.add_argument("--baseline", action="append", default=[], metavar="[NAME=]otsu|cellpose:PATH",
+                   help="add a baseline (repeatable; NAME= names its method, e.g. cp_long=cellpose:PATH, for "
+                   "two Cellpose models in one run)")
     p.add_argument("--prompt-study", action="store_true",
                    help="also score the model's masks from ground-truth box and point prompts")
     p.add_argument("--limit", type=int, default=None, help="only the first N images")
@@ -75,6 +77,17 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
     return p
+
+
+def _baseline_spec(spec: str) -> tuple[str, str, str]:
+    """``[NAME=]KIND[:ARG]`` -> (method name, kind, arg); the name defaults to the kind."""
+    head, eq, rest = spec.partition("=")
+    if eq and head and ":" not in head and "/" not in head:
+        name, spec = head, rest
+    else:
+        name = ""
+    kind, _, arg = spec.partition(":")
+    return name or kind, kind, arg
 
 
 class InputError(ValueError):
@@ -223,21 +236,25 @@ def _methods(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
     elif args.prompt_study:
         raise InputError("--prompt-study needs a model (not --model none)")
     for spec in args.baseline:
-        kind, _, arg = spec.partition(":")
+        name, kind, arg = _baseline_spec(spec)
+        if name in methods:
+            raise InputError(f"--baseline {spec!r}: a method named {name!r} is already evaluated; name this one "
+                             f"with NAME={kind}{':' + arg if arg else ''}")
         if kind == "otsu" and not arg:
-            methods["otsu"] = baselines.otsu_method()
-            settings["otsu"] = "Otsu on the blue channel + distance-transform watershed"
+            methods[name] = baselines.otsu_method()
+            settings[name] = "Otsu on the blue channel + distance-transform watershed"
         elif kind == "cellpose" and arg:
-            methods["cellpose"] = baselines.cellpose_method(Path(arg), device="cpu" if args.device == "auto"
-                                                            else args.device)
-            settings["cellpose"] = {"model": arg}
+            methods[name] = baselines.cellpose_method(Path(arg), device="cpu" if args.device == "auto"
+                                                      else args.device)
+            settings[name] = {"model": arg}
             record = Path(arg).parent.parent / f"{Path(arg).name}.json"
             if record.is_file():
                 import json
 
-                settings["cellpose"]["training"] = json.loads(record.read_text())
+                settings[name]["training"] = json.loads(record.read_text())
         else:
-            raise InputError(f"unknown --baseline {spec!r}: use 'otsu' or 'cellpose:MODEL_FILE'")
+            raise InputError(f"unknown --baseline {spec!r}: use 'otsu' or 'cellpose:MODEL_FILE', optionally "
+                             "as NAME=otsu / NAME=cellpose:MODEL_FILE")
     if not methods:
         raise InputError("nothing to evaluate: give --model and/or --baseline")
     return methods, settings
