@@ -142,8 +142,8 @@ def main() -> None:
                      f"{p['deepcell_f1']:.3f} | " + " | ".join(f"{r['by_split'][s]['f1_50_mean']:.3f}"
                                                              for s in args.splits) + " |")
     md = "\n".join(lines)
-    scored = args.cellsam_eval or "its stored settings"
-    recipes = {"cellsam": f"CellSAM: `{args.cellsam_config}`, scored with `{scored}` and with ground-truth boxes "
+    scored = f"`{args.cellsam_eval}`" if args.cellsam_eval else "its stored settings"
+    recipes = {"cellsam": f"CellSAM: `{args.cellsam_config}`, scored with {scored} and with ground-truth boxes "
                           "as prompts",
                "cellpose": f"Cellpose 3: {args.cellpose_steps} SGD steps of batch 8 ({args.cellpose_steps * 8 // nimg} "
                            f"epochs of {nimg} images) from scratch on at most {args.cellpose_tiles} tiles"

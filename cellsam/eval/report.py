@@ -15,7 +15,8 @@ from cellsam.eval.harness import format_tables
 
 def command_line(arguments: dict[str, Any], command: str = "cellsam evaluate", *,
                  lists_as_one_flag: bool = False) -> str:
-    """The command line of recorded arguments (flags at their default values included).
+    """The command line of recorded arguments (flags at their default values included; unset ones, i.e.
+    None, False, empty lists and empty strings, left out).
 
     List values become one flag per item (``--baseline a --baseline b``, argparse's ``append``) or, with
     ``lists_as_one_flag``, one flag with every item (``--merge a b``, ``nargs="+"``). Values holding a
@@ -24,7 +25,7 @@ def command_line(arguments: dict[str, Any], command: str = "cellsam evaluate", *
     parts = [command]
     for k, v in arguments.items():
         flag = "--" + k.replace("_", "-")
-        if k == "command" or v in (None, False, [], (), "None"):
+        if k == "command" or v in (None, False, [], (), "None", ""):
             continue
         if v is True:
             parts.append(flag)
