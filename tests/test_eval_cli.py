@@ -153,6 +153,7 @@ def test_named_baselines_run_side_by_side(tmp_path: Path, capsys) -> None:
     assert main([*base, "--baseline", "otsu", "--baseline", "floor=otsu"]) == 0
     rep = json.loads(out.read_text())
     assert sorted(rep["methods"]) == ["floor", "otsu"]
+    assert rep["arguments"]["sources"] == []  # recorded as JSON, not as the string "()"
     assert rep["methods"]["floor"]["overall"]["f1_mean"] == rep["methods"]["otsu"]["overall"]["f1_mean"]  # same method
     out.unlink()
     capsys.readouterr()

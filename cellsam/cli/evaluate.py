@@ -57,7 +57,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--prompt-study", action="store_true",
                    help="also score the model's masks from ground-truth box and point prompts")
     p.add_argument("--limit", type=int, default=None, help="only the first N images")
-    p.add_argument("--sources", nargs="+", default=(), metavar="SOURCE",
+    p.add_argument("--sources", nargs="+", default=[], metavar="SOURCE",
                    help="with --data: only the images of these sources (e.g. monuseg)")
     p.add_argument("--json", type=Path, default=None, help="write every number to this JSON file")
     p.add_argument("--plots", type=Path, default=None, help="write PNG plots into this folder")
@@ -312,7 +312,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"cellsam evaluate: error: {e}", file=sys.stderr)
         return 2
     report["environment"] = environment()
-    report["arguments"] = {k: (v if isinstance(v, (int, float, bool, list)) or v is None else str(v))
+    report["arguments"] = {k: (list(v) if isinstance(v, tuple) else v
+                               if isinstance(v, (int, float, bool, list)) or v is None else str(v))
                            for k, v in vars(args).items() if k != "func"}
     report["seconds"] = round(time.perf_counter() - t0, 2)
     print(format_tables(report))
