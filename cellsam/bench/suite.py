@@ -63,7 +63,8 @@ class BenchSpec:
             raise ValueError(f"batch_size and decode_chunk must be >= 1, got {self.batch_size}, {self.decode_chunk}")
         if not self.decode_windows:
             raise ValueError("give at least one decode window (0: whole frames)")
-        self.decode_windows = [check_decode_window(w) for w in self.decode_windows]
+        for w in self.decode_windows:
+            check_decode_window(w)  # time_pipeline reads 0 as None (whole frames)
         if self.clip_masks not in ("auto", "on", "off"):
             raise ValueError(f"clip_masks must be auto, on or off, got {self.clip_masks!r}")
         unknown = sorted(set(self.reference or []) - set(self.models))
