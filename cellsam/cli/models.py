@@ -1,4 +1,4 @@
-"""``cellsam models``: list architecture variants and named weights, download weights into the cache."""
+"""``cellsam models``: list variants and named weights, download weights, compare two weight files."""
 
 from __future__ import annotations
 
@@ -11,17 +11,28 @@ logger = logging.getLogger(__name__)
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    """Register ``cellsam models {list,download}``."""
+    """Register ``cellsam models {list,download,compare}``."""
     p = subparsers.add_parser(
         "models",
         help="list or download model weights",
-        description="List architecture variants and named weights, or download weights.",
+        description="List architecture variants and named weights, download weights, or compare two "
+                    "weight files tensor by tensor (did a re-run reproduce a model?).",
     )
     sub = p.add_subparsers(dest="models_command", required=True)
     sub.add_parser("list", help="variants and weights with version and cache state")
     d = sub.add_parser("download", help="download (or verify bundled) weights into $CELLSAM_HOME")
     d.add_argument("name", help="weights name or alias, e.g. 'default'")
     d.add_argument("--force", action="store_true", help="download again even if cached")
+    c = sub.add_parser("compare", help="compare two weight files tensor by tensor; exit 1 if they differ",
+                       description="Compare the tensors of two weight files (.safetensors/.json of ours, "
+                                   ".pth/.pt, or a training .ckpt). File hashes differ between runs even "
+                                   "when the weights are equal (metadata), so this is the reproduction check. "
+                                   "Exit code 0: equal within --atol; 1: they differ; 2: unreadable input.")
+    c.add_argument("a", help="first weights file")
+    c.add_argument("b", help="second weights file")
+    c.add_argument("--atol", type=float, default=0.0, help="largest absolute difference counted as equal "
+                                                           "(default 0: bit-identical)")
+    c.add_argument("--top", type=int, default=10, help="how many of the most different tensors to list")
     p.set_defaults(func=run)
 
 
@@ -52,10 +63,28 @@ def _list() -> int:
     return 0
 
 
+def _compare(args: argparse.Namespace) -> int:
+    from cellsam.weights import CheckpointError
+    from cellsam.weights_diff import compare_weights
+
+    if args.atol < 0:
+        logger.error("--atol must be >= 0, got %s", args.atol)
+        return 2
+    try:
+        diff = compare_weights(args.a, args.b, atol=args.atol)
+    except (OSError, CheckpointError) as e:
+        logger.error("%s", e)
+        return 2
+    print(diff.summary(top=max(args.top, 0)))
+    return 0 if diff.identical else 1
+
+
 def run(args: argparse.Namespace) -> int:
     """Entry point of ``cellsam models``; returns the exit code."""
     if args.models_command == "list":
         return _list()
+    if args.models_command == "compare":
+        return _compare(args)
     from cellsam.registry import get_weights
     from cellsam.weights import download
 
