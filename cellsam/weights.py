@@ -2,7 +2,7 @@
 
 Our checkpoint format is two files with the same stem::
 
-    NAME.safetensors   the state dict (the config is also embedded in its header metadata)
+    NAME.safetensors   the state dict (format, variant, version and config also in its header metadata)
     NAME.json          {"format": "cellsam", "config": CellSAMConfig.to_dict(), "variant", "version",
                         "preprocessing", "training_data", "sha256" (of NAME.safetensors), "cellsam_version"}
 
@@ -35,6 +35,7 @@ logger = logging.getLogger(__name__)
 
 FORMAT = "cellsam"
 FORMAT_VERSION = 1
+HEADER_KEY = "cellsam"  # the safetensors metadata entry: JSON of format, variant, version and config
 DEFAULT_PREPROCESSING = (
     "channels (R empty, G nuclear, B whole-cell); each channel clipped at the 99.9th percentile of its "
     "nonzero values, rescaled to [0, 1], CLAHE (kernel 128); longest side resized to the encoder input "
@@ -182,13 +183,10 @@ def save_model(
     variant = meta.pop("variant", None) or _variant_of(cfg) or "custom"
     # clone: breaks storage sharing (tied heads), which safetensors refuses to write
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
-    header = {
-        "format": FORMAT,
-        "cellsam_config": json.dumps(cfg.to_dict()),
-        "variant": variant,
-        "version": version,
-    }
-    save_file(tensors, str(st_path), metadata=header)
+    # One metadata entry, its JSON with sorted keys: safetensors writes its metadata map in a random
+    # order per process, so several entries would give the same weights a different file and sha256.
+    record = {"format": FORMAT, "variant": variant, "version": str(version), "config": cfg.to_dict()}
+    save_file(tensors, str(st_path), metadata={HEADER_KEY: json.dumps(record, sort_keys=True)})
     doc = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -261,11 +259,20 @@ def read_checkpoint(
             state = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"could not read {st_path} as a safetensors file: {e}") from e
+    try:
+        if HEADER_KEY in header:
+            record = json.loads(header[HEADER_KEY])
+        elif "cellsam_config" in header:  # older files: one metadata entry per field
+            record = {**header, "config": json.loads(header.pop("cellsam_config"))}
+        else:
+            record = {}
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{st_path} carries a model config that is not valid JSON: {e}") from e
     if "config" in doc:
         cfg_dict = doc["config"]
-    elif "cellsam_config" in header:
-        cfg_dict = json.loads(header["cellsam_config"])
-        doc = {**header, "config": cfg_dict}
+    elif isinstance(record, dict) and "config" in record:
+        cfg_dict = record["config"]
+        doc = dict(record)
     else:
         raise CheckpointError(f"{st_path} carries no model config and {json_path} is missing")
     try:

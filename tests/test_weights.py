@@ -71,6 +71,44 @@ def test_save_load_roundtrip_is_bit_exact(tiny, tmp_path):
             assert torch.equal(a, b)
 
 
+def test_same_weights_give_the_same_file_in_every_process(tiny, tmp_path):
+    """safetensors writes its metadata map in a per-process random order; ours is one entry, so the
+    file (and the sha256 a registry records) depends only on the weights and config."""
+    import subprocess
+    import sys
+
+    ref = tmp_path / "ref.pt"
+    torch.save(tiny.state_dict(), ref)
+    script = (
+        "import sys, torch\n"
+        "from cellsam.models.build import build_model\n"
+        "from cellsam.weights import save_model\n"
+        "m = build_model('vit_tiny'); m.load_state_dict(torch.load(sys.argv[1]))\n"
+        "save_model(m, sys.argv[2], version='v0')\n"
+    )
+    digests = set()
+    for i, seed in enumerate(("1", "2", "3")):  # other hash seeds: other dict/set orders
+        out = tmp_path / f"run{i}"
+        env = {**__import__("os").environ, "PYTHONHASHSEED": seed, "OMP_NUM_THREADS": "1"}
+        subprocess.run([sys.executable, "-c", script, str(ref), str(out)], check=True, env=env)
+        digests.add(weights.sha256_file(out.with_suffix(".safetensors")))
+    assert len(digests) == 1
+
+
+def test_legacy_header_with_one_entry_per_field_still_loads(tiny, tmp_path):
+    p = tmp_path / "old.safetensors"
+    sd = {k: v.clone().contiguous() for k, v in tiny.state_dict().items()}
+    save_file(sd, str(p), metadata={"format": "cellsam", "variant": "vit_tiny", "version": "v9",
+                                    "cellsam_config": json.dumps(tiny.cfg.to_dict())})
+    cfg, state, doc = weights.read_checkpoint(p)
+    assert cfg == tiny.cfg and doc["version"] == "v9" and doc["variant"] == "vit_tiny"
+    assert all(torch.equal(state[k], sd[k]) for k in sd)
+    bad = tmp_path / "bad.safetensors"
+    save_file(sd, str(bad), metadata={"cellsam": "{not json"})
+    with pytest.raises(CheckpointError, match="not valid JSON"):
+        load_model(bad)
+
+
 def test_save_rejects_reserved_metadata_and_non_models(tiny, tmp_path):
     with pytest.raises(ValueError, match="sha256"):
         save_model(tiny, tmp_path / "x", version="v0", metadata={"sha256": "0"})
@@ -80,7 +118,7 @@ def test_save_rejects_reserved_metadata_and_non_models(tiny, tmp_path):
 
 def _rewrite(path: Path, sd: dict, tiny) -> None:
     """Write ``sd`` to ``path`` with the config in the header only (no JSON beside it)."""
-    save_file(sd, str(path), metadata={"cellsam_config": json.dumps(tiny.cfg.to_dict())})
+    save_file(sd, str(path), metadata={weights.HEADER_KEY: json.dumps({"config": tiny.cfg.to_dict()})})
 
 
 def test_strict_loading_names_missing_unexpected_and_misshaped_keys(tiny, tmp_path):
