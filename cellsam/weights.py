@@ -337,7 +337,9 @@ def _load_torch_file(path: Path) -> nn.Module:
     )
 
 
-def _resolve_name(name: str) -> Path:
+def resolve_name(name: str) -> Path:
+    """The local file of registered weights ``name`` (or an alias such as ``"default"``), fetched and
+    verified by :func:`download` if needed; a KeyError that lists the registered names otherwise."""
     try:
         record = get_weights(name)
     except KeyError:
@@ -383,7 +385,7 @@ def load_model(name_or_path: str | Path, *, device: str | torch.device | None = 
         )
         if looks_like_path:
             raise FileNotFoundError(f"checkpoint {path} not found")
-        path = _resolve_name(str(name_or_path))
+        path = resolve_name(str(name_or_path))
     if path.is_dir():
         raise CheckpointError(f"{path} is a directory; give the checkpoint file")
     if path.suffix in (".safetensors", ".json"):

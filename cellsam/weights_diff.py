@@ -12,7 +12,9 @@ from pathlib import Path
 
 import torch
 
-from cellsam.weights import CheckpointError, read_checkpoint, read_torch_state_dict
+from cellsam.weights import CheckpointError, read_checkpoint, read_torch_state_dict, resolve_name
+
+_SUFFIXES = (".safetensors", ".json", ".pth", ".pt", ".ckpt")
 
 
 @dataclass
@@ -69,9 +71,12 @@ class WeightsDiff:
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """The tensors of one of our ``.safetensors`` files (or its ``.json``), a ``.pth``/``.pt`` file or a
-    training checkpoint (``.ckpt``, its ``model.`` prefix removed)."""
+    """The tensors of one of our ``.safetensors`` files (or its ``.json``), a ``.pth``/``.pt`` file, a
+    training checkpoint (``.ckpt``, its ``model.`` prefix removed) or registered weights by name
+    (``"default"``)."""
     path = Path(path)
+    if not path.exists() and len(path.parts) == 1 and path.suffix not in _SUFFIXES:
+        path = resolve_name(str(path))  # a name, not a file
     if not path.is_file() and not path.with_suffix(".safetensors").is_file():
         raise FileNotFoundError(f"weights file {path} not found")
     if path.suffix in (".safetensors", ".json"):
@@ -81,7 +86,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         if path.suffix == ".ckpt" and all(k.startswith("model.") for k in state):
             state = {k[len("model."):]: v for k, v in state.items()}  # our Lightning module's prefix
         return state
-    raise CheckpointError(f"{path}: expected a .safetensors, .json, .pth, .pt or .ckpt file")
+    raise CheckpointError(f"{path}: expected a {', '.join(_SUFFIXES)} file")
 
 
 def compare_state_dicts(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], *,

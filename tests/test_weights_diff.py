@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import uuid
+
 import pytest
 import torch
 
@@ -79,3 +81,18 @@ def test_cli_exit_codes(tiny, tmp_path, capsys):
     (tmp_path / "w.txt").write_text("x")
     assert main(["models", "compare", str(a), str(tmp_path / "w.txt")]) == 2
     assert main(["models", "compare", str(a), str(a), "--atol", "-1"]) == 2
+    assert main(["models", "compare", "no_such_weights", str(a)]) == 2
+
+
+def test_registered_name_is_resolved(tiny, tmp_path, monkeypatch):
+    from cellsam import registry
+    from cellsam.registry import WeightsRecord
+
+    monkeypatch.setenv("CELLSAM_HOME", str(tmp_path / "home"))
+    src = save_model(tiny, tmp_path / "src", version="v0")
+    rec = WeightsRecord(name=f"test_{uuid.uuid4().hex[:8]}.v0", variant="vit_tiny", url=src.as_uri(),
+                        sha256=sha256_file(src), version="v0")
+    registry.register_weights(rec)
+    assert compare_weights(rec.name, src).identical
+    with pytest.raises(KeyError, match="registered"):
+        compare_weights("no_such_weights", src)

@@ -28,8 +28,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                                    ".pth/.pt, or a training .ckpt). File hashes differ between runs even "
                                    "when the weights are equal (metadata), so this is the reproduction check. "
                                    "Exit code 0: equal within --atol; 1: they differ; 2: unreadable input.")
-    c.add_argument("a", help="first weights file")
-    c.add_argument("b", help="second weights file")
+    c.add_argument("a", help="first weights file, or registered weights by name (e.g. 'default')")
+    c.add_argument("b", help="second weights file or name")
     c.add_argument("--atol", type=float, default=0.0, help="largest absolute difference counted as equal "
                                                            "(default 0: bit-identical)")
     c.add_argument("--top", type=int, default=10, help="how many of the most different tensors to list")
@@ -72,6 +72,9 @@ def _compare(args: argparse.Namespace) -> int:
         return 2
     try:
         diff = compare_weights(args.a, args.b, atol=args.atol)
+    except KeyError as e:
+        logger.error("%s", e.args[0])
+        return 2
     except (OSError, CheckpointError) as e:
         logger.error("%s", e)
         return 2
