@@ -231,6 +231,21 @@ def _few(keys: list[str], n: int = 12) -> str:
     return "[]" if not keys else str(keys[:n]) + (f" and {len(keys) - n} more" if len(keys) > n else "")
 
 
+def _header_record(header: dict[str, str], st_path: Path) -> dict[str, Any]:
+    """The format / variant / version / config record of a safetensors header ({} if it has none)."""
+    try:
+        if HEADER_KEY in header:
+            record = json.loads(header[HEADER_KEY])
+        elif "cellsam_config" in header:  # older files: one metadata entry per field
+            record = {**header, "config": json.loads(header["cellsam_config"])}
+            del record["cellsam_config"]
+        else:
+            record = {}
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{st_path} carries a model config that is not valid JSON: {e}") from e
+    return record if isinstance(record, dict) else {}
+
+
 def read_checkpoint(
     path: str | Path, *, verify: bool = True
 ) -> tuple[CellSAMConfig, dict[str, torch.Tensor], dict]:
@@ -259,22 +274,11 @@ def read_checkpoint(
             state = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"could not read {st_path} as a safetensors file: {e}") from e
-    try:
-        if HEADER_KEY in header:
-            record = json.loads(header[HEADER_KEY])
-        elif "cellsam_config" in header:  # older files: one metadata entry per field
-            record = {**header, "config": json.loads(header.pop("cellsam_config"))}
-        else:
-            record = {}
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{st_path} carries a model config that is not valid JSON: {e}") from e
-    if "config" in doc:
-        cfg_dict = doc["config"]
-    elif isinstance(record, dict) and "config" in record:
-        cfg_dict = record["config"]
-        doc = dict(record)
-    else:
-        raise CheckpointError(f"{st_path} carries no model config and {json_path} is missing")
+    if "config" not in doc:  # no JSON beside the file: the record in the safetensors header
+        doc = _header_record(header, st_path)
+        if "config" not in doc:
+            raise CheckpointError(f"{st_path} carries no model config and {json_path} is missing")
+    cfg_dict = doc["config"]
     try:
         cfg = CellSAMConfig.from_dict(cfg_dict)
     except (ValueError, TypeError) as e:
