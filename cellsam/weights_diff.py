@@ -1,8 +1,8 @@
 """Tensor-by-tensor comparison of two weight files: shows whether a re-run reproduced a model.
 
-A file's sha256 is no test of that: our ``.safetensors`` carry metadata (the training config with
-its output folder, the package version), so two runs with identical weights give different files.
-:func:`compare_weights` reads both state dicts and compares the tensors themselves.
+A file's sha256 is no test of that across formats and versions: a training ``.ckpt``, a ``.pth`` or a
+``.safetensors`` written by an older cellsam (its metadata in a random order) holds the same tensors
+in other bytes. :func:`compare_weights` reads both state dicts and compares the tensors themselves.
 """
 
 from __future__ import annotations

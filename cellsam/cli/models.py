@@ -25,9 +25,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     d.add_argument("--force", action="store_true", help="download again even if cached")
     c = sub.add_parser("compare", help="compare two weight files tensor by tensor; exit 1 if they differ",
                        description="Compare the tensors of two weight files (.safetensors/.json of ours, "
-                                   ".pth/.pt, or a training .ckpt). File hashes differ between runs even "
-                                   "when the weights are equal (metadata), so this is the reproduction check. "
-                                   "Exit code 0: equal within --atol; 1: they differ; 2: unreadable input.")
+                                   ".pth/.pt, a training .ckpt, or a registered name): the check that a re-run "
+                                   "reproduced a model, whatever the files' formats. "
+                                   "Exit code 0: equal within --atol; 1: they differ; 2: bad input.")
     c.add_argument("a", help="first weights file, or registered weights by name (e.g. 'default')")
     c.add_argument("b", help="second weights file or name")
     c.add_argument("--atol", type=float, default=0.0, help="largest absolute difference counted as equal "
@@ -64,18 +64,14 @@ def _list() -> int:
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from cellsam.weights import CheckpointError
     from cellsam.weights_diff import compare_weights
 
-    if args.atol < 0:
-        logger.error("--atol must be >= 0, got %s", args.atol)
-        return 2
     try:
         diff = compare_weights(args.a, args.b, atol=args.atol)
     except KeyError as e:
         logger.error("%s", e.args[0])
         return 2
-    except (OSError, CheckpointError) as e:
+    except (OSError, ValueError) as e:  # unreadable files (CheckpointError) and a negative --atol
         logger.error("%s", e)
         return 2
     print(diff.summary(top=max(args.top, 0)))
