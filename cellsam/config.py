@@ -86,6 +86,39 @@ class CellFinderConfig:
 
 
 @dataclass(frozen=True)
+class ConvEncoderConfig:
+    """Convolutional multi-scale encoder (``CellSAMConfig.encoder_kind == "conv"``).
+
+    Residual stages at strides 2, 4, ... (one per entry of ``widths``), a top-down path (U-Net /
+    FPN style) back to stride 4 whose output is the detector's trunk (``trunk_chans`` wide), and a
+    SAM-style neck from the trunk to the prompt decoder's embedding (``EncoderConfig.out_chans`` at
+    stride ``EncoderConfig.patch_size``). ``style``: Cellpose's global style vector (the mean of the
+    deepest stage) added to every top-down level.
+    """
+
+    widths: tuple[int, ...] = (32, 64, 128, 192, 256)
+    blocks: tuple[int, ...] = (1, 1, 2, 2, 1)
+    decoder_widths: tuple[int, ...] = (64, 128, 128)  # at strides 4, 8, 16 (the trunk is the first)
+    style: bool = True
+
+
+@dataclass(frozen=True)
+class DenseFinderConfig:
+    """Dense CellFinder (``CellSAMConfig.detector_kind == "dense"``): CenterNet on the stride-4 trunk.
+
+    Per location: a cell-centre heatmap (sigmoid), the box size as log(w / stride), log(h / stride)
+    and the sub-pixel offset of the centre. Boxes are the heatmap's local maxima (a
+    ``peak_kernel`` max-pool), at most ``max_detections`` per image, no NMS.
+    """
+
+    head_channels: int = 64
+    stride: int = 4
+    peak_kernel: int = 3
+    max_detections: int = 1000
+    prior_prob: float = 0.1  # CenterNet's heatmap bias init (-2.19)
+
+
+@dataclass(frozen=True)
 class InferenceConfig:
     """Default thresholds of a trained model (the paper's values unless the model says otherwise).
 
@@ -99,6 +132,10 @@ class InferenceConfig:
     # Box refinement rounds: each replaces every box prompt by the bounding box of its decoded mask
     # and decodes again (the mask decoder only; fixes detector boxes that are too loose or too tight).
     refine_boxes: int = 0
+    # Whether the mask decoder's 3 multimask outputs were trained (SAM: yes). Models trained on the
+    # single-mask output only (ours from v3 on) set False: prompts then always decode that one mask,
+    # whatever ``multimask_output`` asks, because the other three are untrained.
+    multimask: bool = True
 
 
 DEFAULT_DECODE_WINDOW = 3.0
@@ -124,6 +161,14 @@ class CellSAMConfig:
     prompt_encoder: PromptEncoderConfig = field(default_factory=PromptEncoderConfig)
     mask_decoder: MaskDecoderConfig = field(default_factory=MaskDecoderConfig)
     cellfinder: CellFinderConfig = field(default_factory=CellFinderConfig)
+    # "vit": SAM's ViT (``encoder``); "conv": the convolutional multi-scale encoder (``conv_encoder``,
+    # with ``encoder``'s img_size, patch_size = the embedding's stride, and out_chans).
+    encoder_kind: Literal["vit", "conv"] = "vit"
+    conv_encoder: ConvEncoderConfig = field(default_factory=ConvEncoderConfig)
+    # "detr": the paper's Anchor-DETR CellFinder (``cellfinder``); "dense": the CenterNet one
+    # (``dense_finder``) on the stride-4 trunk of a conv encoder.
+    detector_kind: Literal["detr", "dense"] = "detr"
+    dense_finder: DenseFinderConfig = field(default_factory=DenseFinderConfig)
     # The official CellSAM checkpoint has a separate ViT for the detector; set True to
     # reproduce it faithfully. Our own models share ONE encoder pass.
     separate_detector_trunk: bool = False
@@ -134,6 +179,14 @@ class CellSAMConfig:
     # SAM's pixel statistics, applied to images in [0, 255].
     pixel_mean: tuple[float, float, float] = (123.675, 116.28, 103.53)
     pixel_std: tuple[float, float, float] = (58.395, 57.12, 57.375)
+
+    def __post_init__(self) -> None:
+        if self.encoder_kind not in ("vit", "conv"):
+            raise ValueError(f"encoder_kind must be 'vit' or 'conv', got {self.encoder_kind!r}")
+        if self.detector_kind not in ("detr", "dense"):
+            raise ValueError(f"detector_kind must be 'detr' or 'dense', got {self.detector_kind!r}")
+        if self.encoder_kind == "conv" and self.separate_detector_trunk:
+            raise ValueError("separate_detector_trunk is for imported ViT checkpoints only")
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-serialisable dict (tuples become lists)."""

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from cellsam.config import (
     CellFinderConfig,
     CellSAMConfig,
+    ConvEncoderConfig,
     EncoderConfig,
     MaskDecoderConfig,
 )
@@ -105,6 +106,34 @@ def vit_cpu() -> CellSAMConfig:
         num_query_position=576, spatial_prior="grid", num_classes=1, pos_scale=32.0, query_content="features",
     )
     return CellSAMConfig(encoder=enc, mask_decoder=dec, cellfinder=cf, tile_size=256)
+
+
+@register_variant
+def conv_cpu() -> CellSAMConfig:
+    """The CPU-trainable default from v3 on: a convolutional multi-scale encoder + the dense CellFinder.
+
+    256-pixel tiles at native resolution. Residual stages at strides 2-32 (widths 32-256) and a
+    top-down path to stride 4 feed a CenterNet head (one heatmap peak per cell, log-space box size:
+    cells ~4 px to ~200 px wide); a SAM-style neck gives the mask decoder its 32 x 32 x 128 embedding,
+    the same as ``vit_cpu``'s (its decoder sizes too). Dense, per-pixel supervision on a conv net is
+    what lets Cellpose, StarDist and InstanSeg learn from a few hundred images on a small budget; the
+    Anchor-DETR CellFinder on ``vit_cpu`` did not (benchmarks/detector_study.md).
+    """
+    enc = EncoderConfig(img_size=256, patch_size=8, embed_dim=64, depth=0, num_heads=1, out_chans=128,
+                        window_size=0, global_attn_indexes=())
+    dec = MaskDecoderConfig(transformer_mlp_dim=512, transformer_num_heads=4, iou_head_hidden_dim=128)
+    return CellSAMConfig(encoder=enc, mask_decoder=dec, tile_size=256, encoder_kind="conv", detector_kind="dense")
+
+
+@register_variant
+def conv_tiny() -> CellSAMConfig:
+    """A very small conv + dense model for unit tests: 64-pixel input, widths 8-32."""
+    enc = EncoderConfig(img_size=64, patch_size=8, embed_dim=8, depth=0, num_heads=1, out_chans=32,
+                        window_size=0, global_attn_indexes=())
+    dec = MaskDecoderConfig(transformer_mlp_dim=64, transformer_num_heads=2, iou_head_hidden_dim=32)
+    conv = ConvEncoderConfig(widths=(8, 16, 16, 32, 32), blocks=(1, 1, 1, 1, 1), decoder_widths=(16, 16, 16))
+    return CellSAMConfig(encoder=enc, mask_decoder=dec, tile_size=64, encoder_kind="conv", detector_kind="dense",
+                         conv_encoder=conv)
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """Ship a trained run as the package's default model (a maintainer script, not part of the package).
 
-    python scripts/ship_default.py runs/cpu_v2/stage4/model.safetensors --name cellsam_cpu_v2 --version v2 \
-        --recipe configs/cpu_v2.yaml --data prepared --sweep-images 16
+    python scripts/ship_default.py runs/cpu_v3/stage2/model.safetensors --name cellsam_cpu_v3 --version v3 \
+        --recipe configs/cpu_v3.yaml --data prepared --sweep-images 16 --tile-sizes 256 320 --single-mask
 
 1. Picks the default box / IoU thresholds on ``--sweep-images`` validation images spread over the sorted
    list (so over the sources) by the reference F1 at IoU 0.5 (``f1_mean``), then tries one box-refinement
@@ -61,6 +61,9 @@ def main() -> None:
     ap.add_argument("--ious", type=float, nargs="+", default=[0.0, 0.3])
     ap.add_argument("--tile-sizes", type=int, nargs="+", default=[320, 384, 448])
     ap.add_argument("--out", default="cellsam/pretrained")
+    ap.add_argument("--single-mask", action="store_true",
+                    help="the decoder was trained on its single-mask output only (v3): store inference.multimask "
+                         "False so that click prompts never return the untrained multimask outputs")
     args = ap.parse_args()
 
     model = load_model(args.model).eval()
@@ -80,7 +83,7 @@ def main() -> None:
     print("chosen:", best)
     model.cfg = model.cfg.replace(tile_size=int(best["tile_size"]), inference=InferenceConfig(
         box_threshold=best["box_threshold"], iou_threshold=best["iou_threshold"], mask_threshold=0.5,
-        refine_boxes=best["refine_boxes"]))
+        refine_boxes=best["refine_boxes"], multimask=not args.single_mask))
     meta_src = json.loads(Path(args.model).with_suffix(".json").read_text())
     meta = {
         "variant": meta_src.get("variant", "vit_cpu"),

@@ -96,6 +96,6 @@ def test_module_weights_and_trains_on_anchor_losses_only_when_configured(tmp_pat
         module = CellSAMModule(initial_model(cfg), cfg)
         losses = module.compute_losses(*batch)
         assert ("loss_anchor_bbox" in losses) == (name == "on")
-        assert ("loss_anchor_bbox" in module.weight_dict) == (name == "on")
+        assert ("loss_anchor_bbox" in module.criterion.weight_dict) == (name == "on")
         totals[name] = losses["loss"].item()
     assert totals["on"] > totals["off"]  # same model and batch: the extra terms are added

@@ -19,7 +19,7 @@ from scipy import ndimage
 
 from cellsam.eval.harness import load_prepared, write_json
 from cellsam.eval.metrics import evaluate_labels
-from cellsam.eval.prompts import assign_tiles, prompt_predict, prompt_study
+from cellsam.eval.prompts import assign_tiles, click_ious, prompt_predict, prompt_study
 from cellsam.inference.tiling import Tile
 from cellsam.models.build import build_model
 from tests.test_eval_harness import write_prepared
@@ -106,6 +106,23 @@ def test_point_prompts_are_centred_on_the_centre_of_mass() -> None:
     # 2x2 point masks inside 5-7 px squares: one per cell, none matched at IoU 0.5
     res = evaluate_labels([gt], [pred.labels], coco=False, per_image=False)
     assert res["by_threshold"]["0.50"]["tp"] == 0 and res["n_pred"] == len(ids)
+
+
+def test_click_ious_score_each_innermost_click_mask_alone() -> None:
+    """The fake decoder draws a 5x5 square about the click: a 5-px cell clicked at its innermost
+    (centre) pixel is found exactly (IoU 1), a 7-px one at 25/49; a cell the decoder misses scores 0."""
+    gt = squares(seed=3)
+    image = np.zeros((3, *gt.shape), np.float32)
+    got = click_ious(PromptFake(img_size=32, tile_size=32), image, gt, min_area=1)  # 1 input px = 1 image px
+    assert set(got) == set(range(1, gt.max() + 1))
+    for cid, iou in got.items():
+        side = int(np.sqrt((gt == cid).sum()))
+        assert iou == pytest.approx(1.0 if side == 5 else 25 / 49), (cid, side)
+    assert sorted({round(v, 3) for v in got.values()}) == [round(25 / 49, 3), 1.0]  # both sizes present
+    lonely = np.zeros((40, 40), np.int32)
+    lonely[10:30, 10:30] = 1  # a 20-px cell: the click's 5x5 mask covers 25 of its 400 pixels
+    got = click_ious(PromptFake(32, 32), np.zeros((3, 40, 40), np.float32), lonely, min_area=1)
+    assert got[1] == pytest.approx(25 / 400)
 
 
 def test_multimask_keeps_one_mask_per_prompt() -> None:

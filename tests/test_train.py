@@ -390,3 +390,46 @@ def test_shipped_recipe_v2_extends_v1() -> None:
     da = v1[0].to_dict()
     dz = load_train_configs(REPO / "configs" / "zero_shot_cellsam.yaml")[0].to_dict()
     assert {k for k in da if da[k] != dz[k]} == {"output"}
+
+
+def test_conv_dense_variant_trains_with_clicks_and_masks_stage_keeps_its_trunk(tmp_path: Path) -> None:
+    """conv_tiny (conv encoder + dense CellFinder): joint steps with box and click prompts move the
+    detector, the encoder and the point embeddings; a masks stage then leaves the trunk and its
+    batch-norm statistics untouched and trains the neck."""
+    from cellsam.models.conv_encoder import ConvEncoder
+    from cellsam.models.dense_finder import DenseCellFinder
+    from cellsam.weights import load_model
+
+    cfg = tiny_cfg(tmp_path, model="conv_tiny", point_prompt_p=0.5, click_rounds=1, max_steps=3,
+                   checkpoint_every_steps=0)
+    start = initial_model(cfg).state_dict()
+    joint = load_model(train(cfg))
+    assert isinstance(joint.image_encoder, ConvEncoder) and isinstance(joint.cellfinder, DenseCellFinder)
+    after = joint.state_dict()
+    moved = {k for k in start if not torch.equal(start[k], after[k])}
+    for prefix in ("cellfinder.heatmap", "cellfinder.size", "image_encoder.stem", "image_encoder.neck",
+                   "prompt_encoder.point_embeddings.1", "mask_decoder"):
+        assert any(k.startswith(prefix) for k in moved), prefix
+    assert any(k.endswith("running_mean") for k in moved)  # batch norm learnt statistics
+
+    masks = dataclasses.replace(cfg, stage="masks", init=str(tmp_path / "run" / "model.safetensors"),
+                                output=str(tmp_path / "masks"), max_steps=2)
+    final = load_model(train(masks)).state_dict()
+    trunk = [k for k in after if k.startswith("image_encoder.") and not k.startswith("image_encoder.neck.")]
+    assert trunk and all(torch.equal(after[k], final[k]) for k in trunk)  # incl. running stats
+    assert any(not torch.equal(after[k], final[k]) for k in after if k.startswith("image_encoder.neck."))
+    assert all(torch.equal(after[k], final[k]) for k in after if k.startswith("cellfinder."))
+
+
+def test_click_prompts_reach_the_loss(tmp_path: Path) -> None:
+    """With every prompt a click (+1 correction), the mask losses come from point prompts: the
+    positive point embedding gets a gradient, and the box-corner embeddings none."""
+    cfg = tiny_cfg(tmp_path, model="conv_tiny", stage="masks", point_prompt_p=1.0, click_rounds=1)
+    module = CellSAMModule(initial_model(cfg), cfg)
+    ds = PreparedTiles(cfg.data, "train")
+    images = torch.stack([ds[0][0], ds[1][0]])
+    losses = module.compute_losses(images, [ds[0][1], ds[1][1]])
+    losses["loss"].backward()
+    pe = module.model.prompt_encoder.point_embeddings
+    assert pe[1].weight.grad is not None and float(pe[1].weight.grad.abs().sum()) > 0
+    assert pe[2].weight.grad is None or float(pe[2].weight.grad.abs().sum()) == 0

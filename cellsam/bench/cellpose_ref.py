@@ -136,6 +136,7 @@ def time_cellpose(
         "size": [int(h), int(w)],
         "cells": scene.cells,
         "n_cells": scene.n_cells,
+        "scene": scene.name,
         "precision": "fp32",
         "device": str(dev),
         "repeats": int(repeats),

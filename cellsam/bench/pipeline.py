@@ -61,19 +61,21 @@ _SEGMENT_HELPERS = {  # name in cellsam.inference.segment -> stage
 # ---------------------------------------------------------------------------------------------- scenes
 @dataclass(frozen=True)
 class Scene:
-    """A synthetic fluorescence image with known cells.
+    """A fluorescence image with known cells: synthetic disks, or real nuclei (:mod:`cellsam.bench.real`).
 
     Attributes:
-        image: (H, W) uint16, bright disks on a noisy background.
+        image: (H, W) uint16, bright cells on a dark background.
         labels: (H, W) int32, 0 background, 1..N cells; None unless asked for (it costs 4 bytes a pixel).
         boxes: (N, 4) float32 xyxy pixel boxes of the cells (exclusive right/bottom edge).
-        cells: requested density, cells per 512 x 512 pixels.
+        cells: density, cells per 512 x 512 pixels (requested for synthetic scenes).
+        name: "synthetic", or the real scene's name.
     """
 
     image: np.ndarray
     labels: np.ndarray | None
     boxes: np.ndarray
     cells: int
+    name: str = "synthetic"
 
     @property
     def n_cells(self) -> int:
@@ -227,7 +229,8 @@ class TimedModel:
         with self._timer.stage("cellfinder"):
             dets = self._net.postprocess_detections(outputs, box_threshold=box_threshold)
             if self._oracle is not None:
-                dets = self._oracle.detections(len(dets), outputs["pred_boxes"].device)
+                dev = dets[0]["boxes"].device if dets else torch.device("cpu")
+                dets = self._oracle.detections(len(dets), dev)
             return dets
 
     def decode(self, embedding: torch.Tensor, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
@@ -298,6 +301,7 @@ def time_pipeline(
     decode_window: float | None = DEFAULT_DECODE_WINDOW,
     clip_masks: bool = True,
     model_name: str = "",
+    own_boxes: bool = False,
 ) -> dict[str, Any]:
     """Time our pipeline end to end and per stage on ``scene`` (``repeats`` timed runs after ``warmup``).
 
@@ -306,6 +310,8 @@ def time_pipeline(
         image_path: the scene written as an image file (a temporary TIFF when None).
         precision: "fp32" or "bf16" (autocast around the whole segmentation).
         decode_window: :func:`cellsam.segment`'s ``decode_window`` (None or 0: whole frames).
+        own_boxes: the model's own CellFinder and stored thresholds (real images) instead of the
+            scene's boxes at fixed thresholds (synthetic scenes, random weights).
     Returns:
         a run record (see ``benchmarks/README.md``): end_to_end and per-stage statistics in seconds,
         peak memory, tiles, throughput, cells found.
@@ -318,7 +324,13 @@ def time_pipeline(
         raise ValueError(f"repeats must be >= 1 and warmup >= 0, got {repeats}, {warmup}")
     dev = next(net.parameters()).device
     params = _segment_params(net, batch_size=batch_size, decode_chunk=decode_chunk, decode_window=decode_window)
-    oracle = BoxOracle(scene.boxes, tile_size=params["tile_size"], model_side=int(net.img_size))
+    oracle = None
+    if own_boxes:
+        inf = net.cfg.inference
+        params.update(box_threshold=inf.box_threshold, iou_threshold=inf.iou_threshold,
+                      mask_threshold=inf.mask_threshold)
+    else:
+        oracle = BoxOracle(scene.boxes, tile_size=params["tile_size"], model_side=int(net.img_size))
     timer, mem = StageTimer(dev), PeakMemory(dev)
     proxy = TimedModel(net, timer, oracle, clip_masks=clip_masks)
     with contextlib.ExitStack() as stack:
@@ -355,6 +367,8 @@ def time_pipeline(
         "size": [int(h), int(w)],
         "cells": scene.cells,
         "n_cells": scene.n_cells,
+        "scene": scene.name,
+        "boxes": "model" if own_boxes else "scene",
         "precision": precision,
         "device": str(dev),
         "tile_size": params["tile_size"],

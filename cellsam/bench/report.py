@@ -145,7 +145,8 @@ def render_markdown(result: dict[str, Any]) -> str:
         f"git {m.get('git_commit')}",
         f"- Command: `{' '.join(result['command'])}`",
         f"- Repeats {result['spec']['repeats']} after {result['spec']['warmup']} warm-up; times are medians "
-        "in seconds, IQR = interquartile range. `cells` = cells per 512x512 pixels (boxes supplied).",
+        "in seconds, IQR = interquartile range. `cells` = cells per 512x512 pixels (boxes supplied), or for a "
+        "real-image scene its name (the model's own CellFinder finds the cells).",
         "",
         "## End to end",
         "",
@@ -153,7 +154,7 @@ def render_markdown(result: dict[str, Any]) -> str:
     rows = []
     for r in result["runs"]:
         e = r["end_to_end"]
-        rows.append([r["pipeline"], r["model"], _size(r), str(r["cells"]), str(r["n_cells"]), r["precision"],
+        rows.append([r["pipeline"], r["model"], _size(r), _cells(r), str(r["n_cells"]), r["precision"],
                      _window(r), r["device"], str(r["tiles"] or "-"), _s(e["median"]), _s(e["iqr"]),
                      f"{_s(e['min'])}-{_s(e['max'])}", _gib(r["memory"]["peak_rss_bytes"]), _rise(r["memory"]),
                      _gib(r["memory"]["peak_gpu_allocated_bytes"]), _s(r["tiles_per_s"], 2),
@@ -165,13 +166,13 @@ def render_markdown(result: dict[str, Any]) -> str:
     for r in result["runs"]:
         stages += [s for s in r["stages"] if s not in stages]
     out += ["", "## Stages (median seconds; 'other' = end to end minus the named stages)", ""]
-    rows = [[r["pipeline"], r["model"], _size(r), str(r["cells"]), r["precision"], _window(r)]
+    rows = [[r["pipeline"], r["model"], _size(r), _cells(r), r["precision"], _window(r)]
             + [_s(r["stages"][s]["median"]) if s in r["stages"] else "" for s in stages] for r in result["runs"]]
     out.append(_table(["pipeline", "model", "size", "cells", "precision", "window", *stages], rows))
     comps = [c for c in result.get("comparisons", []) if c["reference_s"] or c["cellpose_s"]]
     if comps:
         out += ["", "## Ours vs reference structure vs Cellpose 3 (ratio > 1: ours is faster)", ""]
-        rows = [[c["model"], "x".join(map(str, c["size"])), str(c["cells"]), c["precision"],
+        rows = [[c["model"], "x".join(map(str, c["size"])), _cells(c), c["precision"],
                  _window({"pipeline": "cellsam", **c}), _s(c["ours_s"]),
                  _s(c["reference_s"]), _s(c["speedup_vs_reference"], 2), _s(c["cellpose_s"]),
                  _s(c["speedup_vs_cellpose"], 2)] for c in comps]
@@ -285,3 +286,9 @@ def plot_scaling(result: dict[str, Any], path: Path) -> Path | None:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def _cells(r: dict) -> str:
+    """The density column: cells per 512^2, and the scene's name for real images."""
+    scene = r.get("scene", "synthetic")
+    return str(r["cells"]) if scene == "synthetic" else f"{r['cells']} ({scene}, real)"

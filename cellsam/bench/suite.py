@@ -45,6 +45,10 @@ class BenchSpec:
     decode_windows: list[float | None] = field(default_factory=lambda: [DEFAULT_DECODE_WINDOW])  # None/0: whole
     clip_masks: str = "auto"  # auto: on for random weights
     seed: int = 0
+    # real-image scenes (cellsam.bench.real.REAL_SCENES) timed with the model's own CellFinder, built
+    # from the DSB 2018 folder ``real_data``
+    real: list[str] = field(default_factory=list)
+    real_data: str | None = None
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the first bad field."""
@@ -67,6 +71,13 @@ class BenchSpec:
             check_decode_window(w)  # time_pipeline reads 0 as None (whole frames)
         if self.clip_masks not in ("auto", "on", "off"):
             raise ValueError(f"clip_masks must be auto, on or off, got {self.clip_masks!r}")
+        from cellsam.bench.real import REAL_SCENES
+
+        bad_real = sorted(set(self.real) - set(REAL_SCENES))
+        if bad_real:
+            raise ValueError(f"real scenes must be among {REAL_SCENES}, got {bad_real}")
+        if self.real and not self.real_data:
+            raise ValueError("real scenes need the DSB 2018 folder (--real-data, e.g. ../shared/data/dsb2018)")
         unknown = sorted(set(self.reference or []) - set(self.models))
         if unknown:
             raise ValueError(f"reference models {unknown} are not among --model {self.models}")
@@ -166,13 +177,8 @@ def run_suite(spec: BenchSpec, *, command: Sequence[str] | None = None) -> dict[
                         notes.append(f"reference for {name} runs only at size {info['tile_size']} (one tile); "
                                      f"skipped at {size}")
                 if cp_ok:
-                    from cellsam.bench.cellpose_ref import time_cellpose
-
-                    runs.append(time_cellpose(scene, path, repeats=spec.repeats, warmup=spec.warmup,
-                                              device=dev, path=spec.cellpose_path))
-                    notes.append(f"cellpose3: {runs[-1]['model_detail']}; masks built from the ideal flows of "
-                                 "the scene's cells (random weights give meaningless flows)")
-                    _log_run(runs[-1])
+                    runs.append(_cellpose_run(scene, path, spec, dev, notes))
+        runs += _real_runs(spec, models, dev, tmp, notes, cp_ok)
     return {
         **report_header(SCHEMA, spec, dev, command),
         "models": {name: info for name, (_, info) in models.items()},
@@ -181,6 +187,40 @@ def run_suite(spec: BenchSpec, *, command: Sequence[str] | None = None) -> dict[
         "parity": parity,
         "notes": sorted(set(notes)),
     }
+
+
+def _cellpose_run(scene: Any, path: Path, spec: BenchSpec, dev: torch.device, notes: list[str]) -> dict[str, Any]:
+    from cellsam.bench.cellpose_ref import time_cellpose
+
+    r = time_cellpose(scene, path, repeats=spec.repeats, warmup=spec.warmup, device=dev, path=spec.cellpose_path)
+    notes.append(f"cellpose3: {r['model_detail']}; masks built from the ideal flows of the scene's cells (random "
+                 "weights give meaningless flows)")
+    _log_run(r)
+    return r
+
+
+def _real_runs(spec: BenchSpec, models: dict[str, tuple[Any, dict[str, Any]]], dev: torch.device, tmp: str,
+               notes: list[str], cp_ok: bool) -> list[dict[str, Any]]:
+    """Each real scene: every model with its own CellFinder and stored thresholds, then Cellpose."""
+    from cellsam.bench.real import real_scene
+
+    runs: list[dict[str, Any]] = []
+    for name in spec.real:
+        assert spec.real_data is not None
+        scene = real_scene(name, spec.real_data)
+        path = write_scene(scene, tmp, f"real_{name}")
+        notes.append(f"real scene {name}: {scene.n_cells} nuclei in {scene.image.shape[1]}x{scene.image.shape[0]} "
+                     f"pixels from {spec.real_data}; our models use their own CellFinder and stored thresholds")
+        for model, (net, _) in models.items():
+            for prec, win in itertools.product(spec.precisions, spec.decode_windows):
+                r = time_pipeline(net, scene, image_path=path, precision=prec, repeats=spec.repeats,
+                                  warmup=spec.warmup, batch_size=spec.batch_size, decode_chunk=spec.decode_chunk,
+                                  decode_window=win, clip_masks=False, model_name=model, own_boxes=True)
+                runs.append(r)
+                _log_run(r)
+        if cp_ok:
+            runs.append(_cellpose_run(scene, path, spec, dev, notes))
+    return runs
 
 
 def _reference_run(ref: Any, scene: Any, path: Path, spec: BenchSpec, info: dict, name: str) -> dict[str, Any]:
@@ -215,7 +255,7 @@ def comparisons(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per run of ours: the reference (same model, size, cells; fp32) and Cellpose (same size, cells),
     with ratios ``reference / ours`` and ``cellpose / ours`` (> 1: ours is faster)."""
     def key(r: dict[str, Any]) -> tuple:
-        return tuple(r["size"]), r["cells"]
+        return tuple(r["size"]), r["cells"], r.get("scene", "synthetic")
 
     refs = {(r["model"], *key(r)): r for r in runs if r["pipeline"] == "reference"}
     cps = {key(r): r for r in runs if r["pipeline"] == "cellpose"}
@@ -229,6 +269,7 @@ def comparisons(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         cp_s = cp["end_to_end"]["median"] if cp else None
         out.append({
             "model": r["model"], "size": r["size"], "cells": r["cells"], "n_cells": r["n_cells"],
+            "scene": r.get("scene", "synthetic"), "cells_found": r.get("cells_found"),
             "precision": r["precision"], "decode_window": r.get("decode_window"),
             "ours_s": ours, "reference_s": ref_s, "cellpose_s": cp_s,
             "speedup_vs_reference": ref_s / ours if ref_s and ours > 0 else None,

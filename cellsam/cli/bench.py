@@ -69,6 +69,11 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--clip-masks", choices=("auto", "on", "off"), default="auto",
                    help="clip decoder logits to the boxes (auto: only for random weights)")
     p.add_argument("--seed", type=int, default=0, help="seed of the synthetic scenes and random weights")
+    p.add_argument("--real", nargs="+", default=[], choices=("dense512", "mosaic2048"), metavar="SCENE",
+                   help="also time real-image scenes with the model's own CellFinder: dense512 (the densest "
+                        "512x512 DSB crop), mosaic2048 (a 2048x2048 mosaic of DSB images); needs --real-data")
+    p.add_argument("--real-data", default=None, metavar="DIR",
+                   help="the DSB 2018 folder the real scenes come from (e.g. ../shared/data/dsb2018)")
     p.add_argument("--no-plot", dest="plot", action="store_false", help="do not write OUT.png")
     p.add_argument("--out", type=Path, default=None,
                    help="output path stem: writes OUT.json and OUT.md (default benchmarks/bench; with --prompts "
@@ -109,7 +114,7 @@ def run(args: argparse.Namespace) -> int:
         reference=None if args.reference is None else list(args.reference), parity=args.parity,
         cellpose=args.cellpose, cellpose_path=args.cellpose_path, batch_size=args.batch_size,
         decode_chunk=args.decode_chunk, decode_windows=list(args.decode_window), clip_masks=args.clip_masks,
-        seed=args.seed,
+        seed=args.seed, real=list(args.real), real_data=args.real_data,
     )
     try:
         spec.validate()
@@ -178,5 +183,7 @@ def _command_line(args: argparse.Namespace) -> list[str]:
         cmd += ["--cellpose-path", args.cellpose_path]
     cmd += ["--batch-size", str(args.batch_size), "--decode-chunk", str(args.decode_chunk or "auto"),
             "--decode-window", *(f"{w:g}" for w in args.decode_window),
-            "--clip-masks", args.clip_masks, "--seed", str(args.seed), "--out", str(args.out)]
-    return cmd
+            "--clip-masks", args.clip_masks, "--seed", str(args.seed)]
+    if args.real:
+        cmd += ["--real", *args.real, "--real-data", str(args.real_data)]
+    return cmd + ["--out", str(args.out)]

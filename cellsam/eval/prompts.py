@@ -16,7 +16,7 @@ A centre of mass can fall outside a curved cell; the paper prompts with it all t
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -29,10 +29,13 @@ from cellsam.inference.runtime import resolve_model
 from cellsam.inference.segment import DEFAULT_MIN_AREA
 from cellsam.inference.tiling import Tile, extract_tile, tile_grid
 from cellsam.ops.masks import CellMask, clean_cell_mask, clean_labels, logit_threshold, merge_by_argmax
+from cellsam.train.clicks import innermost_points
 
-__all__ = ["PROMPTS", "assign_tiles", "prompt_predict", "prompt_method", "prompt_study"]
+__all__ = ["PROMPTS", "assign_tiles", "click_ious", "prompt_predict", "prompt_method", "prompt_study", "prompted_cells"]
 
-PROMPTS = ("box", "point")
+PROMPTS = ("box", "point", "click")
+"""``box``: the tight box; ``point``: one positive point at the centre of mass (the paper's study);
+``click``: one positive point at the innermost pixel (as a person clicks a cell)."""
 
 
 def assign_tiles(bboxes: np.ndarray, tiles: Sequence[Tile]) -> np.ndarray:
@@ -63,7 +66,11 @@ def _prompts(gt_tile: np.ndarray, ids: np.ndarray, prompt: str, scale: float) ->
         sl = ndimage.find_objects(gt_tile)
         boxes = [[sl[i - 1][1].start, sl[i - 1][0].start, sl[i - 1][1].stop, sl[i - 1][0].stop] for i in ids]
         return {"boxes": torch.tensor(boxes, dtype=torch.float32) * scale}
-    com = np.array(ndimage.center_of_mass(np.ones_like(gt_tile), gt_tile, ids), np.float64).reshape(-1, 2)
+    if prompt == "click":
+        inner = innermost_points(gt_tile, ids)
+        com = np.array([inner[int(i)][::-1] for i in ids], np.float64).reshape(-1, 2)  # (row, col)
+    else:
+        com = np.array(ndimage.center_of_mass(np.ones_like(gt_tile), gt_tile, ids), np.float64).reshape(-1, 2)
     xy = (com[:, ::-1] + 0.5) * scale - 0.5  # pixel index -> index in the resized image (SAM adds 0.5)
     coords = torch.tensor(xy, dtype=torch.float32)[:, None, :]
     return {"points": (coords, torch.ones(len(ids), 1, dtype=torch.int64))}
@@ -78,13 +85,50 @@ def prompt_predict(model: Any, image: np.ndarray, gt: np.ndarray, *, prompt: str
     Args:
         model: a CellSAM model, or a name / checkpoint path.
         image: (3, H, W) prepared image in [0, 1]. gt: (H, W) integer labels.
-        prompt: "box" or "point".
+        prompt: one of :data:`PROMPTS`.
         tile_size: tile side in image pixels (None = the model's ``cfg.tile_size``).
         multimask: decode 3 masks per prompt and keep the one with the highest predicted IoU (SAM's
             advice for ambiguous single points); False = one mask, as CellSAM decodes boxes.
 
     Returns:
         a :class:`~cellsam.eval.harness.Prediction`: labels (H, W), per-cell masks and predicted IoUs.
+    """
+    t0 = time.perf_counter()
+    cells = list(prompted_cells(model, image, gt, prompt=prompt, tile_size=tile_size, tile_overlap=tile_overlap,
+                                mask_threshold=mask_threshold, min_area=min_area, multimask=multimask,
+                                decode_chunk=decode_chunk, device=device))
+    h, w = np.asarray(gt).shape
+    labels, old = clean_labels(merge_by_argmax([c[1:5] for c in cells], (h, w)), min_area=min_area)
+    kept = [int(k) - 1 for k in old]
+    masks = [CellMask(cells[k][1], cells[k][2], cells[k][3]) for k in kept]
+    return Prediction(labels, masks, np.array([cells[k][5] for k in kept], np.float64), time.perf_counter() - t0)
+
+
+def click_ious(model: Any, image: np.ndarray, gt: np.ndarray, **kwargs: Any) -> dict[int, float]:
+    """IoU with its cell of the mask that one click on each cell's innermost pixel gives.
+
+    Arguments as :func:`prompt_predict` (``prompt`` is ``"click"``). Returns {cell id: IoU}, 0 for a
+    cell whose click gave no mask; each mask is scored alone (no merge with its neighbours).
+    """
+    gt = np.asarray(gt)
+    got = {}
+    for cid, y0, x0, mask, _, _ in prompted_cells(model, image, gt, prompt="click", **kwargs):
+        cell = gt == cid
+        pred = np.zeros_like(cell)
+        pred[y0 : y0 + mask.shape[0], x0 : x0 + mask.shape[1]] = mask
+        got[cid] = float((cell & pred).sum() / max((cell | pred).sum(), 1))
+    ids = np.unique(gt[gt > 0])
+    return {int(i): got.get(int(i), 0.0) for i in ids}
+
+
+def prompted_cells(model: Any, image: np.ndarray, gt: np.ndarray, *, prompt: str = "box",
+                   tile_size: int | None = None, tile_overlap: float = 0.25, mask_threshold: float = 0.5,
+                   min_area: int = DEFAULT_MIN_AREA, multimask: bool = False, decode_chunk: int = 32,
+                   device: str | torch.device | None = None
+                   ) -> Iterator[tuple[int, int, int, np.ndarray, np.ndarray, float]]:
+    """Per ground-truth cell its prompted mask: (id, y0, x0, mask (h, w) bool, logits (h, w), predicted IoU).
+
+    Arguments as :func:`prompt_predict`; cells whose mask is empty or under ``min_area`` are skipped.
     """
     if prompt not in PROMPTS:
         raise ValueError(f"prompt must be one of {PROMPTS}, got {prompt!r}")
@@ -93,8 +137,8 @@ def prompt_predict(model: Any, image: np.ndarray, gt: np.ndarray, *, prompt: str
     if image.ndim != 3 or image.shape[0] != 3 or gt.shape != image.shape[1:]:
         raise ValueError(f"expected image (3, H, W) and labels (H, W), got {image.shape} and {gt.shape}")
     thr = logit_threshold(mask_threshold)
-    t0 = time.perf_counter()
     net, dev = resolve_model(model, device)
+    multimask = multimask and bool(getattr(getattr(net.cfg, "inference", None), "multimask", True))
     t = int(tile_size or getattr(getattr(net, "cfg", None), "tile_size", 512))
     s = int(net.img_size)
     h, w = gt.shape
@@ -104,8 +148,6 @@ def prompt_predict(model: Any, image: np.ndarray, gt: np.ndarray, *, prompt: str
     bboxes = np.array([[slices[i - 1][0].start, slices[i - 1][1].start, slices[i - 1][0].stop,
                         slices[i - 1][1].stop] for i in ids], np.int64).reshape(-1, 4)
     where = assign_tiles(bboxes, tiles)
-    cells: list[tuple[int, int, np.ndarray, np.ndarray]] = []
-    ious: list[float] = []
     was_training = bool(getattr(net, "training", False))
     if hasattr(net, "eval"):
         net.eval()
@@ -143,15 +185,10 @@ def prompt_predict(model: Any, image: np.ndarray, gt: np.ndarray, *, prompt: str
                         mask = clean_cell_mask(crop, mask_threshold=mask_threshold)
                         if mask.sum() < max(min_area, 1):
                             continue
-                        cells.append((tile.y0 + int(y0), tile.x0 + int(x0), mask, crop))
-                        ious.append(float(iou[j]))
+                        yield int(chunk[j]), tile.y0 + int(y0), tile.x0 + int(x0), mask, crop, float(iou[j])
     finally:
         if was_training:
             net.train(True)
-    labels, old = clean_labels(merge_by_argmax(cells, (h, w)), min_area=min_area)
-    kept = [int(k) - 1 for k in old]
-    masks = [CellMask(cells[k][0], cells[k][1], cells[k][2]) for k in kept]
-    return Prediction(labels, masks, np.array([ious[k] for k in kept], np.float64), time.perf_counter() - t0)
 
 
 def prompt_method(model: Any, prompt: str, **kwargs: Any) -> Method:
@@ -167,7 +204,7 @@ def prompt_method(model: Any, prompt: str, **kwargs: Any) -> Method:
     return run  # type: ignore[return-value]
 
 
-def prompt_study(model: Any, items: Sequence[EvalItem], *, prompts: Sequence[str] = PROMPTS,
+def prompt_study(model: Any, items: Sequence[EvalItem], *, prompts: Sequence[str] = ("box", "point"),
                  progress: bool = False, **kwargs: Any) -> dict:
     """Score ground-truth box and point prompts with every metric (as :func:`evaluate_methods`).
 

@@ -164,7 +164,8 @@ class Predictor:
             point_labels: (P,) or (N, P): 1 foreground, 0 background.
             box: (4,) xyxy pixels, or (N, 4) for N prompts decoded in one batch.
             mask_input: (1, 4h, 4w) low-res logits of an earlier call, or (N, 1, 4h, 4w).
-            multimask_output: 3 candidate masks (M = 3) instead of 1.
+            multimask_output: 3 candidate masks (M = 3) instead of 1; ignored (M = 1) for a model whose
+                multimask outputs are untrained (``cfg.inference.multimask`` False, e.g. ours from v3).
             return_logits: return mask logits instead of booleans.
         Returns:
             masks (M, H, W) bool (float logits with ``return_logits``), scores (M,) predicted IoUs,
@@ -216,7 +217,7 @@ class Predictor:
             boxes=boxes,
             points=points,
             mask_input=masks_in,
-            multimask_output=multimask_output,
+            multimask_output=multimask_output and self.model.cfg.inference.multimask,
         )
         masks = self._postprocess(low_res)
         if not return_logits:

@@ -5,6 +5,8 @@ from __future__ import annotations
 from cellsam.config import CellSAMConfig
 from cellsam.models.cellfinder import CellFinder
 from cellsam.models.cellsam import CellSAM
+from cellsam.models.conv_encoder import ConvEncoder
+from cellsam.models.dense_finder import DenseCellFinder
 from cellsam.models.image_encoder import ImageEncoderViT
 from cellsam.models.sam_parts import build_sam_parts
 from cellsam.registry import get_config
@@ -17,7 +19,14 @@ def build_model(cfg: CellSAMConfig | str) -> CellSAM:
     if not isinstance(cfg, CellSAMConfig):
         raise TypeError(f"expected a CellSAMConfig or variant name, got {type(cfg).__name__}")
     image_encoder, prompt_encoder, mask_decoder = build_sam_parts(cfg)
-    cellfinder = CellFinder(cfg.cellfinder, in_channels=cfg.encoder.embed_dim)
+    trunk_chans = image_encoder.trunk_chans if isinstance(image_encoder, ConvEncoder) else cfg.encoder.embed_dim
+    cellfinder: CellFinder | DenseCellFinder
+    if cfg.detector_kind == "dense":
+        if cfg.encoder_kind != "conv":
+            raise ValueError("the dense CellFinder reads a stride-4 trunk: use encoder_kind 'conv'")
+        cellfinder = DenseCellFinder(cfg.dense_finder, in_channels=trunk_chans)
+    else:
+        cellfinder = CellFinder(cfg.cellfinder, in_channels=trunk_chans)
     detector_trunk = ImageEncoderViT(cfg.encoder) if cfg.separate_detector_trunk else None
     return CellSAM(
         cfg,

@@ -1,7 +1,7 @@
 """CellSAM: the composition root. One encoder pass feeds CellFinder and the SAM mask decoder.
 
     image (B,3,S,S) in [0,1]
-        -> preprocess -> ImageEncoderViT -> trunk (B,C,h,w) -> CellFinder -> boxes, scores
+        -> preprocess -> image encoder -> trunk (B,C,h,w) -> CellFinder -> boxes, scores
                                           -> neck  (B,D,h,w) -> PromptEncoder(boxes) + MaskDecoder -> masks
 """
 
@@ -15,6 +15,8 @@ from torch import Tensor, nn
 
 from cellsam.config import CellSAMConfig
 from cellsam.models.cellfinder import CellFinder
+from cellsam.models.conv_encoder import ConvEncoder
+from cellsam.models.dense_finder import DenseCellFinder
 from cellsam.models.image_encoder import EncoderOutput, ImageEncoderViT
 from cellsam.models.mask_decoder import MaskDecoder
 from cellsam.models.prompt_encoder import PromptEncoder
@@ -27,8 +29,10 @@ class CellSAM(nn.Module):
 
     Arguments:
         cfg: the architecture (stored with checkpoints).
-        image_encoder: the shared ViT; its trunk feeds ``cellfinder``, its neck the mask decoder.
-        cellfinder: Anchor-DETR detector on the trunk features.
+        image_encoder: the shared encoder (SAM's ViT or the convolutional one); its trunk feeds
+            ``cellfinder``, its neck the mask decoder.
+        cellfinder: the Anchor-DETR detector on the trunk features, or the dense (CenterNet) one on
+            the conv encoder's stride-4 trunk; both give :meth:`postprocess_detections` the same output.
         prompt_encoder, mask_decoder: SAM's heads.
         detector_trunk: only for faithfully imported official checkpoints, whose detector has a
             ViT of its own (``cfg.separate_detector_trunk``); ``None`` for our models.
@@ -38,8 +42,8 @@ class CellSAM(nn.Module):
         self,
         cfg: CellSAMConfig,
         *,
-        image_encoder: ImageEncoderViT,
-        cellfinder: CellFinder,
+        image_encoder: ImageEncoderViT | ConvEncoder,
+        cellfinder: CellFinder | DenseCellFinder,
         prompt_encoder: PromptEncoder,
         mask_decoder: MaskDecoder,
         detector_trunk: ImageEncoderViT | None = None,
@@ -88,8 +92,10 @@ class CellSAM(nn.Module):
     def detect(self, enc: EncoderOutput, images: Tensor | None = None) -> dict[str, Any]:
         """Run CellFinder on the trunk features.
 
-        Returns Anchor-DETR outputs: ``pred_logits`` (B,Q,K), ``pred_boxes`` (B,Q,4) cxcywh in [0,1]
-        of the S x S input, and ``aux_outputs``. ``images`` (preprocessed) is needed only when the
+        Returns the detector's raw outputs: for Anchor DETR ``pred_logits`` (B,Q,K), ``pred_boxes``
+        (B,Q,4) cxcywh in [0,1] of the S x S input and ``aux_outputs``; for the dense CellFinder
+        ``heatmap``, ``size`` and ``offset`` maps. :meth:`postprocess_detections` turns either into boxes.
+        ``images`` (preprocessed) is needed only when the
         model has a separate detector trunk (imported official checkpoints).
         """
         trunk = enc.trunk

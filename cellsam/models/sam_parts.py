@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from cellsam.config import CellSAMConfig
+from cellsam.models.conv_encoder import ConvEncoder
 from cellsam.models.image_encoder import ImageEncoderViT
 from cellsam.models.mask_decoder import MaskDecoder
 from cellsam.models.prompt_encoder import PromptEncoder
 from cellsam.models.two_way_transformer import TwoWayTransformer
 
 
-def build_sam_parts(cfg: CellSAMConfig) -> tuple[ImageEncoderViT, PromptEncoder, MaskDecoder]:
+def build_sam_parts(cfg: CellSAMConfig) -> tuple[ImageEncoderViT | ConvEncoder, PromptEncoder, MaskDecoder]:
     """Randomly initialised (image_encoder, prompt_encoder, mask_decoder) wired to ``cfg``'s sizes.
 
     The prompt/decoder width is ``cfg.encoder.out_chans``, the embedding grid
@@ -19,7 +20,8 @@ def build_sam_parts(cfg: CellSAMConfig) -> tuple[ImageEncoderViT, PromptEncoder,
     dec = cfg.mask_decoder
     width = enc.out_chans
     grid = enc.embedding_size
-    image_encoder = ImageEncoderViT(enc)
+    image_encoder: ImageEncoderViT | ConvEncoder
+    image_encoder = ConvEncoder(enc, cfg.conv_encoder) if cfg.encoder_kind == "conv" else ImageEncoderViT(enc)
     prompt_encoder = PromptEncoder(
         embed_dim=width,
         image_embedding_size=(grid, grid),

@@ -30,6 +30,11 @@ class LossConfig:
     # 0 = off (the paper's recipe)
     anchor_bbox: float = 0.0
     anchor_giou: float = 0.0
+    # the dense CellFinder (cellsam.train.dense_loss)
+    heatmap: float = 1.0
+    dense_size: float = 1.0
+    dense_offset: float = 1.0
+    dense_giou: float = 1.0
     mask_focal: float = 20.0
     mask_dice: float = 1.0
     iou: float = 1.0
@@ -94,6 +99,12 @@ class TrainConfig:
     # decoder to segment the cell at the box centre when the box is too loose or too tight, as the
     # detector's boxes can be (0 = off; ln 2.5 = 0.92 allows 0.4x .. 2.5x).
     box_scale_jitter: float = 0.0
+    # Click prompts (cellsam.train.clicks): this fraction of the decoded cells get a positive click
+    # uniform inside the cell instead of a box, then ``click_rounds`` corrective clicks, each drawn from
+    # the error region of the previous prediction with its low-res logits as the mask prompt (SAM's
+    # simulation); every round's mask is in the loss.
+    point_prompt_p: float = 0.0
+    click_rounds: int = 1
     mask_trainable: tuple[str, ...] = ("neck", "prompt_encoder", "mask_decoder")
     val_every_steps: int = 0  # 0 = only at the end
     val_max_tiles: int = 64
@@ -113,6 +124,8 @@ class TrainConfig:
             raise ValueError(f"mask_trainable: unknown parts {sorted(bad)}")
         if not 0.0 <= self.source_balance <= 1.0:
             raise ValueError(f"source_balance must be in [0, 1], got {self.source_balance}")
+        if not 0.0 <= self.point_prompt_p <= 1.0 or self.click_rounds < 0:
+            raise ValueError("point_prompt_p must be in [0, 1] and click_rounds >= 0")
         if self.max_steps < 1 or self.batch_size < 1:
             raise ValueError("max_steps and batch_size must be >= 1")
 

@@ -27,7 +27,7 @@ from cellsam.ops.boxes import box_cxcywh_to_xyxy, paired_generalized_box_iou
 from cellsam.train.anchor_loss import anchor_assignment, anchor_box_losses
 from cellsam.train.matcher import HungarianMatcher
 
-__all__ = ["SetCriterion", "detection_weight_dict", "sigmoid_focal_loss", "total_loss"]
+__all__ = ["SetCriterion", "anchor_weight_dict", "detection_weight_dict", "sigmoid_focal_loss", "total_loss"]
 
 
 def sigmoid_focal_loss(logits: Tensor, targets: Tensor, *, alpha: float = 0.25, gamma: float = 2.0) -> Tensor:
@@ -45,6 +45,15 @@ def detection_weight_dict(*, num_decoder_layers: int, ce: float = 2.0, bbox: flo
                           giou: float = 2.0) -> dict[str, float]:
     """Loss weights for the final output and the ``num_decoder_layers - 1`` auxiliary outputs."""
     base = {"loss_ce": ce, "loss_bbox": bbox, "loss_giou": giou}
+    weights = dict(base)
+    for i in range(num_decoder_layers - 1):
+        weights.update({f"{k}_{i}": v for k, v in base.items()})
+    return weights
+
+
+def anchor_weight_dict(*, num_decoder_layers: int, bbox: float, giou: float) -> dict[str, float]:
+    """Weights of the one-to-many anchor box losses for the final and the auxiliary outputs."""
+    base = {"loss_anchor_bbox": bbox, "loss_anchor_giou": giou}
     weights = dict(base)
     for i in range(num_decoder_layers - 1):
         weights.update({f"{k}_{i}": v for k, v in base.items()})

@@ -17,8 +17,10 @@ from torch import Tensor
 
 from cellsam.models.cellsam import CellSAM
 from cellsam.ops.boxes import scale_boxes
+from cellsam.train.clicks import correction_clicks, random_points
 from cellsam.train.config import TrainConfig
-from cellsam.train.criterion import SetCriterion
+from cellsam.train.criterion import SetCriterion, anchor_weight_dict, detection_weight_dict
+from cellsam.train.dense_loss import DenseCriterion
 from cellsam.train.mask_loss import mask_losses
 from cellsam.train.matcher import HungarianMatcher
 
@@ -37,21 +39,32 @@ class CellSAMModule(L.LightningModule):
         self.model = model
         self.cfg = cfg
         lc = cfg.loss
-        matcher = HungarianMatcher(cost_class=lc.cost_class, cost_bbox=lc.cost_bbox, cost_giou=lc.cost_giou,
-                                   focal_alpha=lc.focal_alpha)
-        base = {"loss_ce": lc.cls, "loss_bbox": lc.bbox, "loss_giou": lc.giou}
-        anchor_losses = lc.anchor_bbox > 0 or lc.anchor_giou > 0
-        if anchor_losses:
-            base.update({"loss_anchor_bbox": lc.anchor_bbox, "loss_anchor_giou": lc.anchor_giou})
-        weight_dict = dict(base)
-        for i in range(model.cfg.cellfinder.dec_layers - 1):
-            weight_dict.update({f"{k}_{i}": v for k, v in base.items()})
-        self.weight_dict = weight_dict
         self.mask_weights = {"loss_mask_focal": lc.mask_focal, "loss_mask_dice": lc.mask_dice, "loss_iou": lc.iou}
-        self.criterion = SetCriterion(model.cfg.cellfinder.num_classes, matcher, weight_dict,
-                                      focal_alpha=lc.focal_alpha, anchor_losses=anchor_losses)
+        self.criterion: SetCriterion | DenseCriterion
+        if model.cfg.detector_kind == "dense":
+            self.criterion = DenseCriterion(stride=model.cfg.dense_finder.stride, weight_dict={
+                "loss_heatmap": lc.heatmap, "loss_size": lc.dense_size, "loss_offset": lc.dense_offset,
+                "loss_giou": lc.dense_giou})
+        else:
+            matcher = HungarianMatcher(cost_class=lc.cost_class, cost_bbox=lc.cost_bbox, cost_giou=lc.cost_giou,
+                                       focal_alpha=lc.focal_alpha)
+            weight_dict = detection_weight_dict(num_decoder_layers=model.cfg.cellfinder.dec_layers, ce=lc.cls,
+                                                bbox=lc.bbox, giou=lc.giou)
+            anchor_losses = lc.anchor_bbox > 0 or lc.anchor_giou > 0
+            if anchor_losses:
+                weight_dict.update(anchor_weight_dict(num_decoder_layers=model.cfg.cellfinder.dec_layers,
+                                                      bbox=lc.anchor_bbox, giou=lc.anchor_giou))
+            self.criterion = SetCriterion(model.cfg.cellfinder.num_classes, matcher, weight_dict,
+                                          focal_alpha=lc.focal_alpha, anchor_losses=anchor_losses)
         self._set_trainable()
         self.stream_sampler: Any = None  # set by cellsam.train.run; skips consumed samples on resume
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        """A frozen encoder trunk stays in eval mode (its batch-norm statistics must not drift)."""
+        if "encoder" not in self._trainable_parts():
+            enc = self.model.image_encoder
+            enc.eval()
+            enc.neck.train("neck" in self._trainable_parts())
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if self.stream_sampler is not None:
@@ -131,9 +144,7 @@ class CellSAMModule(L.LightningModule):
             outputs = self.model.detect(enc, x)
             det_targets = [{"labels": t["labels"], "boxes": t["boxes"]} for t in targets]
             det = self.criterion(outputs, det_targets)
-            for k, v in det.items():
-                if k in self.weight_dict:
-                    total = total + self.weight_dict[k] * v
+            total = total + self.criterion.total(det)
             losses.update({k: v for k, v in det.items() if not k.rsplit("_", 1)[-1].isdigit()})  # last layer only
         if stage in ("masks", "joint"):
             ml = self._mask_losses(embedding, targets, tile=images.shape[-1])
@@ -144,7 +155,9 @@ class CellSAMModule(L.LightningModule):
         return losses
 
     def _mask_losses(self, embedding: Tensor, targets: list[dict[str, Tensor]], *, tile: int) -> dict[str, Tensor]:
-        """Ground-truth boxes (jittered) as prompts, the cells' masks as targets."""
+        """Prompts for up to ``prompts_per_image`` cells per image: jittered ground-truth boxes, or (a
+        ``point_prompt_p`` share) a click in the cell followed by ``click_rounds`` corrective clicks;
+        the cells' masks are the targets of every decoded round."""
         k = self.cfg.prompts_per_image
         scale = self.model.img_size / tile
         all_logits, all_iou, all_tgt = [], [], []
@@ -155,22 +168,55 @@ class CellSAMModule(L.LightningModule):
             # seeded by (seed, step, image): a resumed run draws the same prompts
             g = torch.Generator().manual_seed(hash((self.cfg.seed, self.global_step, b)) & 0x7FFFFFFF)
             sel = torch.randperm(m, generator=g)[:k]
-            boxes = t["boxes_xyxy"][sel].to(embedding)
-            wh = (boxes[:, 2:] - boxes[:, :2]).repeat(1, 2)
-            boxes = boxes + self.cfg.box_jitter * wh * torch.randn(boxes.shape, generator=g).to(boxes)
-            if self.cfg.box_scale_jitter > 0:
-                boxes = scale_boxes(boxes, torch.empty(len(boxes), 2).uniform_(
-                    -self.cfg.box_scale_jitter, self.cfg.box_scale_jitter, generator=g).exp().to(boxes))
-            lo, iou = self.model.decode(embedding[b : b + 1], boxes=boxes * scale, chunk_size=None)
-            logits = F.interpolate(lo, (tile, tile), mode="bilinear", align_corners=False)
             tgt = (t["labels_image"][None] == t["ids"][sel.to(t["ids"].device)][:, None, None]).float()[:, None]
-            all_logits.append(logits)
-            all_iou.append(iou)
-            all_tgt.append(tgt.to(logits))
+            n_click = int(torch.binomial(torch.tensor(float(sel.numel())), torch.tensor(self.cfg.point_prompt_p),
+                                         generator=g)) if self.cfg.point_prompt_p > 0 else 0
+            emb = embedding[b : b + 1]
+            if n_click < sel.numel():
+                boxes = self._jittered_boxes(t["boxes_xyxy"][sel[n_click:]].to(embedding), g)
+                lo, iou = self.model.decode(emb, boxes=boxes * scale, chunk_size=None)
+                all_logits.append(F.interpolate(lo, (tile, tile), mode="bilinear", align_corners=False))
+                all_iou.append(iou)
+                all_tgt.append(tgt[n_click:].to(lo))
+            if n_click:
+                for logits, iou in self._click_rounds(emb, tgt[:n_click, 0].bool(), g, tile=tile):
+                    all_logits.append(logits)
+                    all_iou.append(iou)
+                    all_tgt.append(tgt[:n_click].to(logits))
         if not all_logits:
             z = embedding.sum() * 0.0
             return {"loss_mask_focal": z, "loss_mask_dice": z, "loss_iou": z}
         return mask_losses(torch.cat(all_logits), torch.cat(all_tgt), torch.cat(all_iou))
+
+    def _jittered_boxes(self, boxes: Tensor, g: torch.Generator) -> Tensor:
+        """(N,4) xyxy boxes with SAM-style noise (``box_jitter``) and scale jitter (``box_scale_jitter``)."""
+        wh = (boxes[:, 2:] - boxes[:, :2]).repeat(1, 2)
+        boxes = boxes + self.cfg.box_jitter * wh * torch.randn(boxes.shape, generator=g).to(boxes)
+        if self.cfg.box_scale_jitter > 0:
+            boxes = scale_boxes(boxes, torch.empty(len(boxes), 2).uniform_(
+                -self.cfg.box_scale_jitter, self.cfg.box_scale_jitter, generator=g).exp().to(boxes))
+        return boxes
+
+    def _click_rounds(self, emb: Tensor, masks: Tensor, g: torch.Generator, *,
+                      tile: int) -> list[tuple[Tensor, Tensor]]:
+        """A positive click in each cell (N,tile,tile) then ``click_rounds`` corrections; per round the
+        (N,1,tile,tile) logits and (N,1) IoU predictions."""
+        scale = self.model.img_size / tile
+        coords = random_points(masks.cpu(), g)[:, None].to(emb)  # (N,1,2) tile pixels
+        labels = torch.ones(coords.shape[:2], dtype=torch.long, device=emb.device)
+        mask_input = None
+        rounds = []
+        for r in range(1 + self.cfg.click_rounds):
+            lo, iou = self.model.decode(emb, points=(coords * scale, labels), mask_input=mask_input, chunk_size=None)
+            logits = F.interpolate(lo, (tile, tile), mode="bilinear", align_corners=False)
+            rounds.append((logits, iou))
+            if r == self.cfg.click_rounds:
+                break
+            xy, lab = correction_clicks((logits[:, 0] > 0).detach().cpu(), masks.cpu(), g)
+            coords = torch.cat([coords, xy[:, None].to(emb)], dim=1)
+            labels = torch.cat([labels, lab[:, None].to(labels)], dim=1)
+            mask_input = lo.detach()
+        return rounds
 
     # ------------------------------------------------------------------ loops
     def training_step(self, batch: tuple[Tensor, list[dict[str, Tensor]]], batch_idx: int) -> Tensor:

@@ -1,0 +1,150 @@
+"""The dense CellFinder: targets <-> decoding round trip, its losses, the shared detect() contract."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from cellsam.config import DenseFinderConfig
+from cellsam.models.build import build_model
+from cellsam.models.dense_finder import DenseCellFinder, decode_dense
+from cellsam.ops.boxes import box_iou, box_xyxy_to_cxcywh
+from cellsam.train.dense_loss import DenseCriterion, centernet_focal_loss
+from cellsam.train.dense_targets import dense_targets, gaussian_radius
+
+STRIDE, SIDE = 4, 256
+
+
+def scene(seed: int = 0) -> torch.Tensor:
+    """Boxes 4 px to 200 px wide whose centres fall in distinct stride-4 locations, xyxy pixels."""
+    rng = np.random.default_rng(seed)
+    boxes, used = [], set()
+    sizes = [4, 5, 8, 12, 20, 33, 50, 80, 120, 200]
+    while len(boxes) < 40:
+        w = float(rng.choice(sizes)) * rng.uniform(0.8, 1.2)
+        h = w * rng.uniform(0.6, 1.4)
+        cx, cy = rng.uniform(2, SIDE - 2, size=2)
+        key = (int(cx // STRIDE), int(cy // STRIDE))
+        near = any(abs(key[0] - u) <= 1 and abs(key[1] - v) <= 1 for u, v in used)
+        if near:
+            continue  # a peak needs its own 3x3 neighbourhood
+        used.add(key)
+        boxes.append([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2])
+    return torch.tensor(boxes, dtype=torch.float32)
+
+
+def perfect_outputs(boxes: torch.Tensor) -> dict[str, torch.Tensor]:
+    t = dense_targets(boxes, map_size=(SIDE // STRIDE, SIDE // STRIDE), stride=STRIDE)
+    heat = torch.where(t.heatmap >= 1, torch.tensor(20.0), torch.logit(t.heatmap.clamp(1e-6, 0.99)))
+    return {"heatmap": heat[None, None], "size": t.size[None], "offset": t.offset[None]}
+
+
+def test_targets_decode_to_the_same_boxes() -> None:
+    boxes = scene()
+    out = perfect_outputs(boxes)
+    det = decode_dense(out, image_size=SIDE, box_threshold=0.99, stride=STRIDE)[0]
+    assert det["boxes"].shape == boxes.shape
+    clipped = boxes.clamp(0, SIDE)
+    iou = box_iou(det["boxes"], clipped)
+    best = iou.max(dim=1).values
+    assert best.min() > 0.999  # every decoded box is one of the true boxes ...
+    assert len(set(iou.argmax(dim=1).tolist())) == len(boxes)  # ... and each true box is found once
+
+
+def test_peaks_sit_at_the_centre_location_and_heatmap_is_one_only_there() -> None:
+    boxes = scene(1)
+    t = dense_targets(boxes, map_size=(64, 64), stride=STRIDE)
+    c = box_xyxy_to_cxcywh(boxes)[:, :2] / STRIDE
+    peaks = {(int(y), int(x)) for x, y in c.floor().tolist()}
+    ones = {tuple(p) for p in torch.nonzero(t.heatmap >= 1).tolist()}
+    assert ones == peaks and t.num_cells == len(boxes)
+    assert float(t.heatmap.max()) == 1.0 and float(t.heatmap.min()) == 0.0
+    for y, x in peaks:
+        assert t.weight[y, x] == 1.0
+        assert 0 <= float(t.offset[0, y, x]) < 1 and 0 <= float(t.offset[1, y, x]) < 1
+
+
+def test_empty_image_has_empty_targets_and_no_detections() -> None:
+    t = dense_targets(torch.zeros(0, 4), map_size=(16, 16), stride=STRIDE)
+    assert t.num_cells == 0 and float(t.heatmap.sum()) == 0 and float(t.weight.sum()) == 0
+    out = {"heatmap": torch.full((1, 1, 16, 16), -5.0), "size": torch.zeros(1, 2, 16, 16),
+           "offset": torch.zeros(1, 2, 16, 16)}
+    det = decode_dense(out, image_size=64, box_threshold=0.4, stride=STRIDE)[0]
+    assert det["boxes"].shape == (0, 4) and det["scores"].shape == (0,)
+
+
+def test_gaussian_radius_keeps_iou_above_min_overlap() -> None:
+    for side in (1.0, 3.0, 10.0, 50.0):
+        w = h = torch.tensor([side])
+        r = float(gaussian_radius(w, h, 0.7)[0])
+        assert side**2 / (side + 2 * r) ** 2 >= 0.7 - 1e-5  # grown by r on every side
+        r2 = r * 1.1 + 0.05  # a larger radius breaks the bound
+        assert side**2 / (side + 2 * r2) ** 2 < 0.7
+        assert 0.09 * side < r < 0.2 * side
+
+
+def test_centernet_focal_loss_hand_values() -> None:
+    # positive at p = 0.5: (1 - p)^2 * -log p; negative with target 0.5 at p = 0.5: (1 - 0.5)^4 * p^2 * -log(1 - p)
+    assert math.isclose(float(centernet_focal_loss(torch.zeros(1), torch.ones(1))), 0.25 * math.log(2), rel_tol=1e-6)
+    neg = float(centernet_focal_loss(torch.zeros(1), torch.tensor([0.5])))
+    assert math.isclose(neg, 0.0625 * 0.25 * math.log(2), rel_tol=1e-6)
+    # confident and right: nearly zero; confident and wrong: large
+    assert float(centernet_focal_loss(torch.tensor([9.0, -9.0]), torch.tensor([1.0, 0.0]))) < 1e-3
+    assert float(centernet_focal_loss(torch.tensor([-9.0, 9.0]), torch.tensor([1.0, 0.0]))) > 10
+
+
+def test_dense_criterion_zero_for_perfect_outputs_and_hand_value_for_a_size_error() -> None:
+    boxes = scene(2)
+    out = perfect_outputs(boxes)
+    crit = DenseCriterion(stride=STRIDE, weight_dict={"loss_heatmap": 1, "loss_size": 1, "loss_offset": 1,
+                                                      "loss_giou": 1})
+    tgt = [{"boxes": box_xyxy_to_cxcywh(boxes) / SIDE, "labels": torch.zeros(len(boxes), dtype=torch.long)}]
+    losses = crit(out, tgt)
+    for k in ("loss_size", "loss_offset", "loss_giou"):
+        assert float(losses[k]) < 1e-4, k
+    t = dense_targets(boxes, map_size=(64, 64), stride=STRIDE)
+    bad = dict(out, size=out["size"] + 0.1)  # log-size off by 0.1 everywhere
+    expected = 0.2 * float(t.weight.sum()) / t.num_cells  # two channels, weighted, per cell
+    assert math.isclose(float(crit(bad, tgt)["loss_size"]), expected, rel_tol=1e-4)
+    assert float(crit(bad, tgt)["loss_giou"]) > 0.01
+    assert float(crit.total(losses)) == pytest.approx(sum(float(v) for v in losses.values()), rel=1e-6)
+
+
+@pytest.mark.parametrize("variant", ["vit_tiny", "conv_tiny"])
+def test_detect_contract_shared_by_both_cellfinders(variant: str) -> None:
+    torch.manual_seed(0)
+    net = build_model(variant).eval()
+    s = net.img_size
+    x = net.preprocess(torch.rand(2, 3, s, s))
+    with torch.no_grad():
+        enc = net.encode(x)
+        outputs = net.detect(enc, x)
+    for thr, check_empty in ((0.0, False), (1.0, True)):
+        dets = net.postprocess_detections(outputs, box_threshold=thr)
+        assert len(dets) == 2
+        for d in dets:
+            assert set(d) >= {"scores", "boxes", "labels"}
+            n = d["scores"].shape[0]
+            assert d["boxes"].shape == (n, 4) and d["labels"].shape == (n,)
+            assert torch.all(d["scores"][:-1] >= d["scores"][1:])  # sorted descending
+            assert torch.all((d["boxes"] >= 0) & (d["boxes"] <= s))
+            assert torch.all(d["scores"] > thr)
+            if check_empty:
+                assert n == 0
+            else:
+                assert n > 0
+
+
+def test_dense_finder_checks_its_inputs() -> None:
+    head = DenseCellFinder(DenseFinderConfig(head_channels=8), in_channels=4)
+    with pytest.raises(ValueError, match="expected features"):
+        head(torch.zeros(1, 3, 8, 8))
+    with pytest.raises(ValueError, match="bad outputs"):
+        decode_dense({"heatmap": torch.zeros(1, 2, 4, 4), "size": torch.zeros(1, 2, 4, 4),
+                      "offset": torch.zeros(1, 2, 4, 4)}, image_size=16, box_threshold=0.5, stride=4)
+    cap = DenseCellFinder(DenseFinderConfig(head_channels=8, max_detections=3), in_channels=4)
+    out = {"heatmap": torch.randn(1, 1, 16, 16), "size": torch.zeros(1, 2, 16, 16), "offset": torch.zeros(1, 2, 16, 16)}
+    assert cap.postprocess(out, image_size=64, box_threshold=0.0)[0]["boxes"].shape[0] == 3
