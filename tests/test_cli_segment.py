@@ -162,6 +162,12 @@ def test_cli_folder_with_a_corrupt_file(image_dir: Path, tmp_path: Path, checkpo
     assert code == 1  # one file failed
     printed = capsys.readouterr().out
     assert "3 image(s) segmented" in printed and "1 failed" in printed and "broken.png" in printed
+    failure = [line for line in printed.splitlines() if "broken.png: FAILED:" in line]
+    assert len(failure) == 1 and printed.count(failure[0].split("FAILED: ")[1]) == 1  # the reason, once
+    for name in ("grey.png", "rgb.jpg", "raw.npy"):  # a cell count per image
+        assert any(line.startswith(f"{image_dir / name}: ") and line.endswith(" cell(s)")
+                   for line in printed.splitlines()), printed
+    assert printed.count(str(image_dir / "broken.png") + ":") == 1  # the path is not repeated in the reason
     total = sum(_check_outputs(out, name, (70, 80), coco=True) for name in ("grey", "rgb", "raw"))
     assert total > 0
     assert not (out / "broken_labels.tif").exists()
@@ -174,7 +180,8 @@ def test_cli_channels_for_a_two_channel_tiff(image_dir: Path, tmp_path: Path, ch
     _check_outputs(out, "stack", (70, 80), coco=False)
     # without --channels the 2-channel file is an error, reported, with exit code 1
     code = main(["segment", tif, "-o", str(out), "--model", str(checkpoint), *OPEN])
-    assert code == 1 and "channels=" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert code == 1 and "--channels" in printed and "channels=" not in printed  # the flag, not the argument
     code = main(["segment", tif, "-o", str(out), "--model", str(checkpoint), "--channels", "none", "1", *OPEN])
     assert code == 0
 
@@ -203,3 +210,33 @@ def test_cli_usage_errors(tmp_path: Path, checkpoint: Path) -> None:
     assert main(["segment", str(img), "-o", str(tmp_path / "o"), "--model", str(tmp_path / "no.safetensors")]) == 1
     with pytest.raises(SystemExit):
         main(["segment", str(img), "--channels", "0", "green"])
+
+
+def test_cli_words_library_errors_as_flags(tmp_path: Path, checkpoint: Path, capsys) -> None:
+    stack = tmp_path / "c7.npy"
+    np.save(stack, np.random.default_rng(0).random((7, 32, 32)).astype(np.float32))
+    assert main(["segment", str(stack), "-o", str(tmp_path / "o"), "--model", str(checkpoint), *OPEN]) == 1
+    printed = capsys.readouterr().out
+    assert "--channel-axis 0" in printed and "channel_axis=" not in printed
+    assert cli_segment.cli_wording("needs channels=(nuclear_idx, wholecell_idx) (None for a missing one)") == \
+        "needs --channels nuclear_idx wholecell_idx (none for a missing one)"
+
+
+def test_version_and_thread_policy(capsys) -> None:
+    import subprocess
+    import sys
+
+    from cellsam import __version__
+    from cellsam.cli import apply_thread_policy
+
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out.strip() == f"cellsam {__version__}"
+    env: dict[str, str] = {}
+    assert apply_thread_policy(env) == {"OMP_WAIT_POLICY": "PASSIVE"} and env["OMP_WAIT_POLICY"] == "PASSIVE"
+    mine = {"OMP_WAIT_POLICY": "ACTIVE"}
+    assert apply_thread_policy(mine) == {} and mine["OMP_WAIT_POLICY"] == "ACTIVE"  # the user's choice wins
+    # the policy must be set before torch loads: importing the command line does not import torch
+    out = subprocess.run([sys.executable, "-c", "import sys, cellsam.cli; print('torch' in sys.modules)"],
+                         capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "False"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import time
 from importlib import resources
 from pathlib import Path
@@ -102,6 +103,16 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     p.set_defaults(func=run)
     return p
+
+
+def cli_wording(message: str) -> str:
+    """A library error message in the command line's terms: ``channel_axis=0`` -> ``--channel-axis 0``,
+    ``channels=(a, b)`` -> ``--channels a b`` (``None`` -> ``none``), a bare ``channels=`` -> ``--channels``."""
+    message = re.sub(r"\bchannel_axis=(-?\d+)", r"--channel-axis \1", message)
+    message = re.sub(r"\bchannels=\(([^,()]*), ([^()]*)\)",
+                     lambda m: "--channels " + " ".join(v.strip().replace("None", "none") for v in m.groups()), message)
+    message = message.replace("(None for a missing one)", "(none for a missing one)")
+    return re.sub(r"\bchannels=", "--channels ", message)
 
 
 def load_model(name: str, device: str) -> Any:
@@ -208,15 +219,17 @@ def run(args: argparse.Namespace) -> int:
         try:
             n = segment_file(path, outdir, _unique_name(path, used), model, args)
         except (ValueError, TypeError, OSError) as e:
-            failed.append((path, str(e)))
-            log.error("%s: %s", path, e)
+            reason = cli_wording(str(e)).removeprefix(f"{path}: ")
+            failed.append((path, reason))
+            tqdm.write(f"{path}: FAILED: {failed[-1][1]}")  # once, as it happens, above the progress bar
             continue
         done.append((path, n))
+        tqdm.write(f"{path}: {n} cell(s)")
     total = sum(n for _, n in done)
     print(
         f"cellsam segment: {len(done)} image(s) segmented, {total} cell(s), {len(failed) + len(missing)} "
         f"failed, {time.perf_counter() - t0:.1f} s; outputs in {outdir}"
     )
-    for path, reason in failed:
-        print(f"  FAILED {path}: {reason}")
+    if failed:
+        print("  failed (reasons above): " + ", ".join(str(p) for p, _ in failed))
     return 1 if failed or missing else 0

@@ -1,0 +1,55 @@
+"""One click per cell: mean IoU of the mask a click on each cell's innermost pixel gives, per source.
+
+    python scripts/click_study.py MODEL [MODEL ...] --data prepared --split val [--json out.json]
+
+Every ground-truth cell of every full validation image gets one positive click at its innermost pixel
+(the maximum of its distance transform: where a person clicks), decoded on the tile that holds the cell
+(:func:`cellsam.eval.prompts.click_ious`); each mask is compared with its own cell, alone. A maintainer
+script for benchmarks/detector_study.md, not part of the package.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections import defaultdict
+
+import numpy as np
+
+from cellsam.eval.harness import load_prepared
+from cellsam.eval.prompts import click_ious
+from cellsam.weights import load_model
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("models", nargs="+")
+    ap.add_argument("--data", default="prepared")
+    ap.add_argument("--split", default="val")
+    ap.add_argument("--json")
+    args = ap.parse_args()
+    items = load_prepared(args.data, args.split)
+    results = []
+    for path in args.models:
+        net = load_model(path).eval()
+        by: dict[str, list[float]] = defaultdict(list)
+        for it in items:
+            image, gt = it.load()
+            ious = list(click_ious(net, image, gt).values())
+            by[it.source].extend(ious)
+            by["ALL"].extend(ious)
+        summary = {k: {"cells": len(v), "mean_iou": float(np.mean(v)), "iou_ge_0.5": float(np.mean(np.array(v) >= 0.5))}
+                   for k, v in sorted(by.items())}
+        results.append({"model": path, "by_source": summary})
+        print(path)
+        for k, v in summary.items():
+            print(f"  {k:10s} {v['cells']:5d} cells  mean IoU {v['mean_iou']:.3f}  IoU>=0.5 {v['iou_ge_0.5']:.3f}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"split": args.split, "images": len(items), "click": "innermost pixel, one positive",
+                       "results": results}, f, indent=1)
+
+
+if __name__ == "__main__":
+    np.seterr(all="ignore")
+    main()
