@@ -1,7 +1,7 @@
 """Detector-only scores: box precision / recall / F1 at IoU >= 0.5 per source, on validation crops.
 
     python scripts/box_recall.py MODEL [MODEL ...] --data prepared --split val --crop 256 --max-tiles 150 \
-        [--box-threshold T] [--json out.json]
+        [--box-threshold T] [--ckpt-variant conv_cpu] [--json out.json]
 
 Each prepared tile's centre crop (the model's input side at native scale, as in training) goes through
 the model's encoder and CellFinder only (``encode`` -> ``detect`` -> ``postprocess_detections`` at the
@@ -27,8 +27,20 @@ from cellsam.train.dataset import PreparedTiles
 from cellsam.weights import load_model
 
 
-def score(model_path: str, ds: PreparedTiles, box_threshold: float | None) -> dict:
-    net = load_model(model_path).eval()
+def load(path: str, variant: str) -> torch.nn.Module:
+    """A model file, or a Lightning training checkpoint (``.ckpt``) of the architecture ``variant``."""
+    if not path.endswith(".ckpt"):
+        return load_model(path)
+    from cellsam.models.build import build_model
+
+    state = torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
+    net = build_model(variant)
+    net.load_state_dict({k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}, strict=True)
+    return net
+
+
+def score(model_path: str, ds: PreparedTiles, box_threshold: float | None, variant: str = "conv_cpu") -> dict:
+    net = load(model_path, variant).eval()
     thr = net.cfg.inference.box_threshold if box_threshold is None else box_threshold
     s = net.img_size
     counts: dict[str, list[int]] = defaultdict(lambda: [0, 0, 0])  # tp, pred, true
@@ -67,10 +79,11 @@ def main() -> None:
     ap.add_argument("--crop", type=int, default=256)
     ap.add_argument("--max-tiles", type=int, default=150)
     ap.add_argument("--box-threshold", type=float)
+    ap.add_argument("--ckpt-variant", default="conv_cpu", help="architecture of .ckpt training checkpoints")
     ap.add_argument("--json")
     args = ap.parse_args()
     ds = PreparedTiles(args.data, args.split, crop_size=args.crop, max_items=args.max_tiles)
-    results = [score(m, ds, args.box_threshold) for m in args.models]
+    results = [score(m, ds, args.box_threshold, args.ckpt_variant) for m in args.models]
     for r in results:
         print(f"{r['model']} (box threshold {r['box_threshold']}):")
         for key, v in r["by_source"].items():

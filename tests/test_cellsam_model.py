@@ -115,7 +115,16 @@ def test_every_variant_builds_with_consistent_sizes(name: str) -> None:
     if cfg.encoder.embed_dim <= 256:  # big variants: config only, building them is slow
         model = build_model(cfg)
         assert model.low_res_size == 4 * cfg.encoder.embedding_size
-        assert model.cellfinder.transformer is not None
+        if cfg.detector_kind == "detr":
+            assert model.cellfinder.transformer is not None
+        else:  # the dense CellFinder reads the conv encoder's stride-4 trunk
+            x = model.preprocess(torch.rand(1, 3, cfg.encoder.img_size, cfg.encoder.img_size))
+            with torch.no_grad():
+                enc = model.encode(x)
+            side = cfg.encoder.img_size
+            assert enc.trunk.shape[-1] == side // cfg.dense_finder.stride
+            assert enc.embedding.shape[1:] == (cfg.encoder.out_chans, cfg.encoder.embedding_size,
+                                               cfg.encoder.embedding_size)
 
 
 def test_prompts_on_one_image_share_its_first_layer_work_with_the_same_result(tiny: torch.nn.Module) -> None:
