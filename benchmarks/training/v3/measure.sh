@@ -9,6 +9,11 @@ python scripts/ship_default.py runs/cpu_v3/stage2/model.safetensors --name cells
 M=runs/ship_v3/cellsam_cpu_v3.safetensors
 cellsam evaluate --data prepared --split val --model "$M" --prompt-study --json runs/eval_v3_val.json \
     --plots runs/v3_plots --worst 6 --no-progress 2>&1 | tail -40
-python scripts/box_recall.py "$M" /tmp/v3_step500.ckpt cellsam/pretrained/cellsam_cpu_v2.safetensors \
+python scripts/box_recall.py /tmp/v3_step500.ckpt "$M" /tmp/cellsam_cpu_v2.safetensors --box-threshold 0.3 \
     --json benchmarks/detector_study/box_recall.json
 python scripts/click_study.py "$M" --json benchmarks/detector_study/clicks_v3.json
+# (v2: cellsam_cpu_v2.safetensors + .json from the git history, copied to /tmp; the step-500 checkpoint
+#  of stage 1 copied to /tmp/v3_step500.ckpt)
+OMP_WAIT_POLICY=PASSIVE cellsam bench --model default --sizes 512 --cells 100 --real dense512 mosaic2048 \
+    --real-data ../shared/data/dsb2018 --cellpose --cellpose-path /tmp/cp3 --repeats 2 --warmup 1 --no-parity \
+    --out benchmarks/cpu_v3_real
