@@ -197,3 +197,24 @@ def test_windowed_decoding_rejects_what_it_cannot_do(tiny: torch.nn.Module) -> N
 
     with pytest.raises(ValueError, match="inside the 8x8 grid"):
         _gather_windows(src, (torch.tensor([[6, 0]]), 3), (8, 8))
+
+
+def test_untrained_multimask_outputs_are_never_returned() -> None:
+    """A model whose multimask outputs were not trained (inference.multimask False) decodes one mask
+    for every prompt, whatever multimask_output asks; SAM-style models keep their three."""
+    import dataclasses
+
+    torch.manual_seed(0)
+    sam_like = build_model("vit_tiny").eval()
+    ours = build_model(sam_like.cfg.replace(inference=dataclasses.replace(sam_like.cfg.inference, multimask=False)))
+    ours.load_state_dict(sam_like.state_dict())
+    ours.eval()
+    emb = sam_like.encode(sam_like.preprocess(torch.rand(1, 3, 64, 64))).embedding
+    pts = (torch.tensor([[[20.0, 30.0]]]), torch.ones(1, 1, dtype=torch.long))
+    with torch.no_grad():
+        lo3, iou3 = sam_like.decode(emb, points=pts, multimask_output=True)
+        lo1, iou1 = ours.decode(emb, points=pts, multimask_output=True)
+        single, _ = sam_like.decode(emb, points=pts, multimask_output=False)
+    assert lo3.shape[1] == 3 and iou3.shape == (1, 3)
+    assert lo1.shape[1] == 1 and iou1.shape == (1, 1)
+    torch.testing.assert_close(lo1, single)  # the trained single-mask output

@@ -17,6 +17,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+from skimage.segmentation import relabel_sequential
 
 from cellsam.bench.pipeline import Scene
 from cellsam.ops.boxes import masks_to_boxes
@@ -50,12 +51,11 @@ def _grey_images(folder: Path) -> list[tuple[str, np.ndarray, np.ndarray]]:
 
 
 def _scene(image: np.ndarray, labels: np.ndarray, name: str) -> Scene:
-    lab = np.zeros_like(labels, np.int32)
-    ids = np.unique(labels[labels > 0])
-    lab[labels > 0] = np.searchsorted(ids, labels[labels > 0]) + 1
-    boxes = masks_to_boxes(lab).numpy().astype(np.float32) if ids.size else np.zeros((0, 4), np.float32)
+    lab = relabel_sequential(labels.astype(np.int32))[0]
+    n = int(lab.max())
+    boxes = masks_to_boxes(lab).numpy().astype(np.float32) if n else np.zeros((0, 4), np.float32)
     h, w = lab.shape
-    per_512 = max(1, int(round(ids.size * 512**2 / (h * w))))
+    per_512 = max(1, int(round(n * 512**2 / (h * w))))
     return Scene(image=image.astype(np.uint16) * 257, labels=lab, boxes=boxes, cells=per_512, name=name)
 
 

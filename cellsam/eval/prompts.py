@@ -138,7 +138,6 @@ def prompted_cells(model: Any, image: np.ndarray, gt: np.ndarray, *, prompt: str
         raise ValueError(f"expected image (3, H, W) and labels (H, W), got {image.shape} and {gt.shape}")
     thr = logit_threshold(mask_threshold)
     net, dev = resolve_model(model, device)
-    multimask = multimask and bool(getattr(getattr(net.cfg, "inference", None), "multimask", True))
     t = int(tile_size or getattr(getattr(net, "cfg", None), "tile_size", 512))
     s = int(net.img_size)
     h, w = gt.shape

@@ -165,7 +165,7 @@ class Predictor:
             box: (4,) xyxy pixels, or (N, 4) for N prompts decoded in one batch.
             mask_input: (1, 4h, 4w) low-res logits of an earlier call, or (N, 1, 4h, 4w).
             multimask_output: 3 candidate masks (M = 3) instead of 1; ignored (M = 1) for a model whose
-                multimask outputs are untrained (``cfg.inference.multimask`` False, e.g. ours from v3).
+                multimask outputs are untrained (``cfg.inference.multimask`` False: see ``CellSAM.decode``).
             return_logits: return mask logits instead of booleans.
         Returns:
             masks (M, H, W) bool (float logits with ``return_logits``), scores (M,) predicted IoUs,
@@ -217,7 +217,7 @@ class Predictor:
             boxes=boxes,
             points=points,
             mask_input=masks_in,
-            multimask_output=multimask_output and self.model.cfg.inference.multimask,
+            multimask_output=multimask_output,
         )
         masks = self._postprocess(low_res)
         if not return_logits:

@@ -129,7 +129,8 @@ class CellSAM(nn.Module):
             boxes: (N,4) xyxy in pixels of the S x S encoder input.
             points: coords (N,P,2) xy pixels of S and labels (N,P) (1 fg, 0 bg, -1 pad).
             mask_input: (N,1,4h,4w) low-res logits from an earlier prediction.
-            multimask_output: return SAM's 3 masks per prompt instead of 1.
+            multimask_output: return SAM's 3 masks per prompt instead of 1; ignored (M = 1) for a model
+                whose multimask outputs were never trained (``cfg.inference.multimask`` False, ours from v3).
             chunk_size: prompts per decoder call (bounds memory); ``None`` = all at once; ``"auto"``:
                 :meth:`auto_chunk_size`.
             memory_budget_mb: if given, the chunk is instead the number of prompts whose decoder
@@ -144,6 +145,7 @@ class CellSAM(nn.Module):
         if embedding.ndim != 4 or embedding.shape[0] != 1:
             raise ValueError(f"expected one image embedding (1,D,h,w), got {tuple(embedding.shape)}")
         n = _num_prompts(boxes, points, mask_input)
+        multimask_output = multimask_output and self.cfg.inference.multimask
         m = self.cfg.mask_decoder.num_multimask_outputs if multimask_output else 1
         if n == 0:
             side = self.low_res_size

@@ -44,16 +44,16 @@ def sigmoid_focal_loss(logits: Tensor, targets: Tensor, *, alpha: float = 0.25, 
 def detection_weight_dict(*, num_decoder_layers: int, ce: float = 2.0, bbox: float = 5.0,
                           giou: float = 2.0) -> dict[str, float]:
     """Loss weights for the final output and the ``num_decoder_layers - 1`` auxiliary outputs."""
-    base = {"loss_ce": ce, "loss_bbox": bbox, "loss_giou": giou}
-    weights = dict(base)
-    for i in range(num_decoder_layers - 1):
-        weights.update({f"{k}_{i}": v for k, v in base.items()})
-    return weights
+    return _per_layer({"loss_ce": ce, "loss_bbox": bbox, "loss_giou": giou}, num_decoder_layers)
 
 
 def anchor_weight_dict(*, num_decoder_layers: int, bbox: float, giou: float) -> dict[str, float]:
     """Weights of the one-to-many anchor box losses for the final and the auxiliary outputs."""
-    base = {"loss_anchor_bbox": bbox, "loss_anchor_giou": giou}
+    return _per_layer({"loss_anchor_bbox": bbox, "loss_anchor_giou": giou}, num_decoder_layers)
+
+
+def _per_layer(base: dict[str, float], num_decoder_layers: int) -> dict[str, float]:
+    """``base`` for the final output plus its keys suffixed ``_i`` for each auxiliary output i."""
     weights = dict(base)
     for i in range(num_decoder_layers - 1):
         weights.update({f"{k}_{i}": v for k, v in base.items()})
