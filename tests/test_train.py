@@ -289,6 +289,21 @@ def test_cli_skip_done_continues_a_recipe(tmp_path: Path, capsys) -> None:
     assert s1.stat().st_mtime_ns == t1 and s2.is_file()
 
 
+def test_skip_done_starts_after_the_last_finished_stage(tmp_path: Path) -> None:
+    """A finished later stage implies the earlier ones (a recipe continuing a shipped model)."""
+    from cellsam.cli.train import first_stage_to_run
+    from cellsam.train.config import TrainConfig
+
+    configs = [TrainConfig(output=str(tmp_path / f"s{i}")) for i in range(4)]
+    assert first_stage_to_run(configs) == 0
+    (tmp_path / "s1").mkdir()
+    (tmp_path / "s1" / "model.safetensors").write_bytes(b"x")  # stage 2 done, stage 1's file absent
+    assert first_stage_to_run(configs) == 2
+    (tmp_path / "s3").mkdir()
+    (tmp_path / "s3" / "model.safetensors").write_bytes(b"x")
+    assert first_stage_to_run(configs) == 4
+
+
 def test_scale_boxes_keeps_centres_and_scales_sides() -> None:
     from cellsam.ops.boxes import scale_boxes
 

@@ -22,8 +22,19 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--init", help="start from this checkpoint (ours, Meta SAM .pth or official CellSAM .pt)")
     p.add_argument("--resume", action="store_true", help="resume from OUTPUT/checkpoints/last.ckpt")
     p.add_argument("--skip-done", action="store_true",
-                   help="skip the stages of a recipe whose OUTPUT/model.safetensors already exists")
+                   help="continue a recipe: skip the last stage whose OUTPUT/model.safetensors exists and "
+                        "every stage before it (a later stage starts from the earlier stage's model)")
     p.set_defaults(func=run)
+
+
+def first_stage_to_run(configs: list) -> int:
+    """Index of the first stage a ``--skip-done`` run trains: the one after the last stage whose
+    ``OUTPUT/model.safetensors`` exists (0 when none does; ``len(configs)`` when the last one does).
+
+    A finished later stage implies its predecessors: each stage starts from the one before it, so
+    their intermediate files need not be kept (e.g. a recipe that continues a shipped model)."""
+    done = [i for i, cfg in enumerate(configs) if (Path(cfg.output) / "model.safetensors").is_file()]
+    return done[-1] + 1 if done else 0
 
 
 def run(args: argparse.Namespace) -> int:
@@ -44,10 +55,11 @@ def run(args: argparse.Namespace) -> int:
     except (ValueError, FileNotFoundError, KeyError, TypeError) as e:
         print(f"cellsam train: {e}", file=sys.stderr)
         return 2
+    first = first_stage_to_run(configs) if args.skip_done else 0
     for i, cfg in enumerate(configs):
-        done = Path(cfg.output) / "model.safetensors"
-        if args.skip_done and done.is_file():
-            print(f"stage {i + 1}/{len(configs)}: {cfg.stage}: {done} exists, skipped (--skip-done)")
+        if i < first:
+            print(f"stage {i + 1}/{len(configs)}: {cfg.stage}: done ({configs[first - 1].output}/model.safetensors "
+                  f"exists), skipped (--skip-done)")
             continue
         print(f"stage {i + 1}/{len(configs)}: {cfg.stage} -> {cfg.output}")
         path = train(cfg, resume=args.resume)
