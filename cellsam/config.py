@@ -136,6 +136,10 @@ class InferenceConfig:
     # single-mask output only (ours from v3 on) set False: prompts then always decode that one mask,
     # whatever ``multimask_output`` asks, because the other three are untrained.
     multimask: bool = True
+    # Local decoding: with a decode window, the mask decoder's transformer also sees only the window's
+    # tokens (``MaskDecoder``'s ``local``), so a cell's cost does not grow with the tile. It changes the
+    # masks, so a model switches it on only where it was measured to keep its accuracy.
+    local_decoding: bool = False
 
 
 DEFAULT_DECODE_WINDOW = 3.0

@@ -218,3 +218,35 @@ def test_untrained_multimask_outputs_are_never_returned() -> None:
     assert lo3.shape[1] == 3 and iou3.shape == (1, 3)
     assert lo1.shape[1] == 1 and iou1.shape == (1, 1)
     torch.testing.assert_close(lo1, single)  # the trained single-mask output
+
+
+def test_local_decoding_reads_only_the_window(tiny: torch.nn.Module) -> None:
+    """inference.local_decoding: a box's mask depends only on the embedding inside its token window
+    (changing the rest leaves it unchanged, but changes the whole-grid decoding), and a window that
+    covers the whole grid gives SAM's whole-grid logits."""
+    import dataclasses
+
+    from cellsam.models.mask_decoder import WINDOW_FILL
+
+    emb = tiny.encode(tiny.preprocess(torch.rand(1, 3, 64, 64))).embedding
+    boxes = torch.tensor([[4.0, 4, 10, 9], [0, 0, 60, 40]])  # windows of 3 tokens and of the whole 8x8 grid
+    origins, sides = tiny.box_windows(boxes, 1.0)
+    assert sides.tolist() == [3, 8]
+    r0, c0 = origins[0].tolist()
+    far = emb.clone()
+    keep = torch.zeros(8, 8, dtype=torch.bool)
+    keep[r0 : r0 + 3, c0 : c0 + 3] = True
+    far[..., ~keep] += torch.randn_like(far[..., ~keep])  # the embedding outside box 0's window changes
+    inf = tiny.cfg.inference
+    with torch.no_grad():
+        glob, _ = tiny.decode(emb, boxes=boxes, chunk_size=1, window=1.0)
+        glob_far, _ = tiny.decode(far, boxes=boxes[:1], window=1.0)
+        tiny.cfg = tiny.cfg.replace(inference=dataclasses.replace(inf, local_decoding=True))
+        loc, _ = tiny.decode(emb, boxes=boxes, chunk_size=1, window=1.0)
+        loc_far, _ = tiny.decode(far, boxes=boxes[:1], window=1.0)
+    inside = loc[0, 0] != WINDOW_FILL
+    assert int(inside.sum()) == 12 * 12
+    torch.testing.assert_close(loc_far[0], loc[0], atol=1e-5, rtol=0)  # only the window is read
+    assert (glob_far[0, 0][inside] - glob[0, 0][inside]).abs().max() > 1e-3  # SAM's attention reads it all
+    assert (loc[0, 0][inside] - glob[0, 0][inside]).abs().max() > 1e-4  # so local values differ ...
+    torch.testing.assert_close(loc[1], glob[1], atol=1e-5, rtol=0)  # ... except for a whole-grid window

@@ -185,6 +185,7 @@ class CellSAM(nn.Module):
                 dense_prompt_embeddings=dense,
                 multimask_output=multimask_output,
                 window=win,
+                local=self.cfg.inference.local_decoding,
             )
             logits.append(lo)
             ious.append(iou)

@@ -9,6 +9,11 @@ stride-2 2x2 transposed convolutions, a per-pixel LayerNorm, GELUs) and the hype
 local: each token of the (h, w) grid alone gives its 4 x 4 block of the (4h, 4w) logits. So a mask
 needed only near its prompt can be computed on a window of tokens, with the same values there, and the
 rest filled with :data:`WINDOW_FILL`.
+
+Local decoding (``local=True``, an inference option of models that set
+``InferenceConfig.local_decoding``): the two-way transformer itself sees only the window's tokens, so
+a prompt's cost no longer grows with the image grid. Unlike the windowed upscaling this changes the
+values (attention is restricted to the window), so it is measured per model before it is switched on.
 """
 
 from __future__ import annotations
@@ -74,6 +79,7 @@ class MaskDecoder(nn.Module):
         dense_prompt_embeddings: torch.Tensor,
         multimask_output: bool,
         window: tuple[torch.Tensor, int] | None = None,
+        local: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Decode N prompts against one image.
 
@@ -86,12 +92,15 @@ class MaskDecoder(nn.Module):
             window: ``(origins, k)``: compute prompt i's masks only on the k x k tokens from
                 ``origins[i]`` = (row, col) (a (N, 2) integer tensor, windows inside the grid); the
                 logits elsewhere are :data:`WINDOW_FILL`. None: the whole grid (SAM).
+            local: with ``window``, the transformer attends to the window's tokens only (see the
+                module docstring); False: to the whole grid, the window limits the upscaling only.
 
         Returns:
             masks: (N, M or 1, 4h, 4w) logits; iou_pred: (N, M or 1).
         """
         masks, iou_pred = self.predict_masks(
-            image_embeddings, image_pe, sparse_prompt_embeddings, dense_prompt_embeddings, window=window
+            image_embeddings, image_pe, sparse_prompt_embeddings, dense_prompt_embeddings, window=window,
+            local=local,
         )
         sl = slice(1, None) if multimask_output else slice(0, 1)
         return masks[:, sl], iou_pred[:, sl]
@@ -135,6 +144,7 @@ class MaskDecoder(nn.Module):
         sparse_prompt_embeddings: torch.Tensor,
         dense_prompt_embeddings: torch.Tensor,
         window: tuple[torch.Tensor, int] | None = None,
+        local: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """All ``num_mask_tokens`` masks (N, M+1, 4h, 4w) and IoU predictions (N, M+1); see ``forward``."""
         n = self._check_shapes(image_embeddings, image_pe, sparse_prompt_embeddings, dense_prompt_embeddings)
@@ -149,14 +159,21 @@ class MaskDecoder(nn.Module):
         # computes the image side once for all prompts
         src = (image_embeddings + dense_prompt_embeddings).expand(n, c, h, w)
         pos_src = image_pe.expand(n, c, h, w)
-        hs, src_tokens = self.transformer(src, pos_src, tokens)
+        if window is not None and local:
+            k = window[1]
+            src = _gather_windows(src.flatten(2).transpose(1, 2), window, (h, w))  # (N, D, k, k)
+            pos_src = _gather_windows(pos_src.flatten(2).transpose(1, 2), window, (h, w))
+            hs, src_tokens = self.transformer(src, pos_src, tokens)
+            src = src_tokens.transpose(1, 2).reshape(n, c, k, k)
+        else:
+            hs, src_tokens = self.transformer(src, pos_src, tokens)
+            if window is None:
+                src = src_tokens.transpose(1, 2).reshape(n, c, h, w)
+            else:
+                src = _gather_windows(src_tokens, window, (h, w))  # (N, D, k, k)
         iou_token_out = hs[:, 0, :]
         mask_tokens_out = hs[:, 1 : 1 + self.num_mask_tokens, :]
 
-        if window is None:
-            src = src_tokens.transpose(1, 2).reshape(n, c, h, w)
-        else:
-            src = _gather_windows(src_tokens, window, (h, w))  # (N, D, k, k)
         upscaled = self.output_upscaling(src)  # (N, D/8, 4h, 4w), or (N, D/8, 4k, 4k)
         hyper_in = torch.stack(
             [mlp(mask_tokens_out[:, i, :]) for i, mlp in enumerate(self.output_hypernetworks_mlps)], dim=1
