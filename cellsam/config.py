@@ -140,6 +140,9 @@ class InferenceConfig:
     # tokens (``MaskDecoder``'s ``local``), so a cell's cost does not grow with the tile. It changes the
     # masks, so a model switches it on only where it was measured to keep its accuracy.
     local_decoding: bool = False
+    # The median cell diameter of the training data, in image pixels at the model's tile size: the scale
+    # that ``segment(diameter=...)`` brings an image's cells to. None: the model has no size reference.
+    cell_diameter: float | None = None
 
 
 DEFAULT_DECODE_WINDOW = 3.0
@@ -173,6 +176,9 @@ class CellSAMConfig:
     # (``dense_finder``) on the stride-4 trunk of a conv encoder.
     detector_kind: Literal["detr", "dense"] = "detr"
     dense_finder: DenseFinderConfig = field(default_factory=DenseFinderConfig)
+    # A size model (Cellpose's SizeModel: the cell diameter from the conv encoder's style vector,
+    # cellsam.models.size_head), fitted by a training recipe's "size" stage. Conv encoders only.
+    size_head: bool = False
     # The official CellSAM checkpoint has a separate ViT for the detector; set True to
     # reproduce it faithfully. Our own models share ONE encoder pass.
     separate_detector_trunk: bool = False
@@ -187,6 +193,8 @@ class CellSAMConfig:
     def __post_init__(self) -> None:
         if self.encoder_kind not in ("vit", "conv"):
             raise ValueError(f"encoder_kind must be 'vit' or 'conv', got {self.encoder_kind!r}")
+        if self.size_head and self.encoder_kind != "conv":
+            raise ValueError("size_head reads the conv encoder's style vector: use encoder_kind 'conv'")
         if self.detector_kind not in ("detr", "dense"):
             raise ValueError(f"detector_kind must be 'detr' or 'dense', got {self.detector_kind!r}")
         if self.encoder_kind == "conv" and self.separate_detector_trunk:

@@ -35,6 +35,15 @@ from torch import Tensor
 from cellsam.config import DEFAULT_DECODE_WINDOW, InferenceConfig, check_decode_window
 from cellsam.inference.preprocess import Channels, as_numpy, prepare_image
 from cellsam.inference.runtime import autocast_context, resolve_model
+from cellsam.inference.scale import (
+    AUTO,
+    check_diameter,
+    estimate_diameter,
+    has_size_model,
+    median_diameter,
+    needs_rescale,
+    tile_size_for,
+)
 from cellsam.inference.tiling import Candidate, Tile, deduplicate, extract_tile, in_core, tile_cores, tile_grid
 from cellsam.inference.upscale import upscale_cells
 from cellsam.ops.boxes import masks_to_boxes
@@ -60,6 +69,9 @@ class Segmentation:
         stats: counts along the pipeline: tiles, boxes (above box_threshold, all tiles), decoded
             (boxes in their tile's core), iou_passed, masks (non-empty cleaned masks >= min_area),
             stitched (after removing copies).
+        diameter: the cell diameter in image pixels that set the scale (given, or estimated with
+            ``diameter="auto"``); None without ``diameter`` or when auto found no cell.
+        tile_size: the input tile side the labels were made at (the scale: model tile = native).
     """
 
     labels: np.ndarray
@@ -69,6 +81,8 @@ class Segmentation:
     masks: list[CellMask] | None = None
     message: str = ""
     stats: dict[str, int] = field(default_factory=dict)
+    diameter: float | None = None
+    tile_size: int | None = None
 
     @property
     def n_cells(self) -> int:
@@ -105,6 +119,7 @@ def segment(
     min_area: int = DEFAULT_MIN_AREA,
     tile_size: int | None = None,
     tile_overlap: float = 0.25,
+    diameter: float | str | None = None,
     batch_size: int = 4,
     decode_chunk: int | None = None,
     decode_copies: bool = False,
@@ -132,6 +147,10 @@ def segment(
         min_area: cells with fewer pixels in the final label image are dropped.
         tile_size, tile_overlap: tiling in input pixels; each tile is resized to the model's input side.
             ``tile_size=None`` uses the model's own ``cfg.tile_size`` (the scale it was trained at).
+        diameter: the typical cell diameter in pixels: the image is segmented at the scale where its
+            cells have the model's own ``cfg.inference.cell_diameter`` (by the tile size, see
+            :mod:`.scale`); ``"auto"`` estimates it from a first pass's cells and segments again only
+            when it is far from the model's; None: the image's own scale. Not with ``tile_size``.
         batch_size: tiles per encoder pass. decode_chunk: box prompts per mask-decoder call (None: the
             model's :meth:`~cellsam.models.cellsam.CellSAM.auto_chunk_size` for its device).
         decode_copies: decode each box in every tile that detects it, not only in the tile whose core
@@ -165,11 +184,17 @@ def segment(
     ]
     if tile_size is not None:
         tile_grid((1, 1), tile_size=tile_size, overlap=tile_overlap)  # validates before loading a model
+    diameter = check_diameter(diameter)
+    if diameter is not None and tile_size is not None:
+        raise ValueError("give diameter or tile_size, not both (both set the scale)")
     net, dev = resolve_model(model, device)
     cfg = getattr(net, "cfg", None)
     if tile_size is None:
         tile_size = int(getattr(cfg, "tile_size", 512))
     defaults = getattr(cfg, "inference", None) or InferenceConfig()
+    if diameter is not None and not defaults.cell_diameter:
+        raise ValueError("this model has no cell diameter (cfg.inference.cell_diameter): segment it with "
+                         "tile_size instead of diameter")
     box_threshold = defaults.box_threshold if box_threshold is None else box_threshold
     iou_threshold = defaults.iou_threshold if iou_threshold is None else iou_threshold
     mask_threshold = defaults.mask_threshold if mask_threshold is None else mask_threshold
@@ -192,11 +217,41 @@ def segment(
         net.eval()
     try:
         with torch.inference_mode(), autocast_context(precision, dev):
-            results = [segment_prepared(img, net, dev, **params) for img in prepared]
+            results = [segment_at_scale(img, net, dev, params, diameter, defaults.cell_diameter)
+                       for img in prepared]
     finally:
         if was_training:
             net.train(True)
     return results[0] if single else results
+
+
+def segment_at_scale(image: np.ndarray, net: Any, dev: torch.device, p: dict[str, Any],
+                     diameter: float | str | None, model_diameter: float | None) -> Segmentation:
+    """Segment one prepared image at the scale ``diameter`` asks for (see :mod:`.scale`)."""
+    native = int(p["tile_size"])
+    if diameter is None or model_diameter is None:
+        result = segment_prepared(image, net, dev, **p)
+        result.tile_size = native
+        return result
+    if diameter == AUTO and has_size_model(net):
+        estimated = estimate_diameter(net, image, native, dev)
+        if estimated is None or not needs_rescale(estimated, model_diameter):
+            result = segment_prepared(image, net, dev, **p)
+            result.diameter, result.tile_size = estimated, native
+            return result
+        diameter = estimated
+    elif diameter == AUTO:  # no size model: measure the cells of a first pass
+        first = segment_prepared(image, net, dev, **p)
+        first.tile_size = native
+        estimated = median_diameter(first.labels)
+        first.diameter = estimated
+        if estimated is None or not needs_rescale(estimated, model_diameter):
+            return first
+        diameter = estimated
+    tile = tile_size_for(native, model_diameter, float(diameter))
+    result = segment_prepared(image, net, dev, **{**p, "tile_size": tile})
+    result.diameter, result.tile_size = float(diameter), tile
+    return result
 
 
 def tile_candidates(
@@ -215,6 +270,11 @@ def tile_candidates(
     centred elsewhere belong to a neighbouring tile and are not decoded here. None: all boxes.
     """
     t_size, s = p["tile_size"], int(net.img_size)
+    live = [i for i in ti if not blank_tile(image, tiles[i], t_size)]  # a constant tile holds no cell
+    stats["blank"] = stats.get("blank", 0) + len(ti) - len(live)
+    if not live:
+        return []
+    ti = live
     batch = torch.from_numpy(np.stack([extract_tile(image, tiles[i], t_size) for i in ti])).to(dev)
     if s != t_size:
         batch = F.interpolate(batch, size=(s, s), mode="bilinear", align_corners=False).clamp_(0.0, 1.0)
@@ -270,6 +330,15 @@ def tile_candidates(
                 )
             )
     return out
+
+
+def blank_tile(image: np.ndarray, tile: Tile, tile_size: int) -> bool:
+    """Whether the model would see ``tile`` of the (C, H, W) ``image`` as constant (each channel one value,
+    zero padding included): such a tile has no cell, so it gets no encoder pass."""
+    view = image[:, tile.y0 : tile.y1, tile.x0 : tile.x1].reshape(image.shape[0], -1)
+    lo, hi = view.min(axis=1), view.max(axis=1)
+    padded = tile.y1 - tile.y0 < tile_size or tile.x1 - tile.x0 < tile_size
+    return bool(np.array_equal(lo, hi) and (not padded or not hi.any()))
 
 
 def decode_refined(net: Any, embedding: Tensor, boxes: Tensor, *, thr: float, rounds: int,

@@ -9,6 +9,7 @@ from cellsam.models.conv_encoder import ConvEncoder
 from cellsam.models.dense_finder import DenseCellFinder
 from cellsam.models.image_encoder import ImageEncoderViT
 from cellsam.models.sam_parts import build_sam_parts
+from cellsam.models.size_head import SizeHead
 from cellsam.registry import get_config
 
 
@@ -28,6 +29,8 @@ def build_model(cfg: CellSAMConfig | str) -> CellSAM:
     else:
         cellfinder = CellFinder(cfg.cellfinder, in_channels=trunk_chans)
     detector_trunk = ImageEncoderViT(cfg.encoder) if cfg.separate_detector_trunk else None
+    size_head = SizeHead(image_encoder.style_chans) if cfg.size_head and isinstance(image_encoder, ConvEncoder) \
+        else None
     return CellSAM(
         cfg,
         image_encoder=image_encoder,
@@ -35,4 +38,5 @@ def build_model(cfg: CellSAMConfig | str) -> CellSAM:
         prompt_encoder=prompt_encoder,
         mask_decoder=mask_decoder,
         detector_trunk=detector_trunk,
+        size_head=size_head,
     )

@@ -20,6 +20,7 @@ from cellsam.models.dense_finder import DenseCellFinder
 from cellsam.models.image_encoder import EncoderOutput, ImageEncoderViT
 from cellsam.models.mask_decoder import MaskDecoder
 from cellsam.models.prompt_encoder import PromptEncoder
+from cellsam.models.size_head import SizeHead
 
 Points = tuple[Tensor, Tensor]
 
@@ -47,6 +48,7 @@ class CellSAM(nn.Module):
         prompt_encoder: PromptEncoder,
         mask_decoder: MaskDecoder,
         detector_trunk: ImageEncoderViT | None = None,
+        size_head: SizeHead | None = None,
     ) -> None:
         super().__init__()
         if cfg.separate_detector_trunk != (detector_trunk is not None):
@@ -57,6 +59,9 @@ class CellSAM(nn.Module):
         self.prompt_encoder = prompt_encoder
         self.mask_decoder = mask_decoder
         self.detector_trunk = detector_trunk
+        if cfg.size_head != (size_head is not None):
+            raise ValueError("size_head must be given exactly when cfg.size_head is True")
+        self.size_head = size_head
         self.register_buffer("pixel_mean", torch.tensor(cfg.pixel_mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(cfg.pixel_std).view(1, 3, 1, 1), persistent=False)
 
@@ -87,6 +92,14 @@ class CellSAM(nn.Module):
     def encode(self, images: Tensor) -> EncoderOutput:
         """One encoder pass over preprocessed images (B,3,S,S)."""
         return self.image_encoder(images)
+
+    @torch.no_grad()
+    def predict_diameter(self, images: Tensor) -> Tensor:
+        """(B,3,S,S) preprocessed images -> (B,) median cell diameter in pixels of the S x S input,
+        from the size model; raises if the model has none or it was never fitted."""
+        if self.size_head is None or not self.size_head.fitted or not isinstance(self.image_encoder, ConvEncoder):
+            raise ValueError("this model has no fitted size model (cfg.size_head)")
+        return self.size_head(self.image_encoder.style_vector(images)).exp()
 
     # ------------------------------------------------------------------ detector
     def detect(self, enc: EncoderOutput, images: Tensor | None = None) -> dict[str, Any]:

@@ -76,6 +76,12 @@ class TopDown(nn.Module):
         return self.fuse(x)
 
 
+def _style(deepest: Tensor) -> Tensor:
+    """(B, C, h, w) -> (B, C): the spatial mean, L2-normalised."""
+    style = deepest.mean(dim=(-2, -1))
+    return style / style.norm(dim=1, keepdim=True).clamp_min(1e-6)
+
+
 class ConvEncoder(nn.Module):
     """See the module docstring.
 
@@ -126,17 +132,31 @@ class ConvEncoder(nn.Module):
         s = self.cfg.img_size
         if x.ndim != 4 or x.shape[1] != self.cfg.in_chans or x.shape[-2:] != (s, s):
             raise ValueError(f"expected images (B, {self.cfg.in_chans}, {s}, {s}), got {tuple(x.shape)}")
-        feats = [self.stem(x)]
-        for stage in self.stages:
-            feats.append(stage(feats[-1]))
-        style = None
-        if self.conv_cfg.style:
-            style = feats[-1].mean(dim=(-2, -1))
-            style = style / style.norm(dim=1, keepdim=True).clamp_min(1e-6)
+        feats = self._stages(x)
+        style = _style(feats[-1]) if self.conv_cfg.style else None
         y = feats[-1]
         for block, skip in zip(self.topdown, reversed(feats[1:-1]), strict=True):
             y = block(skip, y, style)
         return y
+
+    def _stages(self, x: Tensor) -> list[Tensor]:
+        feats = [self.stem(x)]
+        for stage in self.stages:
+            feats.append(stage(feats[-1]))
+        return feats
+
+    @property
+    def style_chans(self) -> int:
+        """Length of :meth:`style_vector` (the deepest stage's width)."""
+        return self.conv_cfg.widths[-1]
+
+    def style_vector(self, x: Tensor) -> Tensor:
+        """(B,3,S,S) preprocessed images -> (B, style_chans): Cellpose's style vector, the L2-normalised
+        mean of the deepest stage (the stages only, no top-down path); the size model reads it."""
+        s = self.cfg.img_size
+        if x.ndim != 4 or x.shape[1] != self.cfg.in_chans or x.shape[-2:] != (s, s):
+            raise ValueError(f"expected images (B, {self.cfg.in_chans}, {s}, {s}), got {tuple(x.shape)}")
+        return _style(self._stages(x)[-1])
 
     def forward(self, x: Tensor) -> EncoderOutput:
         """One pass: ``trunk`` (B, trunk_chans, S/4, S/4) and ``embedding`` (B, out_chans, h, w)."""

@@ -12,7 +12,7 @@ import yaml
 from cellsam.config import dataclass_from_dict
 from cellsam.train.transforms import AugmentConfig
 
-Stage = Literal["detection", "masks", "joint"]
+Stage = Literal["detection", "masks", "joint", "size"]
 
 
 @dataclass(frozen=True)
@@ -112,13 +112,21 @@ class TrainConfig:
     log_every_steps: int = 10
     checkpoint_every_steps: int = 200
     version: str = "dev"
+    # "size" stage (cellsam.train.size): crops of the training tiles shown at scales log-uniform in
+    # size_scale_range; a ridge regression from the encoder's style vector to the log cell diameter.
+    size_samples: int = 2000
+    size_scale_range: tuple[float, float] = (0.35, 3.0)
+    size_ridge: float = 1.0
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
     def __post_init__(self) -> None:
-        if self.stage not in ("detection", "masks", "joint"):
-            raise ValueError(f"stage must be detection, masks or joint, got {self.stage!r}")
+        if self.stage not in ("detection", "masks", "joint", "size"):
+            raise ValueError(f"stage must be detection, masks, joint or size, got {self.stage!r}")
+        lo, hi = self.size_scale_range
+        if not 0 < lo < hi or self.size_samples < 2 or self.size_ridge < 0:
+            raise ValueError("size stage: need 0 < size_scale_range[0] < [1], size_samples >= 2, size_ridge >= 0")
         bad = set(self.mask_trainable) - {"neck", "prompt_encoder", "mask_decoder"}
         if bad:
             raise ValueError(f"mask_trainable: unknown parts {sorted(bad)}")

@@ -94,6 +94,10 @@ def train(cfg: TrainConfig, *, resume: bool = False, extra: dict[str, Any] | Non
     out = Path(cfg.output)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    if cfg.stage == "size":  # a closed-form fit, no optimiser
+        from cellsam.train.size import fit_size_model
+
+        return fit_size_model(cfg)
     L.seed_everything(cfg.seed, workers=True)
     model = initial_model(cfg)
     module = CellSAMModule(model, cfg)

@@ -1,0 +1,114 @@
+"""Any magnification: the cell diameter of an image, and the tile size that shows its cells at the
+size the model was trained on.
+
+The pipeline already resizes each ``tile_size`` x ``tile_size`` input tile to the model's input side and
+maps the masks back onto the input's pixel grid, so segmenting "at the model's scale" is a choice of
+``tile_size``: cells of diameter ``d`` in the image appear with diameter ``d_model`` when the tile side is
+``model_tile * d / d_model``. ``d_model`` is the model's ``cfg.inference.cell_diameter`` (the median cell
+diameter of its training data, in image pixels at its own tile size).
+
+``diameter="auto"`` estimates ``d`` with the model's size model when it has one (Cellpose's SizeModel:
+a regression from the encoder's style vector, :func:`estimate_diameter`, one encoder-stages pass over
+at most :data:`MAX_SIZE_TILES` tiles); otherwise from the masks of a first pass, the median equivalent
+diameter (``2 sqrt(area / pi)``) of the cells found at the model's own scale. When the estimate is
+within :data:`RESCALE_TOLERANCE` of ``d_model`` the image is segmented at the model's own scale.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from cellsam.inference.tiling import extract_tile, tile_grid
+
+__all__ = ["AUTO", "MAX_SCALE", "RESCALE_TOLERANCE", "check_diameter", "estimate_diameter", "has_size_model",
+           "median_diameter", "needs_rescale", "tile_size_for"]
+
+AUTO = "auto"
+RESCALE_TOLERANCE = 1.3
+"""No second pass when the estimated diameter is within this factor of the model's (either side)."""
+MAX_SCALE = 4.0
+"""Images are resized by at most this factor either way (tiles from model_tile / 4 to model_tile * 4)."""
+MIN_TILE = 32
+MAX_SIZE_TILES = 16
+"""The size model looks at most at this many tiles of an image (spread over it; blank ones skipped)."""
+
+
+def check_diameter(diameter: float | str | None) -> float | str | None:
+    """``diameter`` validated: None (no rescaling), ``"auto"``, or a finite number of pixels > 0."""
+    if diameter is None or diameter == AUTO:
+        return diameter
+    if isinstance(diameter, str):
+        try:
+            diameter = float(diameter)
+        except ValueError:
+            raise ValueError(f"diameter must be 'auto', a number of pixels > 0 or None, got {diameter!r}") from None
+    if isinstance(diameter, bool) or not isinstance(diameter, (int, float)) or not math.isfinite(diameter) \
+            or diameter <= 0:
+        raise ValueError(f"diameter must be 'auto', a number of pixels > 0 or None, got {diameter!r}")
+    return float(diameter)
+
+
+def median_diameter(labels: np.ndarray) -> float | None:
+    """Median equivalent diameter ``2 sqrt(area / pi)`` of the labelled cells, in pixels.
+
+    Args:
+        labels: (H, W) integer label image, 0 = background.
+    Returns:
+        the median over cells, or None when there is no cell.
+    """
+    counts = np.bincount(np.asarray(labels).ravel().astype(np.int64, copy=False))[1:]
+    areas = counts[counts > 0]
+    if areas.size == 0:
+        return None
+    return float(np.median(2.0 * np.sqrt(areas / np.pi)))
+
+
+def tile_size_for(model_tile: int, model_diameter: float, diameter: float) -> int:
+    """Input tile side that shows cells of ``diameter`` pixels at the model's ``model_diameter``.
+
+    The scale is clamped to [1 / MAX_SCALE, MAX_SCALE] and the tile to at least 32 pixels.
+    """
+    if model_tile < 1 or not model_diameter > 0 or not diameter > 0:
+        raise ValueError(f"need model_tile >= 1 and diameters > 0, got {model_tile}, {model_diameter}, {diameter}")
+    ratio = min(max(diameter / model_diameter, 1.0 / MAX_SCALE), MAX_SCALE)
+    return max(MIN_TILE, int(round(model_tile * ratio)))
+
+
+def needs_rescale(estimated: float | None, model_diameter: float) -> bool:
+    """Whether an estimated diameter is far enough from the model's to segment again."""
+    if estimated is None:
+        return False
+    ratio = estimated / model_diameter
+    return not 1.0 / RESCALE_TOLERANCE <= ratio <= RESCALE_TOLERANCE
+
+
+def has_size_model(net: object) -> bool:
+    """Whether ``net`` has a fitted size model (``cfg.size_head``, fitted by a "size" training stage)."""
+    head = getattr(net, "size_head", None)
+    return head is not None and bool(getattr(head, "fitted", False))
+
+
+def estimate_diameter(net: object, image: np.ndarray, tile_size: int, device: torch.device) -> float | None:
+    """The median cell diameter of a prepared (3, H, W) image in its pixels, from the size model.
+
+    The image's tiles at ``tile_size`` (at most :data:`MAX_SIZE_TILES`, spread evenly, constant ones
+    skipped) go through the encoder's stages; the per-tile predictions' median (in log space) is
+    scaled from model-input to image pixels. None when every tile is blank.
+    """
+    tiles = tile_grid(image.shape[1:], tile_size=tile_size, overlap=0.0)
+    if len(tiles) > MAX_SIZE_TILES:
+        tiles = [tiles[int(i)] for i in np.linspace(0, len(tiles) - 1, MAX_SIZE_TILES).round()]
+    crops = [extract_tile(image, t, tile_size) for t in tiles]
+    crops = [c for c in crops if float(c.std()) > 1e-3]
+    if not crops:
+        return None
+    s = int(net.img_size)  # type: ignore[attr-defined]
+    x = torch.from_numpy(np.stack(crops)).to(device)
+    if s != tile_size:
+        x = torch.nn.functional.interpolate(x, size=(s, s), mode="bilinear", align_corners=False,
+                                            antialias=True).clamp_(0.0, 1.0)
+    d = net.predict_diameter(net.preprocess(x))  # type: ignore[attr-defined]
+    return float(torch.exp(torch.log(d.float()).median())) * tile_size / s

@@ -1,0 +1,117 @@
+"""Any magnification: diameter estimation, the scale's tile size, and segment(diameter=...)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+from skimage.draw import disk
+from skimage.transform import rescale
+
+from cellsam.inference.scale import (
+    MAX_SCALE,
+    check_diameter,
+    median_diameter,
+    needs_rescale,
+    tile_size_for,
+)
+
+
+def disc_scene(diameter: float, n: int = 12, size: int = 256, seed: int = 0) -> np.ndarray:
+    """(size, size) labels of n non-overlapping discs of the given diameter on a grid, jittered."""
+    rng = np.random.default_rng(seed)
+    labels = np.zeros((size, size), np.int32)
+    side = int(np.ceil(np.sqrt(n)))
+    pitch = size / side
+    for k in range(n):
+        cy, cx = (k // side + 0.5) * pitch, (k % side + 0.5) * pitch
+        jitter = max(0.0, (pitch - diameter) / 2 - 1)
+        cy, cx = cy + rng.uniform(-jitter, jitter), cx + rng.uniform(-jitter, jitter)
+        labels[disk((cy, cx), diameter / 2, shape=labels.shape)] = k + 1
+    return labels
+
+
+@pytest.mark.parametrize("d", [6.0, 15.0, 40.0])
+def test_median_diameter_of_known_discs(d: float) -> None:
+    labels = disc_scene(d, n=9 if d > 30 else 16)
+    est = median_diameter(labels)
+    assert est is not None and abs(est - d) <= 0.1 * d + 0.5
+    assert median_diameter(np.zeros((8, 8), np.int32)) is None
+
+
+def test_tile_size_for_scales_and_clamps() -> None:
+    assert tile_size_for(256, 20.0, 20.0) == 256
+    assert tile_size_for(256, 20.0, 40.0) == 512  # cells twice the model's size: twice the tile, halved
+    assert tile_size_for(256, 20.0, 10.0) == 128
+    assert tile_size_for(256, 20.0, 1000.0) == int(256 * MAX_SCALE)
+    assert tile_size_for(256, 20.0, 0.5) == 64  # clamped to 1 / MAX_SCALE
+    with pytest.raises(ValueError):
+        tile_size_for(256, 0.0, 10.0)
+    assert not needs_rescale(22.0, 20.0) and needs_rescale(40.0, 20.0) and needs_rescale(10.0, 20.0)
+    assert not needs_rescale(None, 20.0)
+
+
+@pytest.mark.parametrize("bad", [0, -3, float("nan"), float("inf"), "big", True])
+def test_check_diameter_rejects_what_is_not_a_size(bad: object) -> None:
+    with pytest.raises(ValueError, match="diameter"):
+        check_diameter(bad)  # type: ignore[arg-type]
+    assert check_diameter("auto") == "auto" and check_diameter(None) is None and check_diameter("12") == 12.0
+
+
+@pytest.fixture(scope="module")
+def sized():  # type: ignore[no-untyped-def]
+    """The default model with a size reference of 20 px (v3 ships none)."""
+    from cellsam.weights import load_model
+
+    model = load_model("default")
+    model.cfg = model.cfg.replace(inference=dataclasses.replace(model.cfg.inference, cell_diameter=20.0))
+    return model
+
+
+@pytest.fixture(scope="module")
+def sample() -> np.ndarray:
+    from cellsam.cli.segment import sample_path
+    from cellsam.io import load_image
+
+    return load_image(sample_path()).data
+
+
+def test_diameter_is_the_tile_size_of_its_scale(sized, sample: np.ndarray) -> None:  # type: ignore[no-untyped-def]
+    import cellsam
+
+    by_diameter = cellsam.segment(sample, sized, diameter=30.0)
+    by_tile = cellsam.segment(sample, sized, tile_size=tile_size_for(sized.cfg.tile_size, 20.0, 30.0))
+    assert by_diameter.tile_size == 384 and by_diameter.diameter == 30.0
+    assert by_diameter.labels.shape == sample.shape[:2]
+    np.testing.assert_array_equal(by_diameter.labels, by_tile.labels)
+    with pytest.raises(ValueError, match="not both"):
+        cellsam.segment(sample, sized, diameter=30.0, tile_size=256)
+
+
+def test_diameter_needs_a_model_with_a_size_reference(sample: np.ndarray) -> None:
+    import cellsam
+    from cellsam.weights import load_model
+
+    model = load_model("default")
+    model.cfg = model.cfg.replace(inference=dataclasses.replace(model.cfg.inference, cell_diameter=None))
+    with pytest.raises(ValueError, match="no cell diameter"):
+        cellsam.segment(sample[:64, :64], model, diameter="auto")
+
+
+def test_auto_diameter_from_a_first_pass_follows_the_magnification(sized, sample: np.ndarray) -> None:  # type: ignore[no-untyped-def]
+    """A model without a size model: auto measures the cells of a first pass. The sample at 1x and
+    halved: the estimate halves too, the halved image is segmented on its own grid, and about the same
+    cells are found (none lost or merged at the rescale)."""
+    import cellsam
+
+    assert sized.size_head is None
+    native = cellsam.segment(sample, sized, diameter="auto")
+    small_image = rescale(sample.astype(np.float32), 0.5, order=1,
+                          channel_axis=-1 if sample.ndim == 3 else None, preserve_range=True)
+    small = cellsam.segment(small_image, sized, diameter="auto")
+    assert native.diameter is not None and small.diameter is not None
+    assert 1.4 <= native.diameter / small.diameter <= 2.6, (native.diameter, small.diameter)
+    assert small.labels.shape == small_image.shape[:2]
+    assert native.tile_size is not None and small.tile_size is not None and small.tile_size < native.tile_size
+    assert abs(small.n_cells - native.n_cells) <= max(4, 0.2 * native.n_cells), (small.n_cells, native.n_cells)
