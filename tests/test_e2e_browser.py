@@ -7,6 +7,9 @@ Model: the shipped ``default`` weights when they are registered, else random ``v
 saved to a temporary checkpoint (``CELLSAM_E2E_MODEL`` overrides both). The assertions hold for
 either: they follow the cell counts through the actions, whatever "Segment all" found.
 
+The server runs as a user starts it: with a random access token, printed in the address the page is
+opened at; the test's own API calls send it in the ``X-CellSAM-Token`` header.
+
 Artifacts: a screenshot in the test's tmp folder; with ``CELLSAM_SCREENSHOT=docs/serve_screenshot.png``
 also there. The time from a box prompt (mouse released) to the new mask painted on the canvas is
 printed (run ``pytest -s`` to see it).
@@ -74,6 +77,14 @@ def _model_path(tmp: Path) -> tuple[str, str]:
     return str(path), "random vit_cpu weights (no 'default' weights registered)"
 
 
+def _printed_address(log: Path) -> str | None:
+    """The ``open http://...`` address ``cellsam serve`` printed, once it has."""
+    for line in log.read_text(errors="replace").splitlines():
+        if line.startswith("open http"):
+            return line.split()[1]
+    return None
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -98,22 +109,32 @@ def server(tmp_path_factory: pytest.TempPathFactory, sync_playwright: Any) -> It
          "--device", "cpu"], env=env, stdout=log, stderr=subprocess.STDOUT,
     )
     base = f"http://127.0.0.1:{port}"
+    api: httpx.Client | None = None
     try:
         deadline = time.monotonic() + 180
         while True:
             if proc.poll() is not None:
                 pytest.fail(f"cellsam serve exited with {proc.returncode}:\n{(tmp / 'server.log').read_text()}")
-            try:
-                if httpx.get(f"{base}/api/project", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
+            url = _printed_address(tmp / "server.log")
+            if url is not None:
+                assert url.startswith(f"{base}/?token="), url
+                if api is None:
+                    api = httpx.Client(base_url=base, headers={"X-CellSAM-Token": url.split("=", 1)[1]}, timeout=30)
+                try:
+                    if api.get("/api/project", timeout=2).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
             if time.monotonic() > deadline:
                 pytest.fail(f"cellsam serve did not answer within 180 s:\n{(tmp / 'server.log').read_text()}")
             time.sleep(0.3)
+        assert httpx.get(f"{base}/api/project", timeout=30).status_code == 401  # the token is required
         print(f"\ne2e: cellsam serve on {base}, model {model} ({what})")
-        yield {"base": base, "model": model, "what": what, "tmp": tmp, "log": tmp / "server.log"}
+        yield {"base": base, "url": url, "api": api, "model": model, "what": what, "tmp": tmp,
+               "log": tmp / "server.log"}
     finally:
+        if api is not None:
+            api.close()
         proc.terminate()
         try:
             proc.wait(timeout=20)
@@ -142,10 +163,8 @@ def page(server: dict[str, Any], sync_playwright: Any) -> Iterator[Any]:
 
 
 # ----------------------------------------------------------------------------------------- helpers
-def api_labels(base: str, image_id: int) -> tuple[int, np.ndarray]:
-    import httpx
-
-    r = httpx.get(f"{base}/api/images/{image_id}/labels", timeout=30)
+def api_labels(api: Any, image_id: int) -> tuple[int, np.ndarray]:
+    r = api.get(f"/api/images/{image_id}/labels")
     r.raise_for_status()
     h, w = int(r.headers["X-Height"]), int(r.headers["X-Width"])
     return int(r.headers["X-Labels-Version"]), np.frombuffer(r.content, "<u4").reshape(h, w).astype(np.int32)
@@ -234,9 +253,9 @@ INSTRUMENT = """() => {
 }"""
 
 
-def add_cell_by_box(page: Any, base: str, image_id: int, image: np.ndarray) -> tuple[tuple[int, ...], float, int]:
+def add_cell_by_box(page: Any, api: Any, image_id: int, image: np.ndarray) -> tuple[tuple[int, ...], float, int]:
     """Drag boxes around unlabelled nuclei until the model makes a cell of one; (box, ms, new label)."""
-    _, before = api_labels(base, image_id)
+    _, before = api_labels(api, image_id)
     tried = []
     for box in nucleus_boxes(image, before)[:8]:
         page.evaluate(INSTRUMENT)
@@ -249,7 +268,7 @@ def add_cell_by_box(page: Any, base: str, image_id: int, image: np.ndarray) -> t
             continue
         page.wait_for_function("() => window.__prompt.ms !== null")
         ms = float(page.evaluate("() => window.__prompt.ms"))
-        _, after = api_labels(base, image_id)
+        _, after = api_labels(api, image_id)
         new = sorted(set(np.unique(after).tolist()) - set(np.unique(before).tolist()))
         assert len(new) == 1, f"a box prompt should add exactly one label, got {new}"
         return box, ms, int(new[0])
@@ -267,34 +286,33 @@ def select_cell(page: Any, labels: np.ndarray, cell: int) -> None:
     assert "1 selected" in page.inner_text("#st-tool")
 
 
-def delete_cell(page: Any, base: str, image_id: int, labels: np.ndarray, cell: int) -> np.ndarray:
+def delete_cell(page: Any, api: Any, image_id: int, labels: np.ndarray, cell: int) -> np.ndarray:
     """Select ``cell`` on the canvas, press Del; returns the labels after (one cell fewer)."""
     select_cell(page, labels, cell)
     done = edits_done(page)
     page.keyboard.press("Delete")
     wait_edit(page, done)
-    _, after = api_labels(base, image_id)
+    _, after = api_labels(api, image_id)
     assert n_cells(after) == n_cells(labels) - 1 == shown_cells(page) and not (after == cell).any()
     return after
 
 
 # ----------------------------------------------------------------------------------------- the test
 def test_label_sample_in_the_browser(server: dict[str, Any], page: tuple[Any, list[str]], tmp_path: Path) -> None:
-    import httpx
     import tifffile
     from PIL import Image
 
     page, errors = page
-    base = server["base"]
+    api = server["api"]
     image = np.asarray(Image.open(SAMPLE))
     timings: dict[str, list[float]] = {"box prompt -> mask shown (ms)": []}
-    (info,) = httpx.get(f"{base}/api/project", timeout=30).json()["images"]
+    (info,) = api.get("/api/project").json()["images"]
     image_id = info["id"]
 
     # open the page, then the sample image from the list (openImage ends by warming the embedding)
     opened = lambda r: r.url.endswith(f"/api/images/{image_id}/embed")  # noqa: E731
     with page.expect_request(opened):
-        page.goto(base + "/")
+        page.goto(server["url"])  # the address `cellsam serve` printed, with its token
     with page.expect_request(opened):
         page.click("#image-list li:has-text('nuclei.png')")
     assert page.inner_text("#image-list li.current .name") == "nuclei.png"
@@ -307,7 +325,7 @@ def test_label_sample_in_the_browser(server: dict[str, Any], page: tuple[Any, li
     page.click("#btn-segment")
     wait_edit(page, done)
     timings["segment all, click -> done (s)"] = [time.perf_counter() - t0]
-    _, labels = api_labels(base, image_id)
+    _, labels = api_labels(api, image_id)
     n0 = n_cells(labels)
     assert shown_cells(page) == n0
 
@@ -318,16 +336,16 @@ def test_label_sample_in_the_browser(server: dict[str, Any], page: tuple[Any, li
         if not n or nucleus_boxes(image, labels):
             break
         ids, counts = np.unique(labels[y0:y1, x0:x1], return_counts=True)
-        labels = delete_cell(page, base, image_id, labels, int(ids[np.argmax(np.where(ids > 0, counts, 0))]))
+        labels = delete_cell(page, api, image_id, labels, int(ids[np.argmax(np.where(ids > 0, counts, 0))]))
         n -= 1
 
     # add cells by dragging boxes (two when there are none yet, so one is left after the delete)
     page.click("#tools button[data-tool=box]")
     boxes = []
     for _ in range(1 if n else 2):
-        box, ms, cell = add_cell_by_box(page, base, image_id, image)
+        box, ms, cell = add_cell_by_box(page, api, image_id, image)
         timings["box prompt -> mask shown (ms)"].append(ms)
-        _, labels = api_labels(base, image_id)
+        _, labels = api_labels(api, image_id)
         n += 1
         assert n_cells(labels) == n == shown_cells(page)
         x0, y0, x1, y1 = box
@@ -336,12 +354,12 @@ def test_label_sample_in_the_browser(server: dict[str, Any], page: tuple[Any, li
 
     # delete one cell (a segmented one if there is any) with the Del key, then undo with the button
     n1 = n_cells(labels)
-    delete_cell(page, base, image_id, labels, next(int(v) for v in np.unique(labels) if v > 0))
+    delete_cell(page, api, image_id, labels, next(int(v) for v in np.unique(labels) if v > 0))
 
     done = edits_done(page)
     page.click("#btn-undo")
     wait_edit(page, done)
-    _, final = api_labels(base, image_id)
+    _, final = api_labels(api, image_id)
     assert n_cells(final) == n1 == shown_cells(page)
     np.testing.assert_array_equal(final, labels)  # undo restores the labels exactly
 
@@ -376,3 +394,71 @@ def test_label_sample_in_the_browser(server: dict[str, Any], page: tuple[Any, li
     for name, vals in timings.items():
         print(f"e2e timing: {name}: " + ", ".join(f"{v:.1f}" if "ms" in name else f"{v:.2f}" for v in vals))
     assert all(ms < PROMPT_BOUND_S * 1e3 for ms in timings["box prompt -> mask shown (ms)"])
+
+
+# ----------------------------------------------------------------------------------------- issue 19: the page
+def test_hidden_controls_stay_hidden_and_saved_stays_in_view(server: dict[str, Any],
+                                                             page: tuple[Any, list[str]]) -> None:
+    """The fine-tune Cancel / "Use new model" buttons are hidden until there is a job (CSS once showed
+    every ``hidden`` button); a long model path is shortened so "saved" stays on the status bar."""
+    page, errors = page
+    page.goto(server["url"])
+    page.wait_for_function("() => S.image !== null && S.labels !== null")
+    page.wait_for_function("() => document.getElementById('st-save').textContent.startsWith('saved')")
+    for sel in ("#btn-ft-cancel", "#btn-ft-use", "#ft-progress", "#ft-warning"):
+        assert page.is_hidden(sel), f"{sel} is shown with no fine-tuning job"
+    long_path = "/home/someone/projects/" + "very_long_folder_name/" * 12 + "finetune/stage_masks/model.safetensors"
+    page.evaluate("(p) => { document.getElementById('st-model').textContent = 'model: ' + p; }", long_path)
+    box = page.locator("#st-save").bounding_box()
+    assert box is not None and box["width"] > 20 and box["x"] + box["width"] <= VIEWPORT["width"] + 0.5, box
+    assert page.inner_text("#st-save").startswith("saved")
+    model_box = page.locator("#st-model").bounding_box()
+    assert model_box is not None and model_box["x"] + model_box["width"] <= box["x"]  # shortened, not overlapping
+    assert not errors, errors
+
+
+def test_finetune_warning_is_shown(page: tuple[Any, list[str]]) -> None:
+    """A job whose new model scored worse shows the warning, and its button says "anyway" (the job
+    state is set on the page: a real fine-tune is tested through the API in tests/test_server_safety.py)."""
+    page, errors = page
+    job = {"id": "x", "state": "done", "phase": "done", "progress": 1, "message": "", "images": 4, "tiles": 9,
+           "held_out": ["b.png"], "scored_on": "1 held-out image(s) (b.png)", "model": "finetune/x/model.safetensors",
+           "before": {"f1": 0.993, "ap50": 0.9}, "after": {"f1": 0.911, "ap50": 0.8}, "worse": True,
+           "warning": "the new model scores worse than the current one on 1 held-out image(s) (b.png): "
+                      "F1 0.911 vs 0.993"}
+    page.evaluate("(j) => { S.ft = j; ftShow(); }", job)
+    assert page.is_visible("#ft-warning") and "F1 0.911 vs 0.993" in page.inner_text("#ft-warning")
+    assert page.is_visible("#btn-ft-use") and "anyway" in page.inner_text("#btn-ft-use")
+    assert page.is_hidden("#btn-ft-cancel")
+    assert "held out: b.png" in page.inner_text("#ft-status")
+    page.evaluate("(j) => { S.ft = {...j, worse: false, warning: null}; ftShow(); }", job)
+    assert page.is_hidden("#ft-warning") and page.inner_text("#btn-ft-use") == "Use new model"
+    page.evaluate("() => { S.ft = null; ftShow(); }")
+    assert not errors, errors
+
+
+def test_delete_an_image_from_the_page(server: dict[str, Any], page: tuple[Any, list[str]]) -> None:
+    import io
+
+    from PIL import Image
+
+    page, errors = page
+    api = server["api"]
+    buf = io.BytesIO()
+    Image.open(SAMPLE).crop((0, 0, 64, 48)).save(buf, format="PNG")
+    r = api.post("/api/images", files={"file": ("to_delete", buf.getvalue())})  # no extension: stored by content
+    assert r.status_code == 201, r.text
+    new_id = r.json()["id"]
+    page.goto(server["url"])
+    page.wait_for_function("() => S.image !== null")
+    page.click("#image-list li:has-text('to_delete')")
+    page.wait_for_function("(id) => S.image && S.image.id === id && [...S.tiles.values()].some((t) => t.ok)",
+                           arg=new_id)  # its picture is shown
+    n_before = page.locator("#image-list li").count()
+    page.once("dialog", lambda d: d.accept())
+    page.click("#btn-delete-image")
+    page.wait_for_function("(n) => document.querySelectorAll('#image-list li').length === n - 1", arg=n_before)
+    assert new_id not in [im["id"] for im in api.get("/api/images").json()]
+    assert "to_delete" not in page.inner_text("#image-list")
+    assert page.inner_text("#st-save").startswith(("deleted to_delete", "saved"))
+    assert not errors, errors

@@ -3,16 +3,18 @@
 Routes live in :mod:`.routes_images` (project, images, uploads, display, exports),
 :mod:`.routes_edit` (model prompts and label edits) and :mod:`.routes_jobs` (fine-tuning).
 Errors are JSON ``{"error": "..."}`` with a 4xx status; an unexpected error is logged and answered
-with a 500 that holds no stack trace. With a ``token``, every ``/api`` request must carry it (header
-``X-CellSAM-Token``, or the cookie set when the page is opened as ``/?token=...``). Every answer carries
-``Server-Timing: app;dur=<ms>``, the time the server spent on it (``cellsam bench --prompts`` reads it).
+with a 500 that holds no stack trace. Access rules (token, allowed ``Host`` names, same-origin
+state-changing requests) are in :mod:`.access`. Every answer carries ``Server-Timing: app;dur=<ms>``, the
+time the server spent on it (``cellsam bench --prompts`` reads it). The interactive API docs (``/docs``,
+``/redoc``) are off: their scripts come from a CDN and the page was blank offline; the schema is at
+``/openapi.json``.
 """
 
 from __future__ import annotations
 
 import logging
-import secrets
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +24,7 @@ from fastapi.middleware.gzip import GZipMiddleware
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 
+from cellsam.server.access import Access, check_request, cookie_name, token_matches
 from cellsam.server.context import ServerContext
 from cellsam.server.finetune import FinetuneManager
 from cellsam.server.images import Limits, UploadError
@@ -31,9 +34,6 @@ from cellsam.server.storage import NotFoundError, Project, ProjectError
 log = logging.getLogger(__name__)
 
 STATIC = Path(__file__).parent / "static"
-TOKEN_HEADER = "X-CellSAM-Token"
-TOKEN_COOKIE = "cellsam_token"
-_OPEN_PATHS = ("/", "/favicon.ico")
 
 
 def create_app(
@@ -42,6 +42,7 @@ def create_app(
     *,
     model_name: str | None = None,
     token: str | None = None,
+    allowed_hosts: Iterable[str] | None = None,
     limits: Limits | None = None,
     cache_items: int = CACHE_ITEMS,
     cache_bytes: int = CACHE_BYTES,
@@ -53,8 +54,10 @@ def create_app(
         project: an open :class:`Project`, or a path for :meth:`Project.open` (folder of images,
             existing project, or a new folder).
         model: a CellSAM model, or a weights name / checkpoint path for :func:`cellsam.weights.load_model`.
-        token: if given, required on every API request (use it whenever the server listens beyond
-            localhost).
+        token: if given, required on every API request (``cellsam serve`` always makes one unless
+            ``--no-token``).
+        allowed_hosts: names the ``Host`` header may carry (``cellsam serve``: the bound address and
+            the loopback names); None accepts any name (a caller that runs the app itself chooses).
         limits: upload limits. cache_items / cache_bytes: bounds of the embedding cache.
         finetune_accelerator: Lightning accelerator of fine-tuning jobs ("auto", "cpu", "gpu").
     """
@@ -65,16 +68,20 @@ def create_app(
 
         model_name = model_name or str(model)
         model = load_model(model)
+    hosts = None if allowed_hosts is None else frozenset(h.strip("[]").lower() for h in allowed_hosts)
+    access = Access(token=token or None, hosts=hosts)
     session = ModelSession(model, name=model_name or type(model).__name__, cache_items=cache_items,
                            cache_bytes=cache_bytes)
     ctx = ServerContext(project=project, session=session, finetune=FinetuneManager(project, session),
-                        limits=limits or Limits(), token=token, finetune_accelerator=finetune_accelerator)
+                        limits=limits or Limits(), access=access, finetune_accelerator=finetune_accelerator)
 
     app = FastAPI(
         title="cellsam labeling server",
         description="Segment cells with CellSAM, correct them, export the labels, fine-tune the model.",
         version=_version(),
         responses={400: {"model": _error_model()}, 404: {"model": _error_model()}},
+        docs_url=None,
+        redoc_url=None,
     )
     app.state.ctx = ctx
     app.add_middleware(GZipMiddleware, minimum_size=2048)
@@ -92,8 +99,8 @@ def create_app(
     def index(request: Request) -> Response:
         resp = FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-store"})
         given = request.query_params.get("token")
-        if ctx.token and given and secrets.compare_digest(given, ctx.token):
-            resp.set_cookie(TOKEN_COOKIE, given, httponly=True, samesite="strict")
+        if token_matches(given, ctx.access):
+            resp.set_cookie(cookie_name(request.url.port), str(given), httponly=True, samesite="strict")
         return resp
 
     @app.get("/favicon.ico", include_in_schema=False)
@@ -119,12 +126,10 @@ def _error_model() -> Any:
 def _add_guards(app: FastAPI, ctx: ServerContext) -> None:
     @app.middleware("http")
     async def guard(request: Request, call_next: Any) -> Response:
-        path = request.url.path
-        if ctx.token and not (path in _OPEN_PATHS or path.startswith("/static/")):
-            given = request.headers.get(TOKEN_HEADER) or request.cookies.get(TOKEN_COOKIE) or ""
-            if not secrets.compare_digest(given, ctx.token):
-                return JSONResponse({"error": "missing or wrong access token: open the address printed by "
-                                     "`cellsam serve` (it ends in ?token=...)"}, status_code=401)
+        refused = check_request(ctx.access, method=request.method, path=request.url.path,
+                                headers=request.headers, cookies=request.cookies, port=request.url.port)
+        if refused is not None:
+            return JSONResponse({"error": refused.message}, status_code=refused.status)
         length = request.headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > ctx.limits.max_bytes + (1 << 20):
             return JSONResponse({"error": f"request of {length} bytes is over the upload limit of "

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from cellsam.server.access import Access
 from cellsam.server.finetune import FinetuneManager
 from cellsam.server.images import Limits, channel_key, display_rgb, load_raw, prepare
 from cellsam.server.schemas import EditResponse, ImageInfo, encode_patch
@@ -22,7 +23,7 @@ class ServerContext:
     session: ModelSession
     finetune: FinetuneManager
     limits: Limits
-    token: str | None = None
+    access: Access = Access()
     finetune_accelerator: str = "auto"
 
     def record(self, image_id: int) -> ImageRecord:
@@ -48,7 +49,8 @@ class ServerContext:
         n_undo, n_redo = self.project.history(rec.id)
         return ImageInfo(
             id=rec.id, name=rec.name, height=rec.height, width=rec.width, n_channels=rec.n_channels,
-            nuclear=rec.nuclear, wholecell=rec.wholecell, reviewed=rec.reviewed, n_cells=rec.n_cells,
+            nuclear=rec.nuclear, wholecell=rec.wholecell, reviewed=rec.reviewed, edited=rec.person_edits > 0,
+            n_cells=rec.n_cells,
             version=rec.version, can_undo=n_undo > 0, can_redo=n_redo > 0,
         )
 
@@ -59,5 +61,5 @@ def edit_response(res: EditResult) -> EditResponse:
     return EditResponse(
         image_id=res.image_id, action=res.action, version=res.version, base_version=res.base_version,
         window=res.window, patch=encode_patch(patch), n_cells=res.n_cells, cell=res.cell,
-        can_undo=res.can_undo, can_redo=res.can_redo,
+        can_undo=res.can_undo, can_redo=res.can_redo, edited=res.edited,
     )

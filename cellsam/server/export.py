@@ -3,13 +3,17 @@
 The pairs folder is the Cellpose convention that :func:`cellsam.data.readers.read_pairs` (and so
 ``cellsam prepare``) reads: ``<name>_img.tif`` holds the raw image with the roles the user chose
 (one channel (H, W); nuclear + whole-cell as a (2, H, W) stack; an RGB picture as (H, W, 3)) and
-``<name>_masks.tif`` the labels renumbered 1..n.
+``<name>_masks.tif`` the labels renumbered 1..n. :func:`write_pairs_folder` writes it under a
+temporary name and renames it when every file is written, so a failed export leaves nothing behind.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import shutil
+import tempfile
+import time
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -94,8 +98,16 @@ def pairs_image(project: Project, rec: ImageRecord) -> np.ndarray:
     return raw[..., 0] if raw.shape[2] == 1 else raw
 
 
+class ExportError(ValueError):
+    """An image of the project cannot be exported (its file is missing or unreadable)."""
+
+
 def write_pairs(project: Project, out: str | Path, recs: list[ImageRecord]) -> list[Path]:
-    """Write ``<stem>_img.tif`` + ``<stem>_masks.tif`` per image into ``out``; returns the image files."""
+    """Write ``<stem>_img.tif`` + ``<stem>_masks.tif`` per image into ``out``; returns the image files.
+
+    Raises:
+        ExportError: an image cannot be read (files written so far stay: see :func:`write_pairs_folder`).
+    """
     import tifffile
 
     out = Path(out)
@@ -103,7 +115,7 @@ def write_pairs(project: Project, out: str | Path, recs: list[ImageRecord]) -> l
     written = []
     for rec in recs:
         s = stem(rec)
-        img = pairs_image(project, rec)
+        img = _readable(project, rec)
         tifffile.imwrite(out / f"{s}_img.tif", img, photometric="rgb" if img.ndim == 3 and img.shape[-1] in (3, 4)
                          and img.dtype == np.uint8 else "minisblack")
         (out / f"{s}_masks.tif").write_bytes(label_tiff_bytes(export_labels(project, rec.id)))
@@ -113,6 +125,39 @@ def write_pairs(project: Project, out: str | Path, recs: list[ImageRecord]) -> l
         f"Prepare them for training with:  cellsam prepare {out} --out PREPARED\n"
     )
     return written
+
+
+def write_pairs_folder(project: Project, recs: list[ImageRecord], *, parent: str = "exports") -> Path:
+    """Write the pairs of ``recs`` into a new ``<project>/<parent>/pairs-<time>`` folder, atomically:
+    into a hidden temporary folder first, renamed when complete (removed on any error)."""
+    base = project.resolve(parent)
+    base.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".pairs-", suffix=".part", dir=base))
+    try:
+        write_pairs(project, tmp, recs)
+        final = _free_name(base, f"pairs-{time.strftime('%Y%m%d-%H%M%S')}")
+        tmp.rename(final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+def _free_name(base: Path, name: str) -> Path:
+    """``base/name``, or ``base/name-2``, ``-3``... when taken (two exports in one second)."""
+    out, k = base / name, 2
+    while out.exists():
+        out, k = base / f"{name}-{k}", k + 1
+    return out
+
+
+def _readable(project: Project, rec: ImageRecord) -> np.ndarray:
+    """:func:`pairs_image`, with a read failure worded for the user."""
+    try:
+        return pairs_image(project, rec)
+    except (OSError, ValueError) as e:
+        raise ExportError(f"image {rec.id} ({rec.name}) cannot be read ({e}); delete it from the project "
+                          "(Delete image) and export again") from None
 
 
 def zip_folder(folder: Path) -> bytes:

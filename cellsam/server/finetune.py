@@ -1,13 +1,19 @@
 """Fine-tune the current model on the project's corrected images, in a background thread.
 
+Corrected images are those a person edited (paint, erase, delete, merge, click or box prompts; not
+"Segment all", accepted boxes or imported labels alone) or marked reviewed, with at least one cell
+(:attr:`~cellsam.server.records.ImageRecord.corrected`). With two or more, a fifth of them (at least
+one, drawn with the job's seed) is held out of training.
+
 A job: (1) saves the current model and writes a prepared dataset (docs/ARCHITECTURE.md layout,
-``train`` split only, tiles of the model's own ``tile_size``) from the corrected images (reviewed,
-or edited by hand, with at least one cell); (2) scores the current model on those images; (3) runs
-stage 1 ("detection", only when asked) and stage 2 ("masks") with :func:`cellsam.train.run.train`;
-(4) scores the new model the same way. Scores are :func:`cellsam.eval.metrics.evaluate_labels`'s
-``f1_mean`` (F1 at IoU 0.5) and ``ap50`` of :func:`cellsam.segment` against the corrected labels:
-they are measured on the training images, so they show how well the model learnt the corrections,
-not how it generalises. The new model is only offered; :meth:`FinetuneManager.use` switches to it.
+``train`` split only, tiles of the model's own ``tile_size``) from the training images; (2) scores
+the current model on the held-out images; (3) runs stage 1 ("detection", only when asked) and stage 2
+("masks") with :func:`cellsam.train.run.train`; (4) scores the new model the same way. Scores are
+:func:`cellsam.eval.metrics.evaluate_labels`'s ``f1_mean`` (F1 at IoU 0.5) and ``ap50`` of
+:func:`cellsam.segment` against the corrected labels. With a single corrected image nothing can be
+held out: the scores are then on the training image and the job says so in its ``warning``. A new
+model whose F1 is lower than the current one's is marked ``worse`` with a warning, and
+:meth:`FinetuneManager.use` refuses it unless forced; the new model is never used by itself.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ from cellsam.server.storage import ImageRecord, Project, ProjectError
 log = logging.getLogger(__name__)
 
 FINETUNE_DIR = "finetune"
+HOLDOUT_FRACTION = 0.2
 
 
 @dataclass(frozen=True)
@@ -59,9 +66,13 @@ class JobState:
     message: str = ""
     images: int = 0
     tiles: int = 0
+    held_out: list[str] = field(default_factory=list)
+    scored_on: str = ""
     before: dict[str, Any] | None = None
     after: dict[str, Any] | None = None
     model: str | None = None
+    worse: bool | None = None
+    warning: str | None = None
     started: float = field(default_factory=time.time)
     finished: float | None = None
 
@@ -74,8 +85,29 @@ class Cancelled(Exception):
 
 
 def corrected_images(project: Project) -> list[ImageRecord]:
-    """Images the user reviewed or edited by hand, with at least one cell."""
-    return [r for r in project.images() if r.n_cells > 0 and (r.reviewed or r.edits > 0)]
+    """Images a person edited or marked reviewed, with at least one cell."""
+    return [r for r in project.images() if r.corrected]
+
+
+def split_holdout(recs: list[ImageRecord], *, seed: int) -> tuple[list[ImageRecord], list[ImageRecord]]:
+    """(training images, held-out images): ``HOLDOUT_FRACTION`` of them (at least one) held out when
+    there are two or more, drawn by ``seed``; both lists in project order."""
+    if len(recs) < 2:
+        return list(recs), []
+    n_hold = max(1, round(len(recs) * HOLDOUT_FRACTION))
+    order = np.random.default_rng(seed).permutation(len(recs))
+    held = set(order[:n_hold].tolist())
+    return [r for i, r in enumerate(recs) if i not in held], [r for i, r in enumerate(recs) if i in held]
+
+
+def compare(before: dict[str, Any], after: dict[str, Any], *, scored_on: str) -> tuple[bool, str | None]:
+    """(worse, warning) of a new model's scores against the current model's (F1 at IoU 0.5 decides)."""
+    worse = after["f1"] < before["f1"]
+    if not worse:
+        return False, None
+    return True, (f"the new model scores worse than the current one on {scored_on}: F1 {after['f1']:.3f} vs "
+                  f"{before['f1']:.3f} (AP50 {after['ap50']:.3f} vs {before['ap50']:.3f}); keep the current model, "
+                  "or correct more images and fine-tune again")
 
 
 def write_prepared(project: Project, recs: list[ImageRecord], out: Path, *, tile: int) -> int:
@@ -150,11 +182,13 @@ class FinetuneManager:
             raise ProjectError("a fine-tuning job is already running")
         recs = corrected_images(self.project)
         if not recs:
-            raise ProjectError("no corrected images yet: edit an image or mark it reviewed first")
+            raise ProjectError("no corrected images yet: edit an image (\"Segment all\" alone does not count) "
+                               "or mark it reviewed first")
+        train, held = split_holdout(recs, seed=opts.seed)
         job_id = time.strftime("%Y%m%d-%H%M%S")
-        self.job = JobState(id=job_id, images=len(recs))
+        self.job = JobState(id=job_id, images=len(train), held_out=[r.name for r in held])
         self._opts, self._cancel = opts, threading.Event()
-        self._thread = threading.Thread(target=self._run, args=(self.job, opts, recs), daemon=True,
+        self._thread = threading.Thread(target=self._run, args=(self.job, opts, train, held), daemon=True,
                                         name=f"finetune-{job_id}")
         self._thread.start()
         return self.job
@@ -178,13 +212,20 @@ class FinetuneManager:
             self._thread.join(timeout)
         return self.job
 
-    def use(self) -> str:
-        """Switch the session to the job's new model; returns its project-relative path."""
+    def use(self, *, force: bool = False) -> str:
+        """Switch the session to the job's new model; returns its project-relative path.
+
+        Raises:
+            ProjectError: no finished job, or its model scored worse and ``force`` is False.
+        """
         from cellsam.weights import load_model
 
         job = self.job
         if job is None or job.state != "done" or job.model is None:
             raise ProjectError("no fine-tuned model to use yet")
+        if job.worse and not force:
+            raise ProjectError(f"not switched: {job.warning}. To use it anyway, send force=true "
+                               "(the page asks first)")
         path = self.project.resolve(job.model)
         device = next(self.session.model.parameters()).device
         self.session.set_model(load_model(path, device=device), name=job.model)
@@ -198,9 +239,9 @@ class FinetuneManager:
         job.phase, job.progress = phase, progress
         log.info("fine-tune %s: %s", job.id, phase)
 
-    def _run(self, job: JobState, opts: FinetuneOptions, recs: list[ImageRecord]) -> None:
+    def _run(self, job: JobState, opts: FinetuneOptions, train: list[ImageRecord], held: list[ImageRecord]) -> None:
         try:
-            self._run_inner(job, opts, recs)
+            self._run_inner(job, opts, train, held)
             job.state, job.phase, job.progress = "done", "done", 1.0
         except Cancelled:
             job.state, job.message = "cancelled", "cancelled by the user"
@@ -211,7 +252,9 @@ class FinetuneManager:
             self._stage = None
             job.finished = time.time()
 
-    def _run_inner(self, job: JobState, opts: FinetuneOptions, recs: list[ImageRecord]) -> None:
+    def _run_inner(
+        self, job: JobState, opts: FinetuneOptions, train: list[ImageRecord], held: list[ImageRecord]
+    ) -> None:
         from cellsam.server.export import export_labels
         from cellsam.server.images import load_raw, prepare
         from cellsam.train.config import TrainConfig
@@ -224,11 +267,18 @@ class FinetuneManager:
             start = save_model(self.session.model, root / "start", version="start",
                                metadata={"description": f"model before fine-tune {job.id}"})
             tile = self.session.tile_size
-        job.tiles = write_prepared(self.project, recs, root / "data", tile=tile)
+        job.tiles = write_prepared(self.project, train, root / "data", tile=tile)
         if job.tiles == 0:
             raise ProjectError("the corrected images have no usable cells (after the label filters)")
-        images = [prepare(load_raw(self.project.image_path(r), r), r) for r in recs]
-        gts = [export_labels(self.project, r.id) for r in recs]
+        scored = held or train
+        if held:
+            job.scored_on = f"{len(held)} held-out image(s) ({', '.join(r.name for r in held)})"
+        else:
+            job.scored_on = "the training image"
+            job.warning = ("only one corrected image: none could be held out, so the scores are on the image it "
+                           "trained on and do not show how the model does on new images")
+        images = [prepare(load_raw(self.project.image_path(r), r), r) for r in scored]
+        gts = [export_labels(self.project, r.id) for r in scored]
         self._phase(job, "scoring the current model", 0.05)
         job.before = score(load_model(start), images, gts)
         total = opts.detection_steps + opts.mask_steps
@@ -254,6 +304,9 @@ class FinetuneManager:
         self._phase(job, "scoring the new model", 0.9)
         job.after = score(load_model(init), images, gts)
         job.model = Path(init).relative_to(self.project.root).as_posix()
+        job.worse, worse_note = compare(job.before, job.after, scored_on=job.scored_on)
+        if worse_note:
+            job.warning = worse_note + (f" ({job.warning})" if job.warning else "")
 
     def _train(self, cfg: Any) -> Path:
         from cellsam.train.run import train

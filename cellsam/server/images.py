@@ -1,7 +1,10 @@
 """Uploaded files (content-checked, size-limited), channel roles, and what the page displays.
 
 Uploads are identified by their first bytes, not their name: PNG, JPEG and TIFF (incl. BigTIFF)
-only. Their pixel count is read from the header before decoding (no decompression bombs).
+only. Their pixel count is read from the header before decoding (no decompression bombs), and they
+are decoded before they are accepted: anything that does not decode as an image is refused with 415.
+The stored file ends in the suffix of its content (``cells`` holding a TIFF is kept as ``cells.tif``),
+so it is read back by the same reader that accepted it.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ MAGIC: tuple[tuple[bytes, str], ...] = (
     (b"MM\x00+", ".tif"),
 )
 MAX_CHANNELS = 16
+SUFFIX_ALIASES = {".tif": (".tif", ".tiff"), ".png": (".png",), ".jpg": (".jpg", ".jpeg")}
 
 
 class UploadError(ValueError):
@@ -40,12 +44,43 @@ class Limits:
     max_pixels: int = 200_000_000
 
 
+@dataclass(frozen=True)
+class DecodedUpload:
+    """An accepted upload: its pixels, channel axis (None for 2-D) and file suffix from its content."""
+
+    data: np.ndarray
+    channel_axis: int | None
+    suffix: str
+
+
 def sniff(content: bytes) -> str:
     """File suffix from the content's magic bytes; ``UploadError`` (415) for anything else."""
     for magic, suffix in MAGIC:
         if content.startswith(magic):
             return suffix
     raise UploadError("unsupported file type: only TIFF, PNG and JPEG images can be uploaded", 415)
+
+
+def stored_name(name: str, suffix: str) -> str:
+    """``name`` ending in a suffix of its content's type: kept if it has one, else ``suffix`` appended."""
+    if Path(name).suffix.lower() in SUFFIX_ALIASES.get(suffix, (suffix,)):
+        return name
+    return f"{name}{suffix}"
+
+
+def readable_path(path: Path, stack: Any) -> Path:
+    """``path``, or where its suffix is not an image's, a link to it named by its content's type
+    (files stored before uploads were renamed by content); ``stack``: an ``ExitStack`` that owns the link."""
+    from cellsam.io import IMAGE_SUFFIXES
+
+    if path.suffix.lower() in IMAGE_SUFFIXES:
+        return path
+    with open(path, "rb") as f:
+        suffix = sniff(f.read(16))
+    tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="cellsam-read-")))
+    link = tmp / f"image{suffix}"
+    link.symlink_to(path.resolve())
+    return link
 
 
 def _header_pixels(path: Path, suffix: str) -> int:
@@ -64,16 +99,16 @@ def _header_pixels(path: Path, suffix: str) -> int:
 
 def read_upload(
     content: bytes, filename: str, *, limits: Limits, channel_axis: int | None = None
-) -> tuple[np.ndarray, int | None]:
+) -> DecodedUpload:
     """Check and decode an uploaded image.
 
     Args:
         content: the file's bytes. filename: only used in messages.
         channel_axis: the user's channel axis for a 3-D image whose file does not say it.
     Returns:
-        (pixel array, channel axis or None for 2-D).
+        the pixels, the channel axis (None for 2-D) and the suffix of the content's type.
     Raises:
-        UploadError: empty / too large (413) / unsupported (415) / corrupt (400) / bad layout (422).
+        UploadError: empty (400) / too large (413) / not an image or not decodable (415) / bad layout (422).
     """
     from cellsam.io import ImageReadError, load_image
 
@@ -89,13 +124,13 @@ def read_upload(
             pixels = _header_pixels(path, suffix)
         except Exception as e:  # noqa: BLE001 - any header error means a corrupt file
             kind = suffix[1:].upper()
-            raise UploadError(f"{filename}: not a readable {kind} file ({type(e).__name__}: {e})") from None
+            raise UploadError(f"{filename}: not a readable {kind} file ({type(e).__name__}: {e})", 415) from None
         if pixels > limits.max_pixels:
             raise UploadError(f"{filename}: {pixels} pixels is over the limit of {limits.max_pixels}", 413)
         try:
             loaded = load_image(path)
         except ImageReadError as e:
-            raise UploadError(f"{filename}: {str(e).split(': ', 1)[-1]}") from None
+            raise UploadError(f"{filename}: not a readable image: {str(e).split(': ', 1)[-1]}", 415) from None
     data, axis = loaded.data, loaded.channel_axis
     if data.ndim == 3 and axis is None:
         if channel_axis is None:
@@ -109,7 +144,7 @@ def read_upload(
             f"{MAX_CHANNELS}: is the channel axis right?", 422)
     if data.ndim not in (2, 3):
         raise UploadError(f"{filename}: expected a 2-D image (with channels), got shape {data.shape}", 422)
-    return data, (axis if data.ndim == 3 else None)
+    return DecodedUpload(data=data, channel_axis=axis if data.ndim == 3 else None, suffix=suffix)
 
 
 def channels_of(rec: Any) -> tuple[int | None, int | None] | None:
@@ -126,10 +161,14 @@ def channel_key(rec: Any) -> tuple[int, int | None, int | None]:
 
 def load_raw(path: Path, rec: Any) -> np.ndarray:
     """The image file as (H, W, C)."""
+    from contextlib import ExitStack
+
     from cellsam.inference.preprocess import to_channels_last
     from cellsam.io import load_image
 
-    return to_channels_last(load_image(path).data, channel_axis=rec.channel_axis)
+    with ExitStack() as stack:
+        data = load_image(readable_path(path, stack)).data
+    return to_channels_last(data, channel_axis=rec.channel_axis)
 
 
 def prepare(raw_hwc: np.ndarray, rec: Any) -> np.ndarray:

@@ -14,6 +14,11 @@ import numpy as np
 
 from cellsam.server.edits import Window
 
+# Edits by a person (the action names of routes_edit): an image with one of them (not undone) counts as
+# corrected for fine-tuning. The model's own labels ("segment all", "decode boxes", "add boxes") and
+# labels from a file ("import labels", "import") do not: mark such an image reviewed to train on it.
+PERSON_ACTIONS = ("add cell (box)", "add cell (points)", "refine cell", "paint", "erase", "delete", "merge")
+
 
 class ProjectError(ValueError):
     """A bad request against the project (unknown image, nothing to undo, bad path)."""
@@ -40,6 +45,12 @@ class ImageRecord:
     n_cells: int = 0
     version: int = 0
     edits: int = 0
+    person_edits: int = 0
+
+    @property
+    def corrected(self) -> bool:
+        """A person edited its labels or marked it reviewed (and it has cells): fine-tuning uses it."""
+        return self.n_cells > 0 and (self.reviewed or self.person_edits > 0)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -59,6 +70,7 @@ class EditResult:
     cell: int | None
     can_undo: bool
     can_redo: bool
+    edited: bool = False  # a person has edited the labels (see PERSON_ACTIONS)
 
 
 def pack(arr: np.ndarray) -> bytes:
@@ -77,7 +89,10 @@ def safe_filename(name: str) -> str:
     """A file name without folders or odd characters (uploads never choose where they land)."""
     base = re.split(r"[\\/]", str(name))[-1]
     base = re.sub(r"[^A-Za-z0-9._-]+", "_", base).lstrip(".")
-    return base[:120] or "image"
+    if len(base) > 120:  # keep the suffix: the file is read by it
+        stem, dot, suffix = base.rpartition(".")
+        base = f"{stem[:110]}.{suffix}" if dot and stem and len(suffix) <= 9 else base[:120]
+    return base or "image"
 
 
 class Transaction:
@@ -95,7 +110,9 @@ class Transaction:
 
 IMAGE_QUERY = (
     "SELECT i.*, l.n_cells AS n_cells, l.version AS version, "
-    "(SELECT COUNT(*) FROM history h WHERE h.image_id=i.id AND h.undone=0) AS edits "
+    "(SELECT COUNT(*) FROM history h WHERE h.image_id=i.id AND h.undone=0) AS edits, "
+    "(SELECT COUNT(*) FROM history h WHERE h.image_id=i.id AND h.undone=0 AND h.action IN ("
+    + ", ".join(f"'{a}'" for a in PERSON_ACTIONS) + ")) AS person_edits "
     "FROM images i JOIN labels l ON l.image_id=i.id"
 )
 
@@ -108,7 +125,7 @@ def record_from_row(row: sqlite3.Row) -> ImageRecord:
         nuclear=None if row["nuclear"] is None else int(row["nuclear"]),
         wholecell=None if row["wholecell"] is None else int(row["wholecell"]),
         reviewed=bool(row["reviewed"]), n_cells=int(row["n_cells"]), version=int(row["version"]),
-        edits=int(row["edits"]),
+        edits=int(row["edits"]), person_edits=int(row["person_edits"]),
     )
 
 

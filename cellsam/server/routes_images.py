@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-import time
+import tempfile
+from pathlib import Path
 from typing import Annotated
 
 import numpy as np
@@ -11,8 +12,9 @@ from fastapi.responses import Response
 
 from cellsam.server import export
 from cellsam.server.context import ServerContext, edit_response
-from cellsam.server.images import png_bytes, read_upload
+from cellsam.server.images import png_bytes, read_upload, stored_name
 from cellsam.server.schemas import EditResponse, ExportInfo, ImageInfo, ImageUpdate, ProjectInfo
+from cellsam.server.storage import ImageRecord
 
 MAX_TILE = 4096
 
@@ -46,11 +48,13 @@ def router(ctx: ServerContext) -> APIRouter:
         channel_axis: Annotated[int | None, Form(description="channel axis of a 3-D image whose file does not say")]
         = None,
     ) -> ImageInfo:
-        """Add an image to the project (content checked, size limited). Its labels start empty."""
+        """Add an image to the project. It is recognised by its content (not its name), size limited and
+        decoded before it is accepted (415 if it is not a readable TIFF, PNG or JPEG). Its labels start empty."""
         name = file.filename or "image"
         content = _read_limited(file, ctx.limits.max_bytes)
-        data, axis = read_upload(content, name, limits=ctx.limits, channel_axis=channel_axis)
-        rec = project.add_image(name, data, channel_axis=axis, content=content)
+        up = read_upload(content, name, limits=ctx.limits, channel_axis=channel_axis)
+        rec = project.add_image(name, up.data, channel_axis=up.channel_axis, content=content,
+                                file_name=stored_name(name, up.suffix))
         return ctx.info(rec)
 
     @r.get("/images/{image_id}", response_model=ImageInfo)
@@ -71,6 +75,8 @@ def router(ctx: ServerContext) -> APIRouter:
 
     @r.delete("/images/{image_id}", status_code=204)
     def delete_image(image_id: int) -> Response:
+        """Remove an image, its labels and its history from the project. A file uploaded through the
+        page is deleted; an image used in place (a folder opened as a project) stays on disk."""
         project.delete_image(image_id)
         ctx.session.forget(image_id)
         return Response(status_code=204)
@@ -106,7 +112,7 @@ def router(ctx: ServerContext) -> APIRouter:
         """Replace the labels by an existing label image (to correct it); undoable."""
         rec = ctx.record(image_id)
         content = _read_limited(file, ctx.limits.max_bytes)
-        data, _ = read_upload(content, file.filename or "labels", limits=ctx.limits, channel_axis=0)
+        data = read_upload(content, file.filename or "labels", limits=ctx.limits, channel_axis=0).data
         if data.shape != (rec.height, rec.width):
             raise ValueError(f"label image of shape {data.shape} does not match the image ({rec.height}, {rec.width})")
         return edit_response(project.set_labels(image_id, data, action="import labels"))
@@ -132,23 +138,28 @@ def router(ctx: ServerContext) -> APIRouter:
 
     @r.get("/export/pairs.zip", response_class=Response, tags=["export"])
     def export_pairs_zip(reviewed_only: bool = False) -> Response:
-        """A zip of the training-ready ``*_img.tif`` / ``*_masks.tif`` folder."""
-        folder = _write_pairs(reviewed_only)
-        return _download(export.zip_folder(project.resolve(folder.folder)), "application/zip",
-                         f"{project.root.name}_pairs.zip")
+        """A zip of the training-ready ``*_img.tif`` / ``*_masks.tif`` folder (built in a temporary folder:
+        nothing is written into the project)."""
+        recs = _pairs_records(reviewed_only)
+        with tempfile.TemporaryDirectory(prefix="cellsam-pairs-") as tmp:
+            folder = Path(tmp) / f"{project.root.name}_pairs"
+            export.write_pairs(project, folder, recs)
+            data = export.zip_folder(folder)
+        return _download(data, "application/zip", f"{project.root.name}_pairs.zip")
 
     @r.post("/export/pairs", response_model=ExportInfo, tags=["export"])
     def export_pairs(reviewed_only: bool = False) -> ExportInfo:
-        """Write ``exports/pairs-<time>/`` in the project folder (input of ``cellsam prepare``)."""
-        return _write_pairs(reviewed_only)
+        """Write ``exports/pairs-<time>/`` in the project folder (input of ``cellsam prepare``). It is
+        written under a temporary name and renamed when complete: a failed export leaves nothing."""
+        folder = export.write_pairs_folder(project, _pairs_records(reviewed_only))
+        rel = folder.relative_to(project.root).as_posix()
+        return ExportInfo(folder=rel, files=sorted(f.name for f in folder.iterdir()))
 
-    def _write_pairs(reviewed_only: bool) -> ExportInfo:
+    def _pairs_records(reviewed_only: bool) -> list[ImageRecord]:
         recs = export.select(project, reviewed_only=reviewed_only)
         if not recs:
             raise ValueError("no images to export" + (" (none is marked reviewed)" if reviewed_only else ""))
-        rel = f"exports/pairs-{time.strftime('%Y%m%d-%H%M%S')}"
-        files = export.write_pairs(project, project.resolve(rel), recs)
-        return ExportInfo(folder=rel, files=sorted(f.name for f in project.resolve(rel).iterdir()) if files else [])
+        return recs
 
     return r
 

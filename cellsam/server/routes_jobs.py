@@ -6,7 +6,7 @@ from fastapi import APIRouter
 
 from cellsam.server.context import ServerContext
 from cellsam.server.finetune import FinetuneOptions, JobState
-from cellsam.server.schemas import FinetuneRequest, JobInfo
+from cellsam.server.schemas import FinetuneRequest, JobInfo, UseRequest, UseResponse
 
 
 def _info(job: JobState) -> JobInfo:
@@ -20,8 +20,10 @@ def router(ctx: ServerContext) -> APIRouter:
 
     @r.post("", response_model=JobInfo, status_code=202)
     def start(body: FinetuneRequest | None = None) -> JobInfo:
-        """Start fine-tuning the current model on the corrected images (reviewed or edited), in the
-        background: stage 2 (masks), and stage 1 (boxes) first when ``detection_steps`` > 0."""
+        """Start fine-tuning the current model on the corrected images (marked reviewed, or edited by a
+        person: "Segment all" alone does not count), in the background: stage 2 (masks), and stage 1
+        (boxes) first when ``detection_steps`` > 0. With two or more corrected images a fifth of them
+        (at least one) is held out and the before / after scores are measured on them."""
         body = body or FinetuneRequest()
         opts = FinetuneOptions(mask_steps=body.mask_steps, detection_steps=body.detection_steps,
                                batch_size=body.batch_size, accelerator=ctx.finetune_accelerator)
@@ -37,9 +39,13 @@ def router(ctx: ServerContext) -> APIRouter:
     def cancel() -> JobInfo:
         return _info(manager.cancel())
 
-    @r.post("/use", response_model=dict)
-    def use() -> dict:
-        """Switch to the fine-tuned model for all further prompts (embeddings are recomputed)."""
-        return {"model": manager.use()}
+    @r.post("/use", response_model=UseResponse)
+    def use(body: UseRequest | None = None) -> UseResponse:
+        """Switch to the fine-tuned model for all further prompts (embeddings are recomputed). A model
+        that scored worse than the current one is refused (409) unless ``force`` is true."""
+        force = body is not None and body.force
+        model = manager.use(force=force)
+        job = manager.status()
+        return UseResponse(model=model, warning=None if job is None else job.warning)
 
     return r

@@ -28,7 +28,8 @@ class ImageInfo(BaseModel):
     n_channels: int
     nuclear: int | None = Field(description="channel index of the nuclear stain (None: not used / automatic)")
     wholecell: int | None = Field(description="channel index of the whole-cell stain (None: not used / automatic)")
-    reviewed: bool
+    reviewed: bool = Field(description="a person marked the labels reviewed")
+    edited: bool = Field(False, description="a person edited the labels (not only the model or an import)")
     n_cells: int
     version: int = Field(description="labels version; +1 per edit, undo or redo")
     can_undo: bool = False
@@ -112,6 +113,7 @@ class EditResponse(BaseModel):
     cell: int | None
     can_undo: bool
     can_redo: bool
+    edited: bool = Field(False, description="a person has edited this image's labels (fine-tuning uses it)")
     saved: bool = True
 
 
@@ -127,11 +129,24 @@ class JobInfo(BaseModel):
     phase: str
     progress: float
     message: str
-    images: int
+    images: int = Field(description="corrected images trained on")
     tiles: int
+    held_out: list[str] = Field(default_factory=list, description="corrected images kept out of training, scored")
+    scored_on: str = Field("", description="which images the before / after scores are measured on")
     before: dict[str, Any] | None
     after: dict[str, Any] | None
     model: str | None
+    worse: bool | None = Field(None, description="the new model scored lower F1 than the current one")
+    warning: str | None = Field(None, description="what to know before using the new model")
+
+
+class UseRequest(BaseModel):
+    force: bool = Field(False, description="use the new model even though it scored worse")
+
+
+class UseResponse(BaseModel):
+    model: str
+    warning: str | None = None
 
 
 class ExportInfo(BaseModel):

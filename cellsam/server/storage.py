@@ -29,6 +29,7 @@ import numpy as np
 from cellsam.server.edits import Window, changed_window, n_cells
 from cellsam.server.records import (
     IMAGE_QUERY,
+    PERSON_ACTIONS,
     EditResult,
     ImageRecord,
     NotFoundError,
@@ -150,9 +151,11 @@ class Project:
         channel_axis: int | None,
         file: Path | None = None,
         content: bytes | None = None,
+        file_name: str | None = None,
     ) -> ImageRecord:
         """Register an image. ``file``: an existing file inside the project (used in place);
-        else ``content`` (the uploaded bytes) is written to ``images/``. Labels start empty."""
+        else ``content`` (the uploaded bytes) is written to ``images/`` as ``NNNNN_<file_name or name>``
+        (made safe). Labels start empty."""
         from cellsam.inference.preprocess import to_channels_last
 
         hwc = to_channels_last(data, channel_axis=channel_axis)  # validates shape / dtype
@@ -171,7 +174,7 @@ class Project:
             else:
                 if content is None:
                     raise ValueError("add_image needs either file= or content=")
-                rel = Path(IMAGES_DIR) / f"{image_id:05d}_{safe_filename(name)}"
+                rel = Path(IMAGES_DIR) / f"{image_id:05d}_{safe_filename(file_name or name)}"
                 dest = self.resolve(rel.as_posix())
                 dest.parent.mkdir(exist_ok=True)
                 tmp = dest.with_name(dest.name + ".part")
@@ -370,8 +373,12 @@ class Project:
         patch = None
         if win is not None and new is not None:
             patch = np.array(new[win[0] : win[2], win[1] : win[3]], np.int32)
+        person = self._conn.execute(
+            "SELECT COUNT(*) FROM history WHERE image_id=? AND undone=0 AND action IN "
+            f"({', '.join('?' * len(PERSON_ACTIONS))})", (image_id, *PERSON_ACTIONS),
+        ).fetchone()[0]
         return EditResult(image_id, action, version, base, win, patch, n_cells(current), cell,
-                          n_undo > 0, n_redo > 0)
+                          n_undo > 0, n_redo > 0, edited=int(person) > 0)
 
     # ------------------------------------------------------------------ transactions
     def _txn(self) -> Transaction:

@@ -78,7 +78,7 @@ async function applyEdit(res) {
     S.version = res.version;  // nothing changed
   }
   S.image.n_cells = res.n_cells; S.image.version = res.version;
-  S.image.can_undo = res.can_undo; S.image.can_redo = res.can_redo;
+  S.image.can_undo = res.can_undo; S.image.can_redo = res.can_redo; S.image.edited = res.edited;
   for (const c of [...S.selected]) if (!cellExists(c)) S.selected.delete(c);
   updateImageList(); updateStatus(); draw();
 }
@@ -105,6 +105,7 @@ async function loadProject() {
   S.images = S.project.images;
   $("project-name").textContent = S.project.name;
   $("st-model").textContent = "model: " + S.project.model;
+  $("st-model").title = S.project.model;  // the bar shows a long path shortened
   updateImageList();
   if (!S.image && S.images.length) await openImage(S.images[0].id);
   $("empty").hidden = S.images.length > 0;
@@ -117,12 +118,16 @@ function updateImageList() {
     if (S.image && im.id === S.image.id) Object.assign(im, S.image);
     const li = document.createElement("li");
     li.className = S.image && im.id === S.image.id ? "current" : "";
-    li.innerHTML = `<span class="name"></span><span class="meta">${im.n_cells} cells${im.reviewed ? " ✓" : ""}</span>`;
+    const marks = (im.reviewed ? " ✓" : "") + (im.edited ? " ✎" : "");
+    li.innerHTML = `<span class="name"></span><span class="meta">${im.n_cells} cells${marks}</span>`;
     li.querySelector(".name").textContent = im.name;
     li.title = `${im.name}: ${im.width}×${im.height}, ${im.n_channels} channel(s)`;
     li.onclick = () => openImage(im.id);
     ul.appendChild(li);
   }
+  const used = S.images.filter((im) => im.n_cells > 0 && (im.reviewed || im.edited)).length;
+  $("ft-count").textContent = `${used} image(s) edited (✎) or marked reviewed (✓): fine-tuning uses these; ` +
+    "\"Segment all\" alone does not count";
 }
 
 async function openImage(id) {
@@ -196,6 +201,22 @@ async function upload(files) {
     } catch (e) { flash(`${f.name}: ${e.message}`, true); }
   }
   $("empty").hidden = S.images.length > 0;
+}
+
+async function deleteImage() {
+  if (!S.image) return;
+  const im = S.image;
+  if (!confirm(`Delete ${im.name} and its labels from the project? This cannot be undone.`)) return;
+  try {
+    await api("DELETE", `/api/images/${im.id}`);
+    const i = S.images.findIndex((x) => x.id === im.id);
+    S.images = S.images.filter((x) => x.id !== im.id);
+    S.image = null; S.labels = null; S.selected.clear(); S.prompt = null;
+    $("image-panel").hidden = true;
+    flash(`deleted ${im.name}`);
+    if (S.images.length) await openImage(S.images[Math.min(i, S.images.length - 1)].id);
+    else { $("empty").hidden = false; updateImageList(); updateStatus(); draw(); }
+  } catch (e) { flash(e.message, true); }
 }
 
 async function importLabels(file) {
@@ -348,6 +369,7 @@ function brush() { return parseFloat($("brush").value); }
 
 function updateStatus() {
   $("st-image").textContent = S.image ? `${S.image.name} (${S.image.width}×${S.image.height})` : "no image";
+  $("st-image").title = $("st-image").textContent;
   $("st-cells").textContent = S.image ? `${S.image.n_cells} cells` : "";
   const sel = S.selected.size ? `, ${S.selected.size} selected` : "";
   const pr = S.prompt ? `, editing cell ${S.prompt.cell ?? "(new)"}` : "";
@@ -463,19 +485,28 @@ function ftShow() {
   const j = S.ft, run = j && j.state === "running";
   $("ft-progress").hidden = !run; $("btn-ft-cancel").hidden = !run; $("btn-ft-start").disabled = run;
   $("btn-ft-use").hidden = !(j && j.state === "done");
+  $("ft-warning").hidden = !(j && j.warning);
   if (!j) return;
+  $("btn-ft-use").textContent = j.worse ? "Use new model anyway…" : "Use new model";
+  $("ft-warning").textContent = j.warning ? "⚠ " + j.warning : "";
   $("ft-progress").value = j.progress;
   const f = (s) => (s ? `F1 ${s.f1.toFixed(3)}, AP50 ${s.ap50.toFixed(3)}` : "…");
-  let txt = `${j.state}: ${j.phase} (${j.images} images, ${j.tiles} tiles)`;
+  let txt = `${j.state}: ${j.phase} (trained on ${j.images} images, ${j.tiles} tiles)`;
+  if (j.held_out && j.held_out.length) txt += `\nheld out: ${j.held_out.join(", ")}`;
   if (j.before) txt += `\nbefore: ${f(j.before)}`;
-  if (j.after) txt += `\nafter:  ${f(j.after)}  (on the corrected images)`;
+  if (j.after) txt += `\nafter:  ${f(j.after)}`;
+  if (j.before && j.scored_on) txt += `\n(scored on ${j.scored_on})`;
   if (j.message) txt += `\n${j.message}`;
   $("ft-status").textContent = txt;
 }
 
 async function ftUse() {
-  try { const r = await api("POST", "/api/finetune/use"); flash("now using " + r.model); await loadProject(); }
-  catch (e) { flash(e.message, true); }
+  const j = S.ft;
+  if (j && j.worse && !confirm(`${j.warning}\n\nUse the new model anyway?`)) return;
+  try {
+    const r = await api("POST", "/api/finetune/use", { force: Boolean(j && j.worse) });
+    flash("now using " + r.model); await loadProject();
+  } catch (e) { flash(e.message, true); }
 }
 
 // ---------------------------------------------------------------- mouse
@@ -582,6 +613,7 @@ $("upload").onchange = (ev) => { upload([...ev.target.files]); ev.target.value =
 $("import-labels").onchange = (ev) => { if (ev.target.files[0]) importLabels(ev.target.files[0]); ev.target.value = ""; };
 $("ch-nuclear").onchange = setChannels; $("ch-wholecell").onchange = setChannels;
 $("reviewed").onchange = (ev) => setReviewed(ev.target.checked);
+$("btn-delete-image").onclick = deleteImage;
 $("btn-segment").onclick = segmentAll; $("btn-detect").onclick = detectBoxes;
 $("btn-accept").onclick = acceptBoxes; $("btn-discard").onclick = discardReview;
 $("box-threshold").oninput = () => { $("box-threshold-value").textContent = parseFloat($("box-threshold").value).toFixed(2); };
