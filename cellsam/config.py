@@ -176,7 +176,7 @@ class CellSAMConfig:
     # (``dense_finder``) on the stride-4 trunk of a conv encoder.
     detector_kind: Literal["detr", "dense"] = "detr"
     dense_finder: DenseFinderConfig = field(default_factory=DenseFinderConfig)
-    # A size model (Cellpose's SizeModel: the cell diameter from the conv encoder's style vector,
+    # A size model (Cellpose's SizeModel: the cell diameter from the conv encoder's size features,
     # cellsam.models.size_head), fitted by a training recipe's "size" stage. Conv encoders only.
     size_head: bool = False
     # The official CellSAM checkpoint has a separate ViT for the detector; set True to
@@ -194,7 +194,7 @@ class CellSAMConfig:
         if self.encoder_kind not in ("vit", "conv"):
             raise ValueError(f"encoder_kind must be 'vit' or 'conv', got {self.encoder_kind!r}")
         if self.size_head and self.encoder_kind != "conv":
-            raise ValueError("size_head reads the conv encoder's style vector: use encoder_kind 'conv'")
+            raise ValueError("size_head reads the conv encoder's features: use encoder_kind 'conv'")
         if self.detector_kind not in ("detr", "dense"):
             raise ValueError(f"detector_kind must be 'detr' or 'dense', got {self.detector_kind!r}")
         if self.encoder_kind == "conv" and self.separate_detector_trunk:

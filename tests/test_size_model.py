@@ -80,7 +80,7 @@ def test_size_samples_target_the_diameter_at_the_crop_scale(tmp_path: Path) -> N
     tiles = PreparedTiles(data, "train")
     x, y, native = size_samples(model, tiles, n=6, scale_range=(2.0, 2.0 + 1e-9), balance_power=0.0, seed=0,
                                 batch_size=4)
-    assert x.shape == (6, model.image_encoder.style_chans) and y.shape == (6,)
+    assert x.shape == (6, model.image_encoder.size_feature_chans) and y.shape == (6,)
     assert abs(native - 10.0) < 1.0
     assert torch.allclose(y.exp(), torch.full((6,), 20.0), atol=2.0)
 

@@ -8,7 +8,7 @@ maps the masks back onto the input's pixel grid, so segmenting "at the model's s
 diameter of its training data, in image pixels at its own tile size).
 
 ``diameter="auto"`` estimates ``d`` with the model's size model when it has one (Cellpose's SizeModel:
-a regression from the encoder's style vector, :func:`estimate_diameter`, one encoder-stages pass over
+a regression from the encoder's size features, :func:`estimate_diameter`, one encoder-stages pass over
 at most :data:`MAX_SIZE_TILES` tiles); otherwise from the masks of a first pass, the median equivalent
 diameter (``2 sqrt(area / pi)``) of the cells found at the model's own scale. When the estimate is
 within :data:`RESCALE_TOLERANCE` of ``d_model`` the image is segmented at the model's own scale.

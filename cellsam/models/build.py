@@ -29,7 +29,7 @@ def build_model(cfg: CellSAMConfig | str) -> CellSAM:
     else:
         cellfinder = CellFinder(cfg.cellfinder, in_channels=trunk_chans)
     detector_trunk = ImageEncoderViT(cfg.encoder) if cfg.separate_detector_trunk else None
-    size_head = SizeHead(image_encoder.style_chans) if cfg.size_head and isinstance(image_encoder, ConvEncoder) \
+    size_head = SizeHead(image_encoder.size_feature_chans) if cfg.size_head and isinstance(image_encoder, ConvEncoder) \
         else None
     return CellSAM(
         cfg,

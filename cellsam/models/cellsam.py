@@ -99,7 +99,7 @@ class CellSAM(nn.Module):
         from the size model; raises if the model has none or it was never fitted."""
         if self.size_head is None or not self.size_head.fitted or not isinstance(self.image_encoder, ConvEncoder):
             raise ValueError("this model has no fitted size model (cfg.size_head)")
-        return self.size_head(self.image_encoder.style_vector(images)).exp()
+        return self.size_head(self.image_encoder.size_features(images)).exp()
 
     # ------------------------------------------------------------------ detector
     def detect(self, enc: EncoderOutput, images: Tensor | None = None) -> dict[str, Any]:

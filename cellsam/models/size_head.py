@@ -1,7 +1,8 @@
-"""Size model: the typical cell diameter of an image from the encoder's style vector (Cellpose's SizeModel).
+"""Size model: the typical cell diameter of an image from the encoder's features (Cellpose's SizeModel).
 
-A linear (ridge) regression from the conv encoder's global style vector (the L2-normalised mean of its
-deepest stage, :meth:`~cellsam.models.conv_encoder.ConvEncoder.style_vector`) to the log of the median
+A linear (ridge) regression from the conv encoder's global size features (Cellpose's style vector at every
+stage and the stages' log activation levels, :meth:`~cellsam.models.conv_encoder.ConvEncoder.size_features`)
+to the log of the median
 cell diameter, in pixels of the model's input. It is fitted in closed form after the networks are trained
 (:mod:`cellsam.train.size`), on training crops shown at many scales, and stored as buffers of the model.
 """
@@ -15,10 +16,10 @@ __all__ = ["SizeHead"]
 
 
 class SizeHead(nn.Module):
-    """``log d = weight . (style - mean) / std + bias``; unfitted (all zeros) until :meth:`set_fit`.
+    """``log d = weight . (features - mean) / std + bias``; unfitted (all zeros) until :meth:`set_fit`.
 
     Args:
-        features: F, the length of the style vector.
+        features: F, the length of the feature vector.
     """
 
     def __init__(self, features: int) -> None:
@@ -45,7 +46,7 @@ class SizeHead(nn.Module):
         self.bias.fill_(float(bias))
 
     def forward(self, style: Tensor) -> Tensor:
-        """(B, F) style vectors -> (B,) predicted log median cell diameter (pixels of the model input)."""
+        """(B, F) feature vectors -> (B,) predicted log median cell diameter (pixels of the model input)."""
         if style.ndim != 2 or style.shape[1] != self.weight.shape[0]:
             raise ValueError(f"expected style (B, {self.weight.shape[0]}), got {tuple(style.shape)}")
         return ((style.float() - self.mean) / self.std) @ self.weight + self.bias

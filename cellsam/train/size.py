@@ -1,10 +1,10 @@
 """The "size" training stage: fit the size model (:class:`~cellsam.models.size_head.SizeHead`) in closed form.
 
 Cellpose's SizeModel, on our encoder: random training crops are shown to the trained, frozen encoder at
-scales drawn log-uniformly from ``size_scale_range``; each gives the encoder's style vector and the log of
+scales drawn log-uniformly from ``size_scale_range``; each gives the encoder's size features and the log of
 the median diameter of the cells it holds (each cell's area measured on the whole prepared tile, so cells
-cut by the crop count at their full size, times the scale). A ridge regression from the standardised style
-vectors to the log diameters is the size model. The stage also stores ``inference.cell_diameter``: the
+cut by the crop count at their full size, times the scale). A ridge regression from the standardised size
+features to the log diameters is the size model. The stage also stores ``inference.cell_diameter``: the
 median diameter of the training cells at scale 1, the scale that ``segment(diameter=...)`` brings images to.
 """
 
@@ -79,7 +79,7 @@ def size_samples(model: CellSAM, tiles: PreparedTiles, *, n: int, scale_range: t
                  balance_power: float, seed: int, batch_size: int = 16) -> tuple[Tensor, Tensor, float]:
     """Style vectors (n, F), log median diameters (n,) and the median training diameter at scale 1."""
     if not isinstance(model.image_encoder, ConvEncoder):
-        raise ValueError("the size model reads the conv encoder's style vector")
+        raise ValueError("the size model reads the conv encoder's size features")
     rng = np.random.default_rng(seed)
     weights = np.asarray(tiles.source_weights(balance_power), np.float64)
     weights /= weights.sum()
@@ -105,7 +105,7 @@ def size_samples(model: CellSAM, tiles: PreparedTiles, *, n: int, scale_range: t
             batch.append(img)
             if len(batch) == batch_size or len(targets) == n:
                 x = torch.from_numpy(np.stack([_resize(b, side) for b in batch]))
-                feats.append(model.image_encoder.style_vector(model.preprocess(x)).float())
+                feats.append(model.image_encoder.size_features(model.preprocess(x)).float())
                 batch = []
     return torch.cat(feats), torch.tensor(targets), float(np.median(native))
 
