@@ -171,6 +171,17 @@ def test_upload_is_stored_by_its_content_not_its_name(tmp_path: Path, model: tor
     assert len([f for f in r.json()["files"] if f.endswith("_img.tif")]) == len(cases)
 
 
+def test_images_stored_without_a_suffix_before_still_open(client: TestClient) -> None:
+    """Projects where an upload was stored under its name alone (before uploads were renamed by content)."""
+    project = client.app.state.ctx.project
+    img, _ = blob_image()
+    rec = project.add_image("legacy", img, channel_axis=None, content=tif_bytes(img))
+    assert not Path(rec.file).suffix
+    r = client.get(f"/api/images/{rec.id}/display.png")
+    assert r.status_code == 200, r.text
+    assert client.post("/api/export/pairs").status_code == 200
+
+
 def test_non_images_are_refused_with_415(client: TestClient) -> None:
     for name, content in [("notes", b"just some text\n" * 20), ("x.tif", b"II*\x00" + b"\xff" * 64),
                           ("x.jpg", b"\xff\xd8\xff" + b"\x00" * 64), ("data.npy", b"\x93NUMPY\x01\x00" + bytes(64))]:
