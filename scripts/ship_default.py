@@ -8,7 +8,8 @@
    round at the best pair, then the inference tile size (``--tile-sizes``: input pixels per model tile,
    i.e. the scale) at box thresholds 0.3 and the best; the grid is printed and saved.
 2. Writes ``cellsam/pretrained/<name>.safetensors`` + ``.json`` with those thresholds in
-   ``cfg.inference`` and the training data and licences in the metadata.
+   ``cfg.inference`` (keeping the model's ``cell_diameter``; ``--local-decoding`` stores local decoding,
+   used in the sweep too) and the training data and licences in the metadata.
 3. Prints the sha256 to put in ``cellsam/registry.py``.
 """
 
@@ -22,7 +23,6 @@ from pathlib import Path
 
 import numpy as np
 
-from cellsam.config import InferenceConfig
 from cellsam.eval.harness import load_prepared
 from cellsam.eval.metrics import evaluate_labels
 from cellsam.inference.segment import segment
@@ -64,9 +64,14 @@ def main() -> None:
     ap.add_argument("--single-mask", action="store_true",
                     help="the decoder was trained on its single-mask output only (v3): store inference.multimask "
                          "False so that click prompts never return the untrained multimask outputs")
+    ap.add_argument("--local-decoding", action="store_true",
+                    help="store inference.local_decoding (measure it first: scripts/local_decoding_ab.py)")
     args = ap.parse_args()
 
     model = load_model(args.model).eval()
+    # kept from training: the size model's reference diameter; set here: local decoding (swept with it)
+    model.cfg = model.cfg.replace(inference=dataclasses.replace(model.cfg.inference,
+                                                                local_decoding=args.local_decoding))
     items = load_prepared(args.data, "val")
     step = max(1, len(items) // args.sweep_images)  # spread over sources (items are sorted by source)
     subset = items[::step][: args.sweep_images]
@@ -81,9 +86,9 @@ def main() -> None:
                   [best["iou_threshold"]], refine=best["refine_boxes"], tiles=args.tile_sizes)
     best = max(rows, key=lambda r: (r["f1_mean"], -r["refine_boxes"], -abs(r["box_threshold"] - 0.4)))
     print("chosen:", best)
-    model.cfg = model.cfg.replace(tile_size=int(best["tile_size"]), inference=InferenceConfig(
-        box_threshold=best["box_threshold"], iou_threshold=best["iou_threshold"], mask_threshold=0.5,
-        refine_boxes=best["refine_boxes"], multimask=not args.single_mask))
+    model.cfg = model.cfg.replace(tile_size=int(best["tile_size"]), inference=dataclasses.replace(
+        model.cfg.inference, box_threshold=best["box_threshold"], iou_threshold=best["iou_threshold"],
+        mask_threshold=0.5, refine_boxes=best["refine_boxes"], multimask=not args.single_mask))
     meta_src = json.loads(Path(args.model).with_suffix(".json").read_text())
     meta = {
         "variant": meta_src.get("variant", "vit_cpu"),
