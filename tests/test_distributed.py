@@ -251,3 +251,19 @@ def test_many_files_equal_the_single_process_cli(
     assert big.shape == (200, 180) and big.max() > 0
     with open(many / "big_cells.csv") as f:
         assert sum(1 for _ in f) - 1 == len(np.unique(big)) - 1
+
+
+def test_blank_regions_of_a_tiff_get_no_encoder_pass(tmp_path: Path, checkpoint: Path, client) -> None:
+    """A tiled TIFF read window by window, cells in one corner: every tile outside it is skipped."""
+    side, patch, tile = 1100, 200, 128
+    img = np.zeros((3, side, side), np.float32)
+    img[1:, :patch, :patch] = prepare_image(make_blobs((patch, patch), n=20)[0])[1:]
+    tifffile.imwrite(tmp_path / "corner.tif", img, tile=(256, 256), compression="zlib",
+                     metadata={"axes": "CYX"})
+    res = P.segment_dask(tmp_path / "corner.tif", str(checkpoint), output=tmp_path / "corner.ome.zarr",
+                         client=client, normalize=False, block_tiles=4, **{**OPEN, "tile_size": tile})
+    grid = tile_grid((side, side), tile_size=tile, overlap=0.25)
+    assert res.stats["tiles"] == len(grid)
+    assert res.stats["blank_tiles"] == sum(t.y0 >= patch or t.x0 >= patch for t in grid) > 100
+    labels = zarr.open_array(str(tmp_path / "corner.ome.zarr" / "0"), mode="r")[:]
+    assert labels[: patch + tile, : patch + tile].any() and not labels[patch + tile :].any()

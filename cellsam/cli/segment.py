@@ -3,6 +3,9 @@
 Per image ``<name>``: ``<name>_labels.tif`` (uint16, uint32 above 65535 cells), ``<name>_overlay.png``
 (outlines over the image), ``<name>_cells.csv`` and, with ``--coco``, ``<name>_coco.json``.
 A file that fails is reported and the others are still processed; the exit code is 1 if any failed.
+An image above ``--max-pixels`` (default: what this machine's available memory allows, read from the
+file's header before decoding) is refused with a one-line reason; ``--dask`` segments such images
+block by block.
 """
 
 from __future__ import annotations
@@ -34,6 +37,23 @@ def _channel(value: str) -> int | None:
         raise argparse.ArgumentTypeError(
             f"channel index must be an integer or 'none', got {value!r}"
         ) from None
+
+
+def _pixels(value: str) -> int:
+    """``--max-pixels``: a pixel count (``250000000``, ``2.5e8``) or a size (``16000x16000``)."""
+    try:
+        if "x" in value.lower():
+            h, w = (int(v) for v in value.lower().split("x"))
+            n = h * w
+        else:
+            n = int(float(value))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"--max-pixels takes a pixel count (2.5e8) or a size (16000x16000), got {value!r}"
+        ) from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"--max-pixels must be >= 1, got {value!r}")
+    return n
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -101,6 +121,12 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="run on Dask: a LocalCluster, or the scheduler at ADDRESS (tcp://host:8786); files go to "
         "workers, images above 4096x4096 px are cut into blocks and written to <name>_labels.ome.zarr",
     )
+    p.add_argument(
+        "--max-pixels", type=_pixels, default=None, metavar="N|HxW",
+        help="largest image segmented in memory, read from the file's header before decoding (default: what "
+        "80%% of the available memory allows at 48 bytes per pixel: 1 GiB per 22 megapixels); larger ones are "
+        "refused, or with --dask segmented block by block",
+    )
     p.set_defaults(func=run)
     return p
 
@@ -113,6 +139,52 @@ def cli_wording(message: str) -> str:
                      lambda m: "--channels " + " ".join(v.strip().replace("None", "none") for v in m.groups()), message)
     message = message.replace("(None for a missing one)", "(none for a missing one)")
     return re.sub(r"\bchannels=", "--channels ", message)
+
+
+def too_large_reason(e: Any) -> str:
+    """The command line's one-line reason for an :class:`~cellsam.io.ImageTooLarge` image."""
+    info = e.info
+    h, w = info.side
+    if info.blockwise:
+        how = f"segment it block by block with --dask (writes {_stem(info.path)}_labels.ome.zarr)"
+    else:
+        how = (f"{info.path.suffix.lower()} files are decoded whole: convert it to a tiled TIFF or OME-Zarr "
+               "and use --dask")
+    return (f"{h}x{w} image ({info.pixels / 1e6:,.0f} megapixels) is above --max-pixels "
+            f"{e.max_pixels / 1e6:,.0f} megapixels (in memory it would need about "
+            f"{_estimated_gib(info):,.0f} GiB): {how}, or raise --max-pixels if this machine has the memory")
+
+
+def _stem(path: Path) -> str:
+    from cellsam.io import image_name
+
+    return image_name(path)
+
+
+def _estimated_gib(info: Any) -> float:
+    from cellsam.io import estimated_bytes
+
+    return estimated_bytes(info) / 2**30
+
+
+def failure_reason(path: Path, error: BaseException) -> str:
+    """One line saying why ``path`` failed, in the command line's terms (without the path)."""
+    from cellsam.io import ImageTooLarge
+
+    if isinstance(error, ImageTooLarge):
+        return too_large_reason(error)
+    if isinstance(error, MemoryError):
+        return (f"out of memory ({error or 'MemoryError'}): segment it block by block with --dask, or lower "
+                "--max-pixels so that images this large are refused before they are read")
+    return cli_wording(str(error)).removeprefix(f"{path}: ")
+
+
+def max_pixels(args: argparse.Namespace) -> int:
+    """``--max-pixels``, or what this machine's available memory allows."""
+    from cellsam.io import default_max_pixels
+
+    given = getattr(args, "max_pixels", None)
+    return default_max_pixels() if given is None else int(given)
 
 
 def load_model(name: str, device: str) -> Any:
@@ -146,7 +218,7 @@ def segment_file(path: Path, outdir: Path, name: str, model: Any, args: argparse
     from cellsam.inference.preprocess import prepare_image
     from cellsam.inference.segment import DEFAULT_MIN_AREA, segment
 
-    loaded = io.load_image(path)
+    loaded = io.load_image(path, max_pixels=max_pixels(args))  # the size from the header, before decoding
     axis = args.channel_axis if args.channel_axis is not None else loaded.channel_axis
     channels = tuple(args.channels) if args.channels is not None else None
     prepared = prepare_image(loaded.data, channel_axis=axis, channels=channels)
@@ -218,9 +290,8 @@ def run(args: argparse.Namespace) -> int:
     for path in tqdm(paths, desc="images", unit="image", disable=len(paths) < 2):
         try:
             n = segment_file(path, outdir, _unique_name(path, used), model, args)
-        except (ValueError, TypeError, OSError) as e:
-            reason = cli_wording(str(e)).removeprefix(f"{path}: ")
-            failed.append((path, reason))
+        except (ValueError, TypeError, OSError, MemoryError) as e:
+            failed.append((path, failure_reason(path, e)))
             tqdm.write(f"{path}: FAILED: {failed[-1][1]}")  # once, as it happens, above the progress bar
             continue
         done.append((path, n))

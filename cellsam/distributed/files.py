@@ -1,7 +1,7 @@
 """Many image files on Dask: each file is one task running the CLI's own ``segment_file``, so the outputs
 (``<name>_labels.tif``, ``_overlay.png``, ``_cells.csv``, ``_coco.json``) are those of the single-process
-``cellsam segment``. Images above ``LARGE_PIXELS`` (read from the file's metadata, never loaded) go
-through the block pipeline instead (:func:`cellsam.distributed.pipeline.segment_dask`), which writes
+``cellsam segment``. Images above ``LARGE_PIXELS`` or ``--max-pixels`` (read from the file's header,
+never loaded) go through the block pipeline instead (:func:`cellsam.distributed.pipeline.segment_dask`), which writes
 ``<name>_labels.ome.zarr`` and ``<name>_cells.csv``.
 
 A file that cannot be read or segmented (``ValueError``, ``TypeError``, ``OSError``) is reported and the
@@ -17,37 +17,42 @@ import time
 from pathlib import Path
 from typing import Any
 
+from cellsam.io import BLOCKWISE_SUFFIXES as LAZY_SUFFIXES
+
 log = logging.getLogger(__name__)
 
 LARGE_PIXELS = 4096 * 4096
-LAZY_SUFFIXES = (".zarr", ".tif", ".tiff", ".npy")
 
 
 def _file_task(
     path: Path, outdir: Path, name: str, model: Any, device: str, args: argparse.Namespace
 ) -> tuple[str, int | str]:
     """("ok", n_cells) or ("failed", reason) for one file, segmented on a worker."""
-    from cellsam.cli.segment import segment_file
+    from cellsam.cli.segment import failure_reason, segment_file
     from cellsam.distributed.cluster import worker_model
 
     net, _ = worker_model(model, device)
     try:
         return "ok", segment_file(path, outdir, name, net, args)
-    except (ValueError, TypeError, OSError) as e:
-        return "failed", str(e)
+    except (ValueError, TypeError, OSError, MemoryError) as e:
+        return "failed", failure_reason(path, e)
 
 
 def image_pixels(path: Path, channel_axis: int | None = None) -> int:
-    """H * W from the file's metadata (0 when it cannot be read lazily: then it is a small image)."""
+    """H * W from the file's header (:func:`cellsam.io.probe_image`; a 3-D image without a channel axis: its
+    two largest sides); 0 when it cannot be read window by window (PNG, JPEG) or its header is unreadable
+    (then the file task reports why)."""
+    from cellsam.io import ImageInfo, ImageReadError, probe_image
+
     if path.suffix.lower() not in LAZY_SUFFIXES:
         return 0
-    from cellsam.distributed.source import open_source
-
     try:
-        src = open_source(path, channel_axis=channel_axis)
-    except (ValueError, TypeError, OSError):
+        info = probe_image(path)
+    except ImageReadError:
         return 0
-    return src.shape[0] * src.shape[1]
+    if channel_axis is not None and len(info.shape) == 3:
+        info = ImageInfo(info.path, info.shape, info.dtype, channel_axis)
+    return info.pixels
 
 
 def segment_files(
@@ -125,7 +130,7 @@ def segment_large_file(path: Path, name: str, outdir: Path, args: argparse.Names
 
 def run_cli(args: argparse.Namespace, paths: list[Path], n_missing: int, outdir: Path) -> int:
     """``cellsam segment --dask [ADDRESS]``: returns 0 when every image was segmented, else 1."""
-    from cellsam.cli.segment import _unique_name
+    from cellsam.cli.segment import _unique_name, failure_reason, max_pixels
     from cellsam.distributed.cluster import BlockFailure, close_client, get_client
 
     t0 = time.perf_counter()
@@ -137,7 +142,8 @@ def run_cli(args: argparse.Namespace, paths: list[Path], n_missing: int, outdir:
         return 1
     used: set[str] = set()
     names = [_unique_name(p, used) for p in paths]
-    large = [image_pixels(p, args.channel_axis) > LARGE_PIXELS for p in paths]
+    limit = min(LARGE_PIXELS, max_pixels(args))
+    large = [image_pixels(p, args.channel_axis) > limit for p in paths]
     done: list[tuple[Path, int]] = []
     failed: list[tuple[Path, str]] = []
     try:
@@ -148,9 +154,9 @@ def run_cli(args: argparse.Namespace, paths: list[Path], n_missing: int, outdir:
         for i in (i for i, big in enumerate(large) if big):
             try:
                 done.append((paths[i], segment_large_file(paths[i], names[i], outdir, args, client)))
-            except (BlockFailure, ValueError, TypeError, OSError) as e:
-                failed.append((paths[i], str(e)))
-                log.error("%s: %s", paths[i], e)
+            except (BlockFailure, ValueError, TypeError, OSError, MemoryError) as e:
+                failed.append((paths[i], failure_reason(paths[i], e)))
+                log.error("%s: %s", paths[i], failed[-1][1])
     finally:
         if owned:
             close_client(client)

@@ -61,8 +61,8 @@ def _sample_task(source: ImageSource, rect: B.Rect, step: int) -> np.ndarray:
     return source.read((y0 + (-y0) % step, x0 + (-x0) % step, rect[2], rect[3]), step)
 
 
-def _ids_task(cells: B.BlockCells) -> tuple[np.ndarray, np.ndarray]:
-    return cells.gids, cells.edges
+def _ids_task(cells: B.BlockCells) -> tuple[np.ndarray, np.ndarray, int]:
+    return cells.gids, cells.edges, int(cells.stats.get("blank", 0))
 
 
 def _order_task(fin: B.FinalCells) -> tuple[np.ndarray, np.ndarray]:
@@ -109,6 +109,18 @@ class LargeResult:
     seconds: float = 0.0
 
 
+BLOCK_SIDE = 2048
+"""Side in pixels that :func:`auto_block_tiles` aims a block at: each block is a few Dask tasks, so on
+a 40000 x 40000 image 4 x 4 tiles of 256 px (2,300 blocks) spend most of their time in Dask's
+bookkeeping; about 2048 px keeps a worker's window near 100 MB."""
+
+
+def auto_block_tiles(grid: B.GridTiles) -> int:
+    """Tiles per block side for blocks of about :data:`BLOCK_SIDE` pixels (at least 4)."""
+    step = grid.ys[1] - grid.ys[0] if len(grid.ys) > 1 else grid.tile_size
+    return max(4, BLOCK_SIDE // max(int(step), 1))
+
+
 def _check_params(p: dict[str, Any]) -> None:
     from cellsam.ops.masks import logit_threshold
 
@@ -143,7 +155,7 @@ def segment_dask(
     decode_copies: bool = False,
     decode_window: float | None = DEFAULT_DECODE_WINDOW,
     device: Any = None,
-    block_tiles: int = 4,
+    block_tiles: int | None = None,
     chunk: int = 1024,
     levels: int | None = None,
     region_chunks: int = 2,
@@ -156,7 +168,8 @@ def segment_dask(
             ``channel_axis``.
         model: weights name / checkpoint path (loaded once per worker) or a model object (scattered).
         client: a ``distributed.Client``, a scheduler address, or None for a LocalCluster of ``n_workers``.
-        block_tiles: blocks are ``block_tiles`` x ``block_tiles`` tiles of the global tile grid.
+        block_tiles: blocks are ``block_tiles`` x ``block_tiles`` tiles of the global tile grid (None:
+            :func:`auto_block_tiles`, blocks of about ``BLOCK_SIDE`` pixels).
         chunk: OME-Zarr chunk side; levels: pyramid levels (None: until one chunk holds the image);
         region_chunks: level-0 regions written per task, in chunks per side.
         retries: Dask retries per task. The other arguments are those of :func:`cellsam.segment`
@@ -212,7 +225,7 @@ def segment_dask(
         norm = fit_normalizer(samples, source.n_channels, channels=channels, normalize=normalize)
         # 2. segment the blocks
         grid = B.GridTiles((h, w), tile_size=int(tile_size), overlap=float(tile_overlap))
-        blocks = B.plan_blocks(grid, block_tiles)
+        blocks = B.plan_blocks(grid, auto_block_tiles(grid) if block_tiles is None else block_tiles)
         cells = wait_all(
             "segment",
             {
@@ -242,10 +255,10 @@ def segment_dask(
                 "ids", {str(i): submit(_ids_task, c, key=f"ids-{i}") for i, c in enumerate(cells)}
             ).values()
         ]
-        edges = [e for _, e in ids] + [f.result() for f in wait_all("edges", cross).values()]
+        edges = [e for _, e, _ in ids] + [f.result() for f in wait_all("edges", cross).values()]
         # 4. connected components of the copy graph; deduplicate per component
         kept = _resolve(
-            submit, cells, blocks, grid, np.concatenate([g for g, _ in ids]), np.concatenate(edges)
+            submit, cells, blocks, grid, np.concatenate([g for g, _, _ in ids]), np.concatenate(edges)
         )
         # 5. final cells per block, label ids by (score desc, gid)
         kept_cells = [submit(B.pick, cells[b.index], kept[b.index], key=f"kept-{b.index}") for b in blocks]
@@ -321,7 +334,8 @@ def segment_dask(
         stats = {
             "blocks": len(blocks),
             "tiles": len(grid),
-            "candidates": int(sum(g.size for g, _ in ids)),
+            "blank_tiles": int(sum(b for _, _, b in ids)),  # constant tiles: no encoder pass
+            "candidates": int(sum(g.size for g, _, _ in ids)),
             "kept": int(sum(k.size for k in kept)),
             "cells": len(rows),
         }

@@ -15,6 +15,9 @@ from typing import Any
 
 import numpy as np
 
+MAX_SEGMENT_BYTES = 256 * 2**20
+"""A compressed strip / tile larger than this is refused: every window that touches it decodes it whole."""
+
 
 class TiffArray:
     """A read-only array view (``shape``, ``dtype``, ``ndim``, ``__getitem__`` with ints / slices) of the
@@ -39,6 +42,8 @@ class TiffArray:
                 "convert it to OME-Zarr"
             )
         self._mm = None
+        if not self._key.is_memmappable:
+            self._check_segments(path)
         if self._key.is_memmappable:
             try:
                 self._mm = tifffile.memmap(path, mode="r")
@@ -46,6 +51,21 @@ class TiffArray:
                     self._mm = None
             except (ValueError, OSError):
                 self._mm = None
+
+    def _check_segments(self, path: str) -> None:
+        """Refuse files whose strips / tiles are too large to decode once per window (one strip per image)."""
+        page = self._key
+        _, _, length, width, n_con = page.shaped
+        rows, cols = (page.tilelength, page.tilewidth) if page.is_tiled else (
+            min(page.rowsperstrip or length, length), width)
+        size = int(rows) * int(cols) * int(n_con) * self.dtype.itemsize
+        if size > MAX_SEGMENT_BYTES:
+            kind = "tiles" if page.is_tiled else "strips"
+            raise ValueError(
+                f"{path}: compressed in {kind} of {rows}x{cols} pixels ({size / 2**20:,.0f} MiB each), which "
+                "every window would decode whole: rewrite it tiled (tifffile.imwrite(..., tile=(1024, 1024), "
+                "compression='zlib')) or as OME-Zarr"
+            )
 
     def __getitem__(self, idx: Any) -> np.ndarray:
         idx = idx if isinstance(idx, tuple) else (idx,)
