@@ -448,3 +448,34 @@ def test_click_prompts_reach_the_loss(tmp_path: Path) -> None:
     pe = module.model.prompt_encoder.point_embeddings
     assert pe[1].weight.grad is not None and float(pe[1].weight.grad.abs().sum()) > 0
     assert pe[2].weight.grad is None or float(pe[2].weight.grad.abs().sum()) == 0
+
+
+@pytest.mark.parametrize("model", ["vit_tiny", "conv_tiny"])
+@pytest.mark.parametrize("stage", ["detection", "masks", "joint"])
+def test_module_total_is_the_criterion_total_loss(tmp_path: Path, stage: str, model: str) -> None:
+    """The trained total is ``total_loss`` of the criterion's and the mask losses' weight dicts, and
+    bit-identical to the sequential sum the module used before (0 + detection total + each weighted mask term)."""
+    from cellsam.train.criterion import total_loss
+    from cellsam.train.dataset import collate
+
+    cfg = tiny_cfg(tmp_path, stage=stage, model=model)
+    torch.manual_seed(0)
+    module = CellSAMModule(initial_model(cfg), cfg)
+    ds = PreparedTiles(cfg.data, "train")
+    images, targets = collate([ds[0], ds[1]])
+    seen: dict[str, dict[str, torch.Tensor]] = {}
+    module.criterion.register_forward_hook(lambda _m, _a, out: seen.__setitem__("det", out))
+    mask_losses = module._mask_losses
+    module._mask_losses = lambda *a, **k: seen.setdefault("mask", mask_losses(*a, **k))  # type: ignore[method-assign]
+    loss = module.compute_losses(images, targets)["loss"]
+
+    det, ml = seen.get("det", {}), seen.get("mask", {})
+    assert bool(det) == (stage != "masks") and bool(ml) == (stage != "detection")
+    weights = {**module.criterion.weight_dict, **module.mask_weights}
+    torch.testing.assert_close(loss, total_loss({**det, **ml}, weights))
+    before = images.new_zeros(())
+    if det:
+        before = before + module.criterion.total(det)
+    for k, v in ml.items():
+        before = before + module.mask_weights[k] * v
+    assert torch.equal(loss, before)

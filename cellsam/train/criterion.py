@@ -25,20 +25,10 @@ from torch import Tensor, nn
 
 from cellsam.ops.boxes import box_cxcywh_to_xyxy, paired_generalized_box_iou
 from cellsam.train.anchor_loss import anchor_assignment, anchor_box_losses
+from cellsam.train.focal import sigmoid_focal_loss
 from cellsam.train.matcher import HungarianMatcher
 
 __all__ = ["SetCriterion", "anchor_weight_dict", "detection_weight_dict", "sigmoid_focal_loss", "total_loss"]
-
-
-def sigmoid_focal_loss(logits: Tensor, targets: Tensor, *, alpha: float = 0.25, gamma: float = 2.0) -> Tensor:
-    """Element-wise focal loss (Lin et al. 2017) of logits vs {0,1} targets, same shape, not reduced."""
-    p = logits.sigmoid()
-    ce = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
-    p_t = p * targets + (1 - p) * (1 - targets)
-    loss = ce * (1 - p_t) ** gamma
-    if alpha >= 0:
-        loss = (alpha * targets + (1 - alpha) * (1 - targets)) * loss
-    return loss
 
 
 def detection_weight_dict(*, num_decoder_layers: int, ce: float = 2.0, bbox: float = 5.0,

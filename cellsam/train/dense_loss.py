@@ -22,7 +22,12 @@ from cellsam.ops.boxes import box_cxcywh_to_xyxy, paired_generalized_box_iou
 from cellsam.train.criterion import total_loss
 from cellsam.train.dense_targets import DenseTargets, dense_targets
 
-__all__ = ["DenseCriterion", "centernet_focal_loss"]
+__all__ = ["DenseCriterion", "centernet_focal_loss", "dense_weight_dict"]
+
+
+def dense_weight_dict(*, heatmap: float, size: float, offset: float, giou: float) -> dict[str, float]:
+    """Weights of :class:`DenseCriterion`'s terms, for its :meth:`~DenseCriterion.total`."""
+    return {"loss_heatmap": heatmap, "loss_size": size, "loss_offset": offset, "loss_giou": giou}
 
 
 def centernet_focal_loss(logits: Tensor, target: Tensor, *, alpha: float = 2.0, beta: float = 4.0) -> Tensor:

@@ -15,7 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["dice_loss", "mask_iou", "mask_losses"]
+from cellsam.train.focal import sigmoid_focal_loss
+
+__all__ = ["dice_loss", "mask_iou", "mask_losses", "mask_weight_dict"]
 
 
 def mask_iou(pred_logits: Tensor, targets: Tensor) -> Tensor:
@@ -32,6 +34,11 @@ def dice_loss(pred_logits: Tensor, targets: Tensor, *, smooth: float = 1.0) -> T
     p = pred_logits.sigmoid().flatten(1)
     t = targets.flatten(1)
     return 1 - (2 * (p * t).sum(1) + smooth) / (p.sum(1) + t.sum(1) + smooth)
+
+
+def mask_weight_dict(*, focal: float, dice: float, iou: float) -> dict[str, float]:
+    """Weights of :func:`mask_losses`' terms, for :func:`cellsam.train.criterion.total_loss`."""
+    return {"loss_mask_focal": focal, "loss_mask_dice": dice, "loss_iou": iou}
 
 
 def mask_losses(pred_logits: Tensor, targets: Tensor, pred_iou: Tensor, *, alpha: float = 0.25,
@@ -58,12 +65,7 @@ def mask_losses(pred_logits: Tensor, targets: Tensor, pred_iou: Tensor, *, alpha
         return {"loss_mask_focal": zero, "loss_mask_dice": zero.clone(), "loss_iou": zero.clone()}
     logits = pred_logits.float()
     targets = targets.to(logits.dtype)
-    p = logits.sigmoid()
-    ce = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
-    p_t = p * targets + (1 - p) * (1 - targets)
-    focal = ce * (1 - p_t) ** gamma
-    if alpha >= 0:
-        focal = (alpha * targets + (1 - alpha) * (1 - targets)) * focal
+    focal = sigmoid_focal_loss(logits, targets, alpha=alpha, gamma=gamma)
     with torch.no_grad():
         actual_iou = mask_iou(logits, targets)
     return {

@@ -19,9 +19,9 @@ from cellsam.models.cellsam import CellSAM
 from cellsam.ops.boxes import scale_boxes
 from cellsam.train.clicks import correction_clicks, random_points
 from cellsam.train.config import TrainConfig
-from cellsam.train.criterion import SetCriterion, anchor_weight_dict, detection_weight_dict
-from cellsam.train.dense_loss import DenseCriterion
-from cellsam.train.mask_loss import mask_losses
+from cellsam.train.criterion import SetCriterion, anchor_weight_dict, detection_weight_dict, total_loss
+from cellsam.train.dense_loss import DenseCriterion, dense_weight_dict
+from cellsam.train.mask_loss import mask_losses, mask_weight_dict
 from cellsam.train.matcher import HungarianMatcher
 
 log = logging.getLogger(__name__)
@@ -39,12 +39,11 @@ class CellSAMModule(L.LightningModule):
         self.model = model
         self.cfg = cfg
         lc = cfg.loss
-        self.mask_weights = {"loss_mask_focal": lc.mask_focal, "loss_mask_dice": lc.mask_dice, "loss_iou": lc.iou}
+        self.mask_weights = mask_weight_dict(focal=lc.mask_focal, dice=lc.mask_dice, iou=lc.iou)
         self.criterion: SetCriterion | DenseCriterion
         if model.cfg.detector_kind == "dense":
-            self.criterion = DenseCriterion(stride=model.cfg.dense_finder.stride, weight_dict={
-                "loss_heatmap": lc.heatmap, "loss_size": lc.dense_size, "loss_offset": lc.dense_offset,
-                "loss_giou": lc.dense_giou})
+            self.criterion = DenseCriterion(stride=model.cfg.dense_finder.stride, weight_dict=dense_weight_dict(
+                heatmap=lc.heatmap, size=lc.dense_size, offset=lc.dense_offset, giou=lc.dense_giou))
         else:
             matcher = HungarianMatcher(cost_class=lc.cost_class, cost_bbox=lc.cost_bbox, cost_giou=lc.cost_giou,
                                        focal_alpha=lc.focal_alpha)
@@ -125,11 +124,13 @@ class CellSAMModule(L.LightningModule):
         return F.interpolate(images, (s, s), mode="bilinear", align_corners=False)
 
     def compute_losses(self, images: Tensor, targets: list[dict[str, Tensor]]) -> dict[str, Tensor]:
-        """All losses of the configured stage for a batch (B,3,T,T) in [0,1]; key ``loss`` is the total."""
+        """All losses of the configured stage for a batch (B,3,T,T) in [0,1]; key ``loss`` is the total:
+        :func:`total_loss` of the criterion's weighted total (weight 1) and the weighted mask losses."""
         stage = self.cfg.stage
         x = self.model.preprocess(self._resize(images))
         losses: dict[str, Tensor] = {}
-        total = images.new_zeros(())
+        terms: dict[str, Tensor] = {}  # in this order: detection total, then the mask losses
+        weights: dict[str, float] = {}
         if stage == "masks":
             with torch.no_grad():
                 trunk = self.model.image_encoder.forward_trunk(x)
@@ -144,14 +145,14 @@ class CellSAMModule(L.LightningModule):
             outputs = self.model.detect(enc, x)
             det_targets = [{"labels": t["labels"], "boxes": t["boxes"]} for t in targets]
             det = self.criterion(outputs, det_targets)
-            total = total + self.criterion.total(det)
+            terms["loss_detection"], weights["loss_detection"] = self.criterion.total(det), 1.0
             losses.update({k: v for k, v in det.items() if not k.rsplit("_", 1)[-1].isdigit()})  # last layer only
         if stage in ("masks", "joint"):
             ml = self._mask_losses(embedding, targets, tile=images.shape[-1])
-            for k, v in ml.items():
-                total = total + self.mask_weights[k] * v
+            terms.update(ml)
+            weights.update(self.mask_weights)
             losses.update(ml)
-        losses["loss"] = total
+        losses["loss"] = images.new_zeros(()) + total_loss(terms, weights)
         return losses
 
     def _mask_losses(self, embedding: Tensor, targets: list[dict[str, Tensor]], *, tile: int) -> dict[str, Tensor]:
