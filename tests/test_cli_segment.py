@@ -240,3 +240,19 @@ def test_version_and_thread_policy(capsys) -> None:
     out = subprocess.run([sys.executable, "-c", "import sys, cellsam.cli; print('torch' in sys.modules)"],
                          capture_output=True, text=True, check=True).stdout.strip()
     assert out == "False"
+
+
+def test_import_cellsam_sets_the_thread_policy_unless_the_user_did() -> None:
+    """The library's entry point (``import cellsam``, which the command line, the server and the Dask workers
+    go through) sets OMP_WAIT_POLICY=PASSIVE before torch loads; the user's own value wins."""
+    import os
+    import subprocess
+    import sys
+
+    code = "import os, sys, cellsam; print(os.environ.get('OMP_WAIT_POLICY'), 'torch' in sys.modules)"
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert run.stdout.split() == ["PASSIVE", "False"]  # set, and torch not loaded yet: it will read it
+    run = subprocess.run([sys.executable, "-c", code], env={**env, "OMP_WAIT_POLICY": "ACTIVE"},
+                         capture_output=True, text=True, check=True)
+    assert run.stdout.split() == ["ACTIVE", "False"]

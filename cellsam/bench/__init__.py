@@ -9,6 +9,8 @@ Modules:
   weights (two encoder passes, one mask-decoder call per box) and a mask-parity check.
 - :mod:`.cellpose_ref`: Cellpose 3 inference (network + mask building) on the same scenes, when importable.
 - :mod:`.report`: machine information, JSON and markdown reports, scaling plot.
+- :mod:`.busy`: ``--busy-neighbour N``, CPU-burning neighbour processes during a second timing pass and the
+  busy / quiet ratio per configuration.
 - :mod:`.prompts`: ``cellsam bench --prompts``, the time of one point / box prompt on an image whose
   embedding is cached (the labeling server's route, its model call and ``Predictor.predict``).
 

@@ -154,7 +154,7 @@ def render_markdown(result: dict[str, Any]) -> str:
     rows = []
     for r in result["runs"]:
         e = r["end_to_end"]
-        rows.append([r["pipeline"], r["model"], _size(r), _cells(r), str(r["n_cells"]), r["precision"],
+        rows.append([_pipe(r), r["model"], _size(r), _cells(r), str(r["n_cells"]), r["precision"],
                      _window(r), r["device"], str(r["tiles"] or "-"), _s(e["median"]), _s(e["iqr"]),
                      f"{_s(e['min'])}-{_s(e['max'])}", _gib(r["memory"]["peak_rss_bytes"]), _rise(r["memory"]),
                      _gib(r["memory"]["peak_gpu_allocated_bytes"]), _s(r["tiles_per_s"], 2),
@@ -166,7 +166,7 @@ def render_markdown(result: dict[str, Any]) -> str:
     for r in result["runs"]:
         stages += [s for s in r["stages"] if s not in stages]
     out += ["", "## Stages (median seconds; 'other' = end to end minus the named stages)", ""]
-    rows = [[r["pipeline"], r["model"], _size(r), _cells(r), r["precision"], _window(r)]
+    rows = [[_pipe(r), r["model"], _size(r), _cells(r), r["precision"], _window(r)]
             + [_s(r["stages"][s]["median"]) if s in r["stages"] else "" for s in stages] for r in result["runs"]]
     out.append(_table(["pipeline", "model", "size", "cells", "precision", "window", *stages], rows))
     comps = [c for c in result.get("comparisons", []) if c["reference_s"] or c["cellpose_s"]]
@@ -178,6 +178,15 @@ def render_markdown(result: dict[str, Any]) -> str:
                  _s(c["speedup_vs_cellpose"], 2)] for c in comps]
         out.append(_table(["model", "size", "cells", "ours precision", "window", "ours s", "reference s (fp32)",
                            "reference / ours", "cellpose s", "cellpose / ours"], rows))
+    if result.get("busy"):
+        n = result["busy"][0]["neighbours"]
+        out += ["", f"## Beside {n} busy process(es) (busy / quiet > 1: slower when other work shares the CPU)", "",
+                f"Each configuration timed twice in this run: quiet, then beside {n} processes that each keep a "
+                f"core busy; OMP_WAIT_POLICY={m['env'].get('OMP_WAIT_POLICY')}.", ""]
+        rows = [[b["pipeline"], b["model"], "x".join(map(str, b["size"])), _cells(b), b["precision"],
+                 _window(b), _s(b["quiet_s"]), _s(b["busy_s"]), _s(b["slowdown"], 2)] for b in result["busy"]]
+        out.append(_table(["pipeline", "model", "size", "cells", "precision", "window", "quiet s", "busy s",
+                           "busy / quiet"], rows))
     if result.get("parity"):
         out += ["", "## Mask parity: our batched decoder vs the reference per-box loop (identical boxes)", ""]
         rows = []
@@ -234,6 +243,12 @@ def _json_default(x: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(x).__name__}")
 
 
+def _pipe(r: dict[str, Any]) -> str:
+    """The pipeline column: its name, and for a run beside busy neighbours their number."""
+    n = r.get("neighbours") or 0
+    return r["pipeline"] + (f" (+{n} busy)" if n else "")
+
+
 def _window(r: dict[str, Any]) -> str:
     """The decoder window of one of our runs ("whole": whole frames, also for records before windows)."""
     if r["pipeline"] != "cellsam":
@@ -252,7 +267,7 @@ def plot_scaling(result: dict[str, Any], path: Path) -> Path | None:
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    runs = result["runs"]
+    runs = [r for r in result["runs"] if not r.get("neighbours")]  # the quiet pass
     series: dict[tuple, list[tuple[float, float, int]]] = {}
     names: dict[float, str] = {}
     for r in runs:

@@ -49,6 +49,8 @@ class BenchSpec:
     # from the DSB 2018 folder ``real_data``
     real: list[str] = field(default_factory=list)
     real_data: str | None = None
+    # a second pass of every timing beside this many CPU-burning processes (cellsam.bench.busy); 0: none
+    busy_neighbours: int = 0
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the first bad field."""
@@ -78,6 +80,9 @@ class BenchSpec:
             raise ValueError(f"real scenes must be among {REAL_SCENES}, got {bad_real}")
         if self.real and not self.real_data:
             raise ValueError("real scenes need the DSB 2018 folder (--real-data, e.g. ../shared/data/dsb2018)")
+        if isinstance(self.busy_neighbours, bool) or not isinstance(self.busy_neighbours, int) \
+                or self.busy_neighbours < 0:
+            raise ValueError(f"busy_neighbours must be an integer >= 0, got {self.busy_neighbours!r}")
         unknown = sorted(set(self.reference or []) - set(self.models))
         if unknown:
             raise ValueError(f"reference models {unknown} are not among --model {self.models}")
@@ -149,44 +154,63 @@ def run_suite(spec: BenchSpec, *, command: Sequence[str] | None = None) -> dict[
         cp_ok = mod is not None
         if not cp_ok:
             notes.append(f"Cellpose skipped: {msg}")
-    runs: list[dict[str, Any]] = []
     parity: list[dict[str, Any]] = []
-    parity_done: set[str] = set()
-    parity_cells = min(spec.cells, key=lambda c: abs(c - 100))
     with tempfile.TemporaryDirectory() as tmp:
-        for size in spec.sizes:
-            for cells in spec.cells:
-                scene = synthetic_scene(size, cells=cells, seed=spec.seed, keep_labels=cp_ok)
-                path = write_scene(scene, tmp, f"scene_{size}_{cells}")
-                for name, (net, info) in models.items():
-                    for prec, win in itertools.product(spec.precisions, spec.decode_windows):
-                        r = time_pipeline(
-                            net, scene, image_path=path, precision=prec, repeats=spec.repeats,
-                            warmup=spec.warmup, batch_size=spec.batch_size, decode_chunk=spec.decode_chunk,
-                            decode_window=win, clip_masks=_clip(spec, info), model_name=name,
-                        )
-                        runs.append(r)
-                        _log_run(r)
-                    if name in refs and size == info["tile_size"]:
-                        runs.append(_reference_run(refs[name], scene, path, spec, info, name))
-                        _log_run(runs[-1])
-                        if spec.parity and cells == parity_cells and name not in parity_done:
-                            parity += _parity(net, refs[name], scene, spec, name)
-                            parity_done.add(name)
-                    elif name in refs:
-                        notes.append(f"reference for {name} runs only at size {info['tile_size']} (one tile); "
-                                     f"skipped at {size}")
-                if cp_ok:
-                    runs.append(_cellpose_run(scene, path, spec, dev, notes))
-        runs += _real_runs(spec, models, dev, tmp, notes, cp_ok)
+        runs = _timing_pass(spec, models, refs, cp_ok, dev, tmp, notes, parity)
+        if spec.busy_neighbours:
+            from cellsam.bench.busy import busy_neighbours
+
+            log.info("second pass beside %d busy process(es)", spec.busy_neighbours)
+            with busy_neighbours(spec.busy_neighbours):
+                busy = _timing_pass(spec, models, refs, cp_ok, dev, tmp, notes, None)
+            runs += [{**r, "neighbours": spec.busy_neighbours} for r in busy]
+    from cellsam.bench.busy import busy_comparisons
+
     return {
         **report_header(SCHEMA, spec, dev, command),
         "models": {name: info for name, (_, info) in models.items()},
         "runs": runs,
-        "comparisons": comparisons(runs),
+        "comparisons": comparisons([r for r in runs if not r.get("neighbours")]),
+        "busy": busy_comparisons(runs),
         "parity": parity,
         "notes": sorted(set(notes)),
     }
+
+
+def _timing_pass(spec: BenchSpec, models: dict[str, tuple[Any, dict[str, Any]]], refs: dict[str, Any],
+                 cp_ok: bool, dev: torch.device, tmp: str, notes: list[str], parity: list[dict[str, Any]] | None
+                 ) -> list[dict[str, Any]]:
+    """Every timing of ``spec`` once (each run with ``neighbours`` 0); mask parity into ``parity`` unless
+    it is None."""
+    runs: list[dict[str, Any]] = []
+    parity_done: set[str] = set()
+    parity_cells = min(spec.cells, key=lambda c: abs(c - 100))
+    for size in spec.sizes:
+        for cells in spec.cells:
+            scene = synthetic_scene(size, cells=cells, seed=spec.seed, keep_labels=cp_ok)
+            path = write_scene(scene, tmp, f"scene_{size}_{cells}")
+            for name, (net, info) in models.items():
+                for prec, win in itertools.product(spec.precisions, spec.decode_windows):
+                    r = time_pipeline(
+                        net, scene, image_path=path, precision=prec, repeats=spec.repeats,
+                        warmup=spec.warmup, batch_size=spec.batch_size, decode_chunk=spec.decode_chunk,
+                        decode_window=win, clip_masks=_clip(spec, info), model_name=name,
+                    )
+                    runs.append(r)
+                    _log_run(r)
+                if name in refs and size == info["tile_size"]:
+                    runs.append(_reference_run(refs[name], scene, path, spec, info, name))
+                    _log_run(runs[-1])
+                    if parity is not None and spec.parity and cells == parity_cells and name not in parity_done:
+                        parity += _parity(net, refs[name], scene, spec, name)
+                        parity_done.add(name)
+                elif name in refs:
+                    notes.append(f"reference for {name} runs only at size {info['tile_size']} (one tile); "
+                                 f"skipped at {size}")
+            if cp_ok:
+                runs.append(_cellpose_run(scene, path, spec, dev, notes))
+    runs += _real_runs(spec, models, dev, tmp, notes, cp_ok)
+    return [{**r, "neighbours": 0} for r in runs]
 
 
 def _cellpose_run(scene: Any, path: Path, spec: BenchSpec, dev: torch.device, notes: list[str]) -> dict[str, Any]:

@@ -8,8 +8,9 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
-import os
 import sys
+
+from cellsam.threads import THREAD_POLICY, apply_thread_policy
 
 # sub-command name -> module under cellsam.cli (imported lazily, so `cellsam --help` is fast)
 COMMANDS: dict[str, str] = {
@@ -43,22 +44,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-THREAD_POLICY = {"OMP_WAIT_POLICY": "PASSIVE"}
-"""Set by the command line before torch loads, unless the user's environment sets them: with OpenMP's
-default spin-waiting, one 696x520 image took 61-80 s beside two busy processes against 7.5-9.8 s with
-PASSIVE (measured on the 2-core machine with cellsam_cpu.v2)."""
-
-
-def apply_thread_policy(environ: dict[str, str] | os._Environ[str] = os.environ) -> dict[str, str]:
-    """Fill in :data:`THREAD_POLICY` where ``environ`` leaves it unset; returns what was set."""
-    added = {k: v for k, v in THREAD_POLICY.items() if k not in environ}
-    environ.update(added)
-    return added
+# ``import cellsam`` (which importing this module implies) already applied the thread policy, before
+# any sub-command imports torch; re-exported here for callers of the command line's API.
+__all__ = ["COMMANDS", "THREAD_POLICY", "apply_thread_policy", "build_parser", "main"]
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``cellsam`` console script; returns the exit code."""
-    apply_thread_policy()  # before the sub-commands import torch (OpenMP reads it when it loads)
+    apply_thread_policy()  # a no-op after `import cellsam`, unless the environment was changed since
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(

@@ -3,7 +3,8 @@
 Writes ``OUT.json`` (all measurements), ``OUT.md`` (tables) and ``OUT.png`` (scaling plot, when
 matplotlib is installed and sizes or cell counts vary). ``--prompts`` instead times single point and
 box prompts on an image whose embedding is cached (the labeling server's path; :mod:`cellsam.bench.prompts`).
-See ``benchmarks/README.md``.
+``--busy-neighbour N`` times everything a second time beside N CPU-burning processes and reports busy / quiet
+(:mod:`cellsam.bench.busy`). See ``benchmarks/README.md``.
 """
 
 from __future__ import annotations
@@ -35,8 +36,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         "bench",
         help="time the pipeline stage by stage (and the reference design / Cellpose)",
         description="Time read, normalise, encoder, CellFinder, mask decoder, postprocess, stitching and merge "
-        "on synthetic images with a chosen number of cells (boxes supplied). Run on a quiet machine with "
-        "OMP_WAIT_POLICY=PASSIVE.",
+        "on synthetic images with a chosen number of cells (boxes supplied). Run on a quiet machine "
+        "(cellsam sets OMP_WAIT_POLICY=PASSIVE unless the environment does); --busy-neighbour N adds a pass "
+        "beside N busy processes.",
     )
     p.add_argument("--model", nargs="+", default=["default"],
                    help="weights name, checkpoint path or architecture variant (random weights); several allowed "
@@ -74,6 +76,11 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                         "512x512 DSB crop), mosaic2048 (a 2048x2048 mosaic of DSB images); needs --real-data")
     p.add_argument("--real-data", default=None, metavar="DIR",
                    help="the DSB 2018 folder the real scenes come from (e.g. ../shared/data/dsb2018)")
+    p.add_argument("--busy-neighbour", "--busy-neighbours", dest="busy_neighbours", type=int, default=0,
+                   metavar="N",
+                   help="time everything a second time beside N processes that each keep a core busy, and report "
+                        "busy / quiet per configuration (the cost of sharing the CPU under the thread policy in "
+                        "force, OMP_WAIT_POLICY; default 0: quiet only)")
     p.add_argument("--no-plot", dest="plot", action="store_false", help="do not write OUT.png")
     p.add_argument("--out", type=Path, default=None,
                    help="output path stem: writes OUT.json and OUT.md (default benchmarks/bench; with --prompts "
@@ -103,7 +110,13 @@ def run(args: argparse.Namespace) -> int:
     if os.environ.get("OMP_WAIT_POLICY", "").upper() != "PASSIVE":
         log.warning("OMP_WAIT_POLICY is not PASSIVE: on a shared CPU, spinning OpenMP threads can make small "
                     "kernels much slower; export OMP_WAIT_POLICY=PASSIVE before starting Python")
+    if args.busy_neighbours < 0:
+        log.error("--busy-neighbour must be >= 0, got %d", args.busy_neighbours)
+        return 2
     if args.prompts:
+        if args.busy_neighbours:
+            log.error("--busy-neighbour times the pipeline; it does not apply to --prompts")
+            return 2
         return _run_prompts(args)
     args.repeats = 3 if args.repeats is None else args.repeats
     args.warmup = 1 if args.warmup is None else args.warmup
@@ -114,7 +127,7 @@ def run(args: argparse.Namespace) -> int:
         reference=None if args.reference is None else list(args.reference), parity=args.parity,
         cellpose=args.cellpose, cellpose_path=args.cellpose_path, batch_size=args.batch_size,
         decode_chunk=args.decode_chunk, decode_windows=list(args.decode_window), clip_masks=args.clip_masks,
-        seed=args.seed, real=list(args.real), real_data=args.real_data,
+        seed=args.seed, real=list(args.real), real_data=args.real_data, busy_neighbours=args.busy_neighbours,
     )
     try:
         spec.validate()
@@ -186,4 +199,6 @@ def _command_line(args: argparse.Namespace) -> list[str]:
             "--clip-masks", args.clip_masks, "--seed", str(args.seed)]
     if args.real:
         cmd += ["--real", *args.real, "--real-data", str(args.real_data)]
+    if args.busy_neighbours:
+        cmd += ["--busy-neighbour", str(args.busy_neighbours)]
     return cmd + ["--out", str(args.out)]
