@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from cellsam.data.labels import filter_labels, masks_to_labels
-from cellsam.data.tiling import crop, tile_grid, tile_starts
+from cellsam.data.tiling import crop, crop_origins, tile_starts
 
 
 @pytest.mark.parametrize(
@@ -21,10 +21,10 @@ def test_tile_starts_cover_with_25pc_overlap(size: int, expected: list[int]) -> 
     assert all(b - a == 384 for a, b in zip(starts, starts[1:], strict=False))  # 128 px = 25 % overlap
 
 
-def test_tile_grid_covers_every_pixel_of_odd_image() -> None:
+def test_crop_origins_cover_every_pixel_of_odd_image() -> None:
     h, w = 777, 1031
     cover = np.zeros((h, w), int)
-    grid = tile_grid((h, w))
+    grid = crop_origins((h, w))
     assert len(grid) == 2 * 3  # 777 -> starts 0, 384; 1031 -> 0, 384, 768
     for y, x in grid:
         cover[y : y + 512, x : x + 512] += 1

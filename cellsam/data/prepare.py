@@ -23,7 +23,7 @@ from cellsam.data.normalize import normalize_channel, to_cellsam_channels
 from cellsam.data.readers import detect_format, read_source
 from cellsam.data.sample import Sample, SampleError
 from cellsam.data.splits import SPLITS, dhash, duplicate_groups, hash_split, resolve_duplicates
-from cellsam.data.tiling import OVERLAP, TILE, crop, tile_grid
+from cellsam.data.tiling import OVERLAP, TILE, crop, crop_origins
 
 log = logging.getLogger(__name__)
 
@@ -171,7 +171,7 @@ def _pass1(
                 hashes=[dhash(c) for c in raw],
                 cells=int(labels.max()),
             )
-            for y0, x0 in tile_grid(labels.shape, tile=opts.tile, overlap=opts.overlap):
+            for y0, x0 in crop_origins(labels.shape, tile=opts.tile, overlap=opts.overlap):
                 t, td = _tile_labels(labels, y0, x0, opts.tile)
                 drops[s.source].update({f"tile_edge_{k}": v for k, v in td.items()})
                 if t.max() > 0:

@@ -30,8 +30,11 @@ def tile_starts(size: int, *, tile: int = TILE, overlap: float = OVERLAP) -> lis
     return [i * stride for i in range(n)]
 
 
-def tile_grid(shape: tuple[int, int], *, tile: int = TILE, overlap: float = OVERLAP) -> list[tuple[int, int]]:
-    """Row-major list of (y0, x0) tile origins covering an (H, W) image."""
+def crop_origins(shape: tuple[int, int], *, tile: int = TILE, overlap: float = OVERLAP) -> list[tuple[int, int]]:
+    """Row-major list of (y0, x0) origins of the training crops (:func:`crop`) covering an (H, W) image.
+
+    Not the inference grid (:func:`cellsam.inference.tiling.tile_grid`, whose last tile is shifted to end at
+    the image edge): these crops run past the edge and are zero-filled."""
     h, w = shape
     return [
         (y, x)

@@ -114,7 +114,7 @@ def write_prepared(project: Project, recs: list[ImageRecord], out: Path, *, tile
     """Write ``out/train/{images.npy, labels.npy, tiles.json}``; returns the number of tiles (those
     with at least one cell after the paper's label filters)."""
     from cellsam.data.labels import filter_labels
-    from cellsam.data.tiling import crop, tile_grid
+    from cellsam.data.tiling import crop, crop_origins
     from cellsam.server.export import export_labels
     from cellsam.server.images import load_raw, prepare
 
@@ -122,7 +122,7 @@ def write_prepared(project: Project, recs: list[ImageRecord], out: Path, *, tile
     for rec in recs:
         image = prepare(load_raw(project.image_path(rec), rec), rec)
         labels = export_labels(project, rec.id)
-        for y0, x0 in tile_grid(labels.shape, tile=tile):
+        for y0, x0 in crop_origins(labels.shape, tile=tile):
             lab, _ = filter_labels(crop(labels, y0, x0, tile=tile))
             if lab.max() == 0:
                 continue
