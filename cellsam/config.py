@@ -160,6 +160,37 @@ def check_decode_window(window: float | None) -> float | None:
     return float(window)
 
 
+AUTO = "auto"
+DEFAULT_DIAMETER: float | str | None = None
+"""What ``segment`` and ``cellsam segment`` do when no diameter is given (see cellsam.inference.scale)."""
+
+
+def check_diameter(diameter: float | str | None) -> float | str | None:
+    """``diameter`` validated: None (no rescaling), ``"auto"``, or a finite number of pixels > 0."""
+    if diameter is None or diameter == AUTO:
+        return diameter
+    if isinstance(diameter, str):
+        try:
+            diameter = float(diameter)
+        except ValueError:
+            raise ValueError(f"diameter must be 'auto', a number of pixels > 0 or None, got {diameter!r}") from None
+    if isinstance(diameter, bool) or not isinstance(diameter, (int, float)) or not math.isfinite(diameter) \
+            or diameter <= 0:
+        raise ValueError(f"diameter must be 'auto', a number of pixels > 0 or None, got {diameter!r}")
+    return float(diameter)
+
+
+def parse_diameter(text: str) -> float | str | None:
+    """A command-line diameter: ``auto``, ``none`` (no rescaling) or a number of pixels > 0."""
+    if text.strip().lower() == "none":
+        return None
+    try:
+        return check_diameter(text.strip().lower())
+    except ValueError:
+        raise ValueError(f"--diameter takes auto, none or a number of pixels > 0, got {text!r}") from None
+
+
+
 @dataclass(frozen=True)
 class CellSAMConfig:
     """The whole model: encoder, detector and SAM prompt/mask heads."""

@@ -115,3 +115,27 @@ def test_auto_diameter_from_a_first_pass_follows_the_magnification(sized, sample
     assert small.labels.shape == small_image.shape[:2]
     assert native.tile_size is not None and small.tile_size is not None and small.tile_size < native.tile_size
     assert abs(small.n_cells - native.n_cells) <= max(4, 0.2 * native.n_cells), (small.n_cells, native.n_cells)
+
+
+def test_command_line_diameter_and_tile_size_set_one_scale() -> None:
+    import argparse
+
+    from cellsam.cli import build_parser
+    from cellsam.cli.segment import diameter_of
+    from cellsam.config import DEFAULT_DIAMETER
+    from cellsam.distributed.files import block_diameter
+
+    parser = build_parser()
+    args = parser.parse_args(["segment", "x.tif", "--diameter", "30"])
+    assert diameter_of(args) == 30.0 and block_diameter(args) == 30.0
+    assert diameter_of(parser.parse_args(["segment", "x.tif", "--diameter", "auto"])) == "auto"
+    assert diameter_of(parser.parse_args(["segment", "x.tif", "--diameter", "none"])) is None
+    assert diameter_of(parser.parse_args(["segment", "x.tif"])) == DEFAULT_DIAMETER
+    assert diameter_of(parser.parse_args(["segment", "x.tif", "--tile-size", "512"])) is None
+    with pytest.raises(ValueError, match="both set the scale"):
+        diameter_of(parser.parse_args(["segment", "x.tif", "--tile-size", "512", "--diameter", "20"]))
+    with pytest.raises(ValueError, match="whole image"):
+        block_diameter(parser.parse_args(["segment", "x.tif", "--diameter", "auto"]))
+    with pytest.raises(SystemExit):
+        parser.parse_args(["segment", "x.tif", "--diameter", "-4"])
+    assert isinstance(args, argparse.Namespace)

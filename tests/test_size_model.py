@@ -95,7 +95,7 @@ def test_size_stage_learns_the_size_of_discs(tmp_path: Path) -> None:
     start = save_model(build_model("conv_tiny"), tmp_path / "start", version="t")
     cfg = TrainConfig(stage="size", model="conv_tiny", init=str(start), data=str(data),
                       output=str(tmp_path / "size"), size_samples=160, size_scale_range=(0.5, 2.0),
-                      size_ridge=0.1, balance_sources=False)
+                      size_ridge=10.0, balance_sources=False)
     path = train(cfg)
     model = load_model(path)
     summary = json.loads((tmp_path / "size" / "summary.json").read_text())

@@ -18,7 +18,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from cellsam.config import DEFAULT_DECODE_WINDOW
+from cellsam.config import DEFAULT_DECODE_WINDOW, DEFAULT_DIAMETER, parse_diameter
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +104,10 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     p.add_argument("--tile-size", type=int, default=None,
                    help="tile side in image pixels (default: the model's own tile size, 256 for the default)")
+    p.add_argument("--diameter", type=_diameter_arg, default=None, metavar="auto|none|N",
+                   help="typical cell diameter in pixels: the image is segmented at the scale where its cells have "
+                   "the size the model was trained on; auto: estimated by the model's size model; none: the "
+                   f"image's own scale (default: {DEFAULT_DIAMETER or 'none'}; not with --tile-size)")
     p.add_argument("--tile-overlap", type=float, default=0.25, help="tile overlap fraction (default 0.25)")
     p.add_argument("--batch-size", type=int, default=4, help="tiles per forward pass (default 4)")
     p.add_argument("--decode-copies", action="store_true",
@@ -209,6 +213,26 @@ def _unique_name(path: Path, used: set[str]) -> str:
     return name
 
 
+def _diameter_arg(text: str) -> float | str:
+    try:
+        d = parse_diameter(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return "none" if d is None else d
+
+
+def diameter_of(args: argparse.Namespace) -> float | str | None:
+    """The diameter ``--diameter`` and ``--tile-size`` ask for (both set the scale: one at a time)."""
+    given = getattr(args, "diameter", None)
+    if given is None:  # not on the command line
+        return None if args.tile_size is not None else DEFAULT_DIAMETER
+    if given == "none":
+        return None
+    if args.tile_size is not None:
+        raise ValueError("--diameter and --tile-size both set the scale: give one of them")
+    return given
+
+
 def segment_file(path: Path, outdir: Path, name: str, model: Any, args: argparse.Namespace) -> int:
     """Segment one file and write its outputs; returns the number of cells. Raises on any error."""
     import numpy as np
@@ -233,6 +257,7 @@ def segment_file(path: Path, outdir: Path, name: str, model: Any, args: argparse
         min_area=DEFAULT_MIN_AREA if args.min_area is None else args.min_area,
         tile_size=args.tile_size,
         tile_overlap=args.tile_overlap,
+        diameter=diameter_of(args),
         batch_size=args.batch_size,
         decode_copies=args.decode_copies,
         decode_window=args.decode_window,

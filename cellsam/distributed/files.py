@@ -99,6 +99,18 @@ def segment_files(
     return done, failed
 
 
+def block_diameter(args: argparse.Namespace) -> float | None:
+    """The diameter for the block path: a number, or None (auto needs the whole image, see segment_dask)."""
+    from cellsam.cli.segment import diameter_of
+
+    d = diameter_of(args)
+    if d == "auto":
+        if getattr(args, "diameter", None) == "auto":  # asked for explicitly
+            raise ValueError("--diameter auto needs the whole image: with --dask give the diameter in pixels")
+        return None
+    return None if d is None else float(d)
+
+
 def segment_large_file(path: Path, name: str, outdir: Path, args: argparse.Namespace, client: Any) -> int:
     """One large file through the block pipeline; returns the number of cells."""
     from cellsam import io
@@ -118,6 +130,7 @@ def segment_large_file(path: Path, name: str, outdir: Path, args: argparse.Names
         min_area=DEFAULT_MIN_AREA if args.min_area is None else args.min_area,
         tile_size=args.tile_size,
         tile_overlap=args.tile_overlap,
+        diameter=block_diameter(args),
         batch_size=args.batch_size,
         decode_copies=args.decode_copies,
         decode_window=args.decode_window,

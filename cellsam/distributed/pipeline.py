@@ -24,6 +24,7 @@ from cellsam.distributed import blocks as B
 from cellsam.distributed import omezarr
 from cellsam.distributed.cluster import BlockFailure, close_client, get_client, wait_all, worker_model
 from cellsam.distributed.source import ImageSource, fit_normalizer, open_source, sample_step
+from cellsam.inference.scale import AUTO, check_diameter, tile_size_for
 
 __all__ = ["BlockFailure", "LargeResult", "segment_dask"]
 
@@ -53,7 +54,8 @@ def _model_defaults_task(model: Any, device: Any) -> dict[str, Any]:
     cfg = getattr(net, "cfg", None)
     inf = getattr(cfg, "inference", None) or InferenceConfig()
     return {"tile_size": int(getattr(cfg, "tile_size", 512)), "box_threshold": inf.box_threshold,
-            "iou_threshold": inf.iou_threshold, "mask_threshold": inf.mask_threshold}
+            "iou_threshold": inf.iou_threshold, "mask_threshold": inf.mask_threshold,
+            "cell_diameter": inf.cell_diameter}
 
 
 def _sample_task(source: ImageSource, rect: B.Rect, step: int) -> np.ndarray:
@@ -150,6 +152,7 @@ def segment_dask(
     min_area: int = 15,
     tile_size: int | None = None,
     tile_overlap: float = 0.25,
+    diameter: float | None = None,
     batch_size: int = 4,
     decode_chunk: int | None = None,
     decode_copies: bool = False,
@@ -173,7 +176,8 @@ def segment_dask(
         chunk: OME-Zarr chunk side; levels: pyramid levels (None: until one chunk holds the image);
         region_chunks: level-0 regions written per task, in chunks per side.
         retries: Dask retries per task. The other arguments are those of :func:`cellsam.segment`
-            (``None`` thresholds and tile size: the model's own).
+            (``None`` thresholds and tile size: the model's own); ``diameter`` is a number of pixels
+            here ("auto" needs the whole image: estimate it with :func:`cellsam.segment` on a crop).
     Raises:
         BlockFailure: a block / region failed after all retries (positions in the message).
     """
@@ -193,6 +197,12 @@ def segment_dask(
     _check_params({"box_threshold": 0.0, "iou_threshold": 0.0, "mask_threshold": 0.5, **params})
     if tile_size is not None:
         B.tile_grid((1, 1), tile_size=tile_size, overlap=tile_overlap)
+    diameter = check_diameter(diameter)  # type: ignore[assignment]
+    if diameter == AUTO:
+        raise ValueError("diameter='auto' is not available block by block: give the diameter in pixels "
+                         "(cellsam.segment(crop, diameter='auto').diameter estimates it on a crop)")
+    if diameter is not None and tile_size is not None:
+        raise ValueError("give diameter or tile_size, not both (both set the scale)")
     source = open_source(image, channel_axis=channel_axis)
     client, owned = get_client(client, n_workers=n_workers)
     run = uuid.uuid4().hex[:8]
@@ -206,6 +216,11 @@ def segment_dask(
         if tile_size is None or any(v is None for v in given.values()):  # left to the model
             defaults = submit(_model_defaults_task, net, device, key="model-defaults").result()
             tile_size = defaults["tile_size"] if tile_size is None else tile_size
+            if diameter is not None:  # the scale where the cells have the model's diameter
+                if not defaults["cell_diameter"]:
+                    raise ValueError("this model has no cell diameter (cfg.inference.cell_diameter): "
+                                     "give tile_size instead of diameter")
+                tile_size = tile_size_for(int(tile_size), float(defaults["cell_diameter"]), float(diameter))
             for k in given:
                 params.setdefault(k, float(defaults[k]))
         params["tile_size"] = int(tile_size)

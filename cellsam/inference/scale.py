@@ -16,17 +16,15 @@ within :data:`RESCALE_TOLERANCE` of ``d_model`` the image is segmented at the mo
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import torch
 
+from cellsam.config import AUTO, DEFAULT_DIAMETER, check_diameter, parse_diameter
 from cellsam.inference.tiling import extract_tile, tile_grid
 
-__all__ = ["AUTO", "MAX_SCALE", "RESCALE_TOLERANCE", "check_diameter", "estimate_diameter", "has_size_model",
-           "median_diameter", "needs_rescale", "tile_size_for"]
+__all__ = ["AUTO", "DEFAULT_DIAMETER", "MAX_SCALE", "RESCALE_TOLERANCE", "check_diameter", "estimate_diameter",
+           "has_size_model", "median_diameter", "needs_rescale", "parse_diameter", "tile_size_for"]
 
-AUTO = "auto"
 RESCALE_TOLERANCE = 1.3
 """No second pass when the estimated diameter is within this factor of the model's (either side)."""
 MAX_SCALE = 4.0
@@ -34,21 +32,6 @@ MAX_SCALE = 4.0
 MIN_TILE = 32
 MAX_SIZE_TILES = 16
 """The size model looks at most at this many tiles of an image (spread over it; blank ones skipped)."""
-
-
-def check_diameter(diameter: float | str | None) -> float | str | None:
-    """``diameter`` validated: None (no rescaling), ``"auto"``, or a finite number of pixels > 0."""
-    if diameter is None or diameter == AUTO:
-        return diameter
-    if isinstance(diameter, str):
-        try:
-            diameter = float(diameter)
-        except ValueError:
-            raise ValueError(f"diameter must be 'auto', a number of pixels > 0 or None, got {diameter!r}") from None
-    if isinstance(diameter, bool) or not isinstance(diameter, (int, float)) or not math.isfinite(diameter) \
-            or diameter <= 0:
-        raise ValueError(f"diameter must be 'auto', a number of pixels > 0 or None, got {diameter!r}")
-    return float(diameter)
 
 
 def median_diameter(labels: np.ndarray) -> float | None:
