@@ -554,3 +554,37 @@ def test_kill_minus_9_loses_no_confirmed_edit(tmp_path: Path) -> None:
     v, labels = labels_of(client, image_id)
     assert v == res["version"] and (labels > 0).sum() > 50
     np.testing.assert_array_equal(labels, expect)
+
+
+def test_detect_keeps_each_box_in_its_tiles_core_then_suppresses_overlaps(model: torch.nn.Module) -> None:
+    """``ModelSession.detect`` uses the pipeline's ownership rule (``tile_cores`` / ``in_core``) and box NMS."""
+    from cellsam.inference.tiling import tile_cores
+    from cellsam.server.session import ModelSession
+
+    session = ModelSession(model)
+    image = np.zeros((3, 64, 100), np.float32)  # two tiles of 64 px along x: x0 = 0 and 36
+    tiles = session.tiles((64, 100))
+    assert [t.x0 for t in tiles] == [0, 36]
+    cores = tile_cores(tiles, session.tile_size)
+    split = cores[1][2]  # tile 1 owns box centres from here on (tile 0 up to a band further)
+    # per tile, (N, 4) boxes in tile pixels and their scores
+    reported = {
+        0: (np.array([[30, 20, 40, 30], [30.5, 20, 40.5, 30], [split + 3, 5, split + 9, 11]], np.float32),
+            np.array([0.9, 0.8, 0.7], np.float32)),
+        1: (np.array([[30 - 36, 20, 40 - 36, 30], [60 - 36, 40, 70 - 36, 50]], np.float32),
+            np.array([0.95, 0.6], np.float32)),
+    }
+
+    class FakePredictor:
+        def __init__(self, i: int) -> None:
+            self.i = i
+
+        def detect(self, box_threshold: float | None) -> tuple[np.ndarray, np.ndarray]:
+            return reported[self.i]
+
+    session._predictor = lambda key, img, tl, i: FakePredictor(i)  # type: ignore[method-assign]
+    boxes, scores = session.detect("k", image, box_threshold=None)
+    # tile 0's two near-identical boxes: the better one; its box centred in tile 1's core: dropped there;
+    # tile 1's copy of the first cell (centre in tile 0's core): dropped; tile 1's own cell: kept
+    np.testing.assert_array_equal(boxes, np.array([[30, 20, 40, 30], [60, 40, 70, 50]], np.float32))
+    np.testing.assert_array_equal(scores, np.array([0.9, 0.6], np.float32))

@@ -17,12 +17,14 @@ from typing import Any
 
 import numpy as np
 import torch
+from torchvision.ops import nms
 
 from cellsam.inference.predictor import Predictor
-from cellsam.inference.tiling import Tile, extract_tile, tile_grid
+from cellsam.inference.tiling import Tile, extract_tile, in_core, tile_cores, tile_grid
 from cellsam.ops.masks import clean_cell_mask, merge_by_argmax
 
 TILE_OVERLAP = 0.25
+NMS_IOU = 0.7  # detect(): boxes overlapping a better one by more than this are dropped
 
 
 class LRUCache:
@@ -214,32 +216,30 @@ class ModelSession:
     def detect(self, key: Hashable, image: np.ndarray, *, box_threshold: float | None) -> tuple[np.ndarray, np.ndarray]:
         """CellFinder boxes over the whole image: (N, 4) xyxy float32 and (N,) scores, best first.
 
-        Tiles are run one by one (each embedding cached); a box is kept by the tile whose core (the
-        tile without half the overlap at inner edges) holds its centre, then near-duplicates
-        (IoU > 0.7) are removed.
+        Tiles are run one by one (each embedding cached); a box is kept by the tile whose core
+        (:func:`~cellsam.inference.tiling.tile_cores`, as :func:`cellsam.segment`) holds its centre, then
+        near-duplicates (box IoU > 0.7) are removed by non-maximum suppression.
         """
         h, w = image.shape[1:]
         all_boxes, all_scores = [], []
         with self.lock:
             tiles = self.tiles((h, w))
-            m = int(round(self.tile_size * TILE_OVERLAP / 2))
+            cores = tile_cores(tiles, self.tile_size)
             for i, t in enumerate(tiles):
                 boxes, scores = self._predictor(key, image, tiles, i).detect(box_threshold)
                 boxes = boxes + np.array([t.x0, t.y0, t.x0, t.y0], np.float32)
                 boxes[:, 0::2] = boxes[:, 0::2].clip(0, w)
                 boxes[:, 1::2] = boxes[:, 1::2].clip(0, h)
-                cx, cy = (boxes[:, 0] + boxes[:, 2]) / 2, (boxes[:, 1] + boxes[:, 3]) / 2
-                core = (
-                    (cx >= (t.x0 + m if t.x0 > 0 else 0)) & (cx < (t.x1 - m if t.x1 < w else w + 1))
-                    & (cy >= (t.y0 + m if t.y0 > 0 else 0)) & (cy < (t.y1 - m if t.y1 < h else h + 1))
-                )
-                all_boxes.append(boxes[core])
-                all_scores.append(scores[core])
+                own = in_core(boxes, cores[i])
+                all_boxes.append(boxes[own])
+                all_scores.append(scores[own])
         boxes = np.concatenate(all_boxes) if all_boxes else np.zeros((0, 4), np.float32)
         scores = np.concatenate(all_scores) if all_scores else np.zeros((0,), np.float32)
         order = np.argsort(-scores, kind="stable")
-        keep = _nms(boxes[order], 0.7)
-        return boxes[order][keep].astype(np.float32), scores[order][keep].astype(np.float32)
+        boxes, scores = boxes[order].astype(np.float32), scores[order].astype(np.float32)
+        rank = torch.arange(len(order), 0, -1, dtype=torch.float32)  # ties keep the stable order above
+        keep = nms(torch.from_numpy(boxes), rank, NMS_IOU).numpy()
+        return boxes[keep], scores[keep]
 
     @torch.no_grad()
     def decode_boxes(self, key: Hashable, image: np.ndarray, boxes: np.ndarray) -> list[CellProposal]:
@@ -276,19 +276,3 @@ def proposals_to_labels(props: list[CellProposal], shape: tuple[int, int]) -> np
     cells = [(p.y0, p.x0, p.mask, np.where(p.mask, p.logits, -np.inf).astype(np.float32)) for p in props]
     return merge_by_argmax(cells, shape)
 
-
-def _nms(boxes: np.ndarray, iou_max: float) -> list[int]:
-    """Greedy non-maximum suppression of score-sorted (N, 4) xyxy boxes; indices kept."""
-    keep: list[int] = []
-    area = np.maximum(boxes[:, 2] - boxes[:, 0], 0) * np.maximum(boxes[:, 3] - boxes[:, 1], 0)
-    for i in range(boxes.shape[0]):
-        if keep:
-            k = np.asarray(keep)
-            ix = np.clip(np.minimum(boxes[k, 2], boxes[i, 2]) - np.maximum(boxes[k, 0], boxes[i, 0]), 0, None)
-            iy = np.clip(np.minimum(boxes[k, 3], boxes[i, 3]) - np.maximum(boxes[k, 1], boxes[i, 1]), 0, None)
-            inter = ix * iy
-            iou = inter / np.maximum(area[k] + area[i] - inter, 1e-9)
-            if (iou > iou_max).any():
-                continue
-        keep.append(i)
-    return keep
