@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-from fastapi import APIRouter
+from fastapi import APIRouter, HTTPException
 from pydantic import BaseModel
 
 from cellsam.server import edits
@@ -67,8 +67,11 @@ def router(ctx: ServerContext) -> APIRouter:
         """Run CellFinder + SAM on the whole image and replace its labels (one undoable edit)."""
         body = body or SegmentRequest()
         _, img = image(image_id)
-        seg = session.segment_all(img, box_threshold=body.box_threshold, iou_threshold=body.iou_threshold,
-                                  min_area=body.min_area)
+        try:
+            seg = session.segment_all(img, box_threshold=body.box_threshold, iou_threshold=body.iou_threshold,
+                                      min_area=body.min_area, diameter=body.diameter)
+        except ValueError as e:  # e.g. a diameter for a model without a size reference
+            raise HTTPException(422, str(e)) from None
         return edit_response(project.set_labels(image_id, seg.labels, action="segment all"))
 
     @r.post("/detect", response_model=DetectResponse)

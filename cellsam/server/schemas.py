@@ -7,10 +7,12 @@ patches travel as base64 of little-endian uint32 arrays, row-major, on a window 
 from __future__ import annotations
 
 import base64
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
+
+from cellsam.config import DEFAULT_DIAMETER, check_diameter
 
 XY = tuple[float, float]
 Box = tuple[float, float, float, float]
@@ -97,6 +99,13 @@ class SegmentRequest(BaseModel):
     box_threshold: float | None = Field(None, ge=0.0, lt=1.0)  # None: the model's own default
     iou_threshold: float | None = None
     min_area: int = Field(15, ge=0)
+    # the typical cell diameter in pixels, "auto" (the model's size model) or None (the image's own scale)
+    diameter: float | Literal["auto"] | None = DEFAULT_DIAMETER
+
+    @field_validator("diameter")
+    @classmethod
+    def _diameter(cls, v: float | str | None) -> float | str | None:
+        return check_diameter(v)
 
 
 class EditResponse(BaseModel):
