@@ -22,6 +22,7 @@ from cellsam.inference.tiling import (
     Tile,
     deduplicate,
     extract_tile,
+    holding_tiles,
     in_core,
     inner_margin,
     tile_cores,
@@ -292,3 +293,14 @@ def test_cells_in_overlaps_are_decoded_once() -> None:
     every = segment(coord_image(truth), model, channel_axis=0, normalize=False, tile_size=256, decode_copies=True)
     assert every.stats["decoded"] == every.stats["boxes"] == seg.stats["boxes"]
     _check_one_to_one(truth, every.labels, 0.99)  # stitching removes the extra copies
+
+
+def test_holding_tiles_prefers_the_widest_margin_then_the_largest_share() -> None:
+    tiles = tile_grid((64, 100), tile_size=64, overlap=0.25)  # x0 = 0 and 36
+    boxes = np.array([[40, 10, 50, 20],   # in both: 14 px from tile 0's right edge, 4 from tile 1's left
+                      [50, 10, 60, 20],   # in both: margins 4 and 14
+                      [60, 10, 70, 20],   # only in tile 1
+                      [30, -5, 80, 20],   # in neither (above the image): tile 1 holds more of it
+                      [0, 0, 0, 0]], np.float32)
+    assert holding_tiles(boxes, tiles).tolist() == [0, 1, 1, 1, 0]
+    assert holding_tiles(np.zeros((0, 4)), tiles).shape == (0,)

@@ -26,9 +26,9 @@ from scipy import ndimage
 
 from cellsam.eval.harness import EvalItem, Method, Prediction, evaluate_methods
 from cellsam.inference.runtime import resolve_model
-from cellsam.inference.segment import DEFAULT_MIN_AREA
-from cellsam.inference.tiling import Tile, extract_tile, tile_grid
-from cellsam.ops.masks import CellMask, clean_cell_mask, clean_labels, logit_threshold, merge_by_argmax
+from cellsam.inference.segment import DEFAULT_MIN_AREA, _crop_cell
+from cellsam.inference.tiling import Tile, extract_tile, holding_tiles, tile_grid
+from cellsam.ops.masks import CellMask, clean_labels, logit_threshold, merge_by_argmax
 from cellsam.train.clicks import innermost_points
 
 __all__ = ["PROMPTS", "assign_tiles", "click_ious", "prompt_predict", "prompt_method", "prompt_study", "prompted_cells"]
@@ -39,7 +39,7 @@ PROMPTS = ("box", "point", "click")
 
 
 def assign_tiles(bboxes: np.ndarray, tiles: Sequence[Tile]) -> np.ndarray:
-    """The tile each object is prompted in.
+    """The tile each object is prompted in: :func:`~cellsam.inference.tiling.holding_tiles` of its box.
 
     Args:
         bboxes: (N, 4) int (y0, x0, y1, x1) object boxes, exclusive end.
@@ -49,15 +49,7 @@ def assign_tiles(bboxes: np.ndarray, tiles: Sequence[Tile]) -> np.ndarray:
         (N,) int64 tile index: among tiles containing the whole box, the one with the widest margin
         between box and tile edge; if none contains it, the one with the largest share of the box.
     """
-    t = np.array([[tl.y0, tl.x0, tl.y1, tl.x1] for tl in tiles], np.int64)  # (T, 4)
-    b = np.asarray(bboxes, np.int64).reshape(-1, 4)[:, None, :]  # (N, 1, 4)
-    margin = np.minimum.reduce([b[..., 0] - t[:, 0], b[..., 1] - t[:, 1], t[:, 2] - b[..., 2],
-                                t[:, 3] - b[..., 3]])  # (N, T)
-    inter = (np.clip(np.minimum(b[..., 2], t[:, 2]) - np.maximum(b[..., 0], t[:, 0]), 0, None)
-             * np.clip(np.minimum(b[..., 3], t[:, 3]) - np.maximum(b[..., 1], t[:, 1]), 0, None))
-    # contained tiles rank by margin (>= 0) above every non-containing tile (ranked by overlap, < 0)
-    rank = np.where(margin >= 0, margin.astype(np.float64), inter / (inter.max(initial=0) + 1.0) - 1.0)
-    return rank.argmax(axis=1) if len(b) else np.zeros(0, np.int64)
+    return holding_tiles(np.asarray(bboxes, np.int64).reshape(-1, 4)[:, [1, 0, 3, 2]], tiles)
 
 
 def _prompts(gt_tile: np.ndarray, ids: np.ndarray, prompt: str, scale: float) -> dict[str, Any]:
@@ -175,16 +167,10 @@ def prompted_cells(model: Any, image: np.ndarray, gt: np.ndarray, *, prompt: str
                         up = F.interpolate(up, size=(t, t), mode="bilinear", align_corners=False)
                     up = up[:, 0, :vh, :vw].float().cpu().numpy()
                     for j in range(len(chunk)):
-                        fg = up[j] > thr
-                        rows, cols = np.flatnonzero(fg.any(1)), np.flatnonzero(fg.any(0))
-                        if rows.size == 0:
-                            continue
-                        y0, y1, x0, x1 = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
-                        crop = np.ascontiguousarray(up[j, y0:y1, x0:x1])
-                        mask = clean_cell_mask(crop, mask_threshold=mask_threshold)
-                        if mask.sum() < max(min_area, 1):
-                            continue
-                        yield int(chunk[j]), tile.y0 + int(y0), tile.x0 + int(x0), mask, crop, float(iou[j])
+                        cell = _crop_cell(up[j], thr, mask_threshold, min_area)  # as cellsam.segment
+                        if cell is not None:
+                            (y0, x0), crop, mask = cell
+                            yield int(chunk[j]), tile.y0 + y0, tile.x0 + x0, mask, crop, float(iou[j])
     finally:
         if was_training:
             net.train(True)

@@ -145,6 +145,23 @@ def in_core(boxes: np.ndarray, core: tuple[float, float, float, float]) -> np.nd
     return (cy >= core[0]) & (cy < core[1]) & (cx >= core[2]) & (cx < core[3])
 
 
+def holding_tiles(boxes: np.ndarray, tiles: Sequence[Tile]) -> np.ndarray:
+    """The tile that holds each box best: (N, 4) xyxy boxes (image pixels) -> (N,) int64 tile indices.
+
+    Among the tiles that contain the whole box, the one with the widest margin between box and tile edge;
+    when none contains it, the one that holds the largest part of it. Ties go to the first tile.
+    """
+    b = np.asarray(boxes, np.float64).reshape(-1, 4)[:, None, :]  # (N, 1, 4)
+    t = np.array([[tl.x0, tl.y0, tl.x1, tl.y1] for tl in tiles], np.float64).reshape(-1, 4)  # (T, 4)
+    margin = np.minimum.reduce([b[..., 0] - t[:, 0], b[..., 1] - t[:, 1], t[:, 2] - b[..., 2],
+                                t[:, 3] - b[..., 3]])  # (N, T)
+    inter = (np.clip(np.minimum(b[..., 2], t[:, 2]) - np.maximum(b[..., 0], t[:, 0]), 0, None)
+             * np.clip(np.minimum(b[..., 3], t[:, 3]) - np.maximum(b[..., 1], t[:, 1]), 0, None))
+    inside = margin >= 0
+    by_margin = np.where(inside, margin, -np.inf).argmax(axis=1)
+    return np.where(inside.any(axis=1), by_margin, inter.argmax(axis=1)).astype(np.int64)
+
+
 def extract_tile(image: np.ndarray, tile: Tile, tile_size: int) -> np.ndarray:
     """(C, H, W) image -> (C, tile_size, tile_size) float32 window, zero-padded at the bottom/right."""
     out = np.zeros((image.shape[0], tile_size, tile_size), np.float32)

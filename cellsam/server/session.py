@@ -20,7 +20,7 @@ import torch
 from torchvision.ops import nms
 
 from cellsam.inference.predictor import Predictor
-from cellsam.inference.tiling import Tile, extract_tile, in_core, tile_cores, tile_grid
+from cellsam.inference.tiling import Tile, extract_tile, holding_tiles, in_core, tile_cores, tile_grid
 from cellsam.ops.masks import clean_cell_mask, merge_by_argmax
 
 TILE_OVERLAP = 0.25
@@ -146,15 +146,7 @@ class ModelSession:
     @staticmethod
     def best_tile(tiles: list[Tile], box: tuple[float, float, float, float]) -> int:
         """Index of the tile that holds the (x0, y0, x1, y1) box with the widest margin (or most of it)."""
-        bx0, by0, bx1, by1 = box
-        best, score = 0, -np.inf
-        for i, t in enumerate(tiles):
-            margin = min(bx0 - t.x0, by0 - t.y0, t.x1 - bx1, t.y1 - by1)
-            inter = max(0.0, min(bx1, t.x1) - max(bx0, t.x0)) * max(0.0, min(by1, t.y1) - max(by0, t.y0))
-            s = margin if margin >= 0 else -1e9 + inter
-            if s > score:
-                best, score = i, s
-        return best
+        return int(holding_tiles(np.asarray(box, np.float64), tiles)[0])
 
     # ------------------------------------------------------------------ prompts
     @torch.no_grad()
