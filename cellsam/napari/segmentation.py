@@ -1,0 +1,231 @@
+"""Segment a napari image layer tile block by tile block, with progress and a cancel point per block.
+
+No Qt and no napari here: :func:`iter_segment` is a generator that yields :class:`Progress` after each
+block of tiles and returns a :class:`~cellsam.inference.segment.Segmentation`; the widget runs it in a
+napari ``thread_worker``, whose ``quit()`` stops it at the next yield.
+
+It is the library's own path, composed from its public parts (nothing is re-implemented): the
+image is read through :func:`cellsam.distributed.source.open_source`, cut into blocks of the global
+tile grid (:func:`cellsam.distributed.blocks.plan_blocks`), each block's tiles segmented by
+:func:`cellsam.distributed.blocks.block_cells` (which runs ``cellsam.segment``'s own
+``tile_candidates``), and the cells of all blocks stitched as ``cellsam.segment`` stitches them
+(``deduplicate`` in the single-process order, arg-max merge, ``clean_labels``). Two ways to normalise:
+
+- in memory (a numpy image up to :data:`LAZY_PIXELS` pixels): the whole image is normalised once by
+  :func:`~cellsam.inference.preprocess.prepare_image`, exactly as ``cellsam segment`` does, so the
+  labels equal ``cellsam.segment``'s;
+- lazy (a dask / zarr array, e.g. a big OME-Zarr opened by the reader, or a larger image): only a
+  block's window is read at a time; percentiles come from a strided sample of the whole image and
+  CLAHE runs per window with a halo (the block-wise normalisation of ``cellsam.distributed``).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Generator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+LAZY_PIXELS = 64_000_000  # above this many pixels an in-memory image is also read block by block
+Channels = tuple[int | None, int | None]
+
+
+@dataclass(frozen=True)
+class ImageSpec:
+    """How to read an image layer's array.
+
+    Attributes:
+        channel_axis: the channel axis of a 3-D array (None for 2-D); never guessed.
+        channels: ``(nuclear, whole-cell)`` channel indices, either None; None for the default rules
+            (one channel = whole-cell, 3/4 channels = an RGB picture).
+    """
+
+    channel_axis: int | None = None
+    channels: Channels | None = None
+
+
+@dataclass(frozen=True)
+class SegmentOptions:
+    """Parameters of :func:`cellsam.segment` that the widget offers (None: the model's own value)."""
+
+    box_threshold: float | None = None
+    iou_threshold: float | None = None
+    mask_threshold: float | None = None
+    min_area: int = 15
+    tile_size: int | None = None
+    tile_overlap: float = 0.25
+    batch_size: int = 4
+    block_tiles: int = 2  # blocks of block_tiles x block_tiles tiles: one progress step / cancel point each
+
+
+@dataclass(frozen=True)
+class Progress:
+    """``done`` of ``total`` steps, and what is happening."""
+
+    done: int
+    total: int
+    message: str
+
+
+def level0(data: Any) -> Any:
+    """The full-resolution array of a layer's data (the first level of a multiscale list)."""
+    if isinstance(data, (list, tuple)) or type(data).__name__ == "MultiScaleData":
+        return data[0]
+    return data
+
+
+def n_channels(shape: Sequence[int], channel_axis: int | None) -> int:
+    """Channels of an array of ``shape`` read with ``channel_axis`` (1 for a 2-D image)."""
+    if len(shape) == 2:
+        return 1
+    if channel_axis is None or not -len(shape) <= channel_axis < len(shape):
+        return 0
+    return int(shape[channel_axis])
+
+
+def is_lazy(data: Any) -> bool:
+    """Read block by block: not an in-memory numpy array, or more than :data:`LAZY_PIXELS` pixels."""
+    return not isinstance(data, np.ndarray) or data.size > LAZY_PIXELS * (3 if data.ndim == 3 else 1)
+
+
+def open_image(data: Any, spec: ImageSpec, *, lazy: bool | None = None) -> tuple[Any, Any]:
+    """(``ImageSource``, ``Normalizer``) for an array, as :func:`iter_segment` reads it.
+
+    Raises:
+        ValueError / TypeError: the library's message for a bad image or channel choice.
+    """
+    from cellsam.distributed.source import fit_normalizer, open_source, sample_step
+    from cellsam.inference.preprocess import prepare_image
+
+    data = level0(data)
+    if lazy is None:
+        lazy = is_lazy(data)
+    if not lazy:
+        prepared = prepare_image(np.asarray(data), channel_axis=spec.channel_axis, channels=spec.channels)
+        return open_source(prepared, channel_axis=0), fit_normalizer([], 3, normalize=False)
+    if len(data.shape) == 3 and spec.channel_axis is None:
+        raise ValueError(
+            f"got a 3-D image of shape {tuple(data.shape)}: choose its channel axis (first or last)"
+        )
+    source = open_source(data, channel_axis=spec.channel_axis)
+    h, w = source.shape
+    sample = source.read((0, 0, h, w), sample_step((h, w)))
+    return source, fit_normalizer([sample], source.n_channels, channels=spec.channels)
+
+
+def segment_params(net: Any, options: SegmentOptions) -> dict[str, Any]:
+    """``cellsam.segment``'s validated parameter set for ``net`` (None values: the model's own)."""
+    from cellsam.config import DEFAULT_DECODE_WINDOW, InferenceConfig
+    from cellsam.inference.tiling import tile_grid
+    from cellsam.ops.masks import logit_threshold
+
+    cfg = getattr(net, "cfg", None)
+    defaults = getattr(cfg, "inference", None) or InferenceConfig()
+    o = options
+    p: dict[str, Any] = {
+        "box_threshold": defaults.box_threshold if o.box_threshold is None else float(o.box_threshold),
+        "iou_threshold": defaults.iou_threshold if o.iou_threshold is None else float(o.iou_threshold),
+        "mask_threshold": defaults.mask_threshold if o.mask_threshold is None else float(o.mask_threshold),
+        "min_area": int(o.min_area),
+        "tile_size": int(getattr(cfg, "tile_size", 512)) if o.tile_size is None else int(o.tile_size),
+        "tile_overlap": float(o.tile_overlap),
+        "batch_size": int(o.batch_size),
+        "decode_chunk": None,
+        "decode_copies": False,
+        "decode_window": DEFAULT_DECODE_WINDOW,
+        "return_masks": False,
+        "progress": False,
+    }
+    for name in ("box_threshold", "iou_threshold"):
+        if not np.isfinite(p[name]):
+            raise ValueError(f"{name} must be a finite number, got {p[name]}")
+    logit_threshold(p["mask_threshold"])  # (0, 1), with the library's message
+    if p["batch_size"] < 1 or o.block_tiles < 1 or p["min_area"] < 0:
+        raise ValueError("batch size and block size must be >= 1 and the minimum area >= 0")
+    tile_grid((1, 1), tile_size=p["tile_size"], overlap=p["tile_overlap"])  # validates both
+    return p
+
+
+def iter_segment(
+    data: Any,
+    model: Any,
+    *,
+    spec: ImageSpec = ImageSpec(),  # noqa: B008 - frozen dataclass
+    options: SegmentOptions = SegmentOptions(),  # noqa: B008
+    lazy: bool | None = None,
+) -> Generator[Progress, None, Any]:
+    """Segment ``data`` with ``model``, yielding :class:`Progress` after each block of tiles.
+
+    Args:
+        data: (H, W) or 3-D array (numpy, dask, zarr) or a multiscale list (its first level is used).
+        model: a loaded CellSAM model (see :func:`cellsam.weights.load_model`).
+        lazy: force the lazy (True) or in-memory (False) normalisation; None: :func:`is_lazy`.
+    Returns:
+        a :class:`~cellsam.inference.segment.Segmentation` (labels int32 1..N by descending score).
+    """
+    import torch
+
+    from cellsam.distributed.blocks import GridTiles, block_cells, plan_blocks
+    from cellsam.inference.runtime import resolve_model
+
+    net, dev = resolve_model(model)
+    p = segment_params(net, options)
+    source, norm = open_image(data, spec, lazy=lazy)
+    h, w = source.shape
+    grid = GridTiles((h, w), tile_size=p["tile_size"], overlap=p["tile_overlap"])
+    blocks = plan_blocks(grid, int(options.block_tiles))
+    total = len(blocks) + 1
+    yield Progress(0, total, f"{len(grid)} tile(s) of {p['tile_size']} px in {len(blocks)} block(s)")
+    stats = {"tiles": len(grid), "boxes": 0, "decoded": 0, "iou_passed": 0, "masks": 0}
+    gids: list[np.ndarray] = []
+    cells: list[Any] = []
+    if hasattr(net, "eval"):
+        net.eval()
+    for k, block in enumerate(blocks):
+        with torch.inference_mode():
+            found = block_cells(net, dev, source, norm, block, grid, p)
+        gids.append(found.gids)
+        cells += found.cells
+        for key in ("boxes", "decoded", "iou_passed", "masks"):
+            stats[key] += int(found.stats.get(key, 0))
+        yield Progress(k + 1, total, f"block {k + 1}/{len(blocks)}: {len(cells)} candidate cell(s)")
+    seg = stitch(cells, np.concatenate(gids) if gids else np.zeros(0, np.int64), grid, p, stats)
+    yield Progress(total, total, f"{seg.n_cells} cell(s)")
+    return seg
+
+
+def stitch(cells: list[Any], gids: np.ndarray, grid: Any, p: dict[str, Any], stats: dict[str, int]) -> Any:
+    """One label image from every block's cells, as ``cellsam.segment`` makes it from its tiles'."""
+    from cellsam.inference.segment import Segmentation
+    from cellsam.inference.tiling import deduplicate
+    from cellsam.ops.masks import clean_labels, merge_by_argmax
+
+    h, w = grid.shape
+    order = np.argsort(gids, kind="stable")  # gid = tile << 16 | k: the single-process order
+    cands = [cells[i] for i in order]
+    keep = deduplicate(cands, grid, (h, w))
+    kept = sorted((cands[i] for i in keep), key=lambda c: -c.score)
+    stats["stitched"] = len(kept)
+    merged = merge_by_argmax([(c.y0, c.x0, c.mask, c.logits) for c in kept], (h, w))
+    labels, old_ids = clean_labels(merged, min_area=p["min_area"])
+    final = [kept[i - 1] for i in old_ids]
+    n = len(final)
+    message = ""
+    if n == 0:
+        message = (
+            f"no cells found: {stats['boxes']} box(es) scored >= box threshold {p['box_threshold']}, "
+            f"{stats['iou_passed']} mask(s) had predicted IoU >= {p['iou_threshold']}, "
+            f"{stats['masks']} mask(s) had >= {p['min_area']} px"
+        )
+    return Segmentation(
+        labels=labels,
+        boxes=np.array([c.box for c in final], np.float32).reshape(n, 4),
+        scores=np.array([c.score for c in final], np.float32),
+        ious=np.array([c.iou for c in final], np.float32),
+        message=message,
+        stats=stats,
+    )

@@ -1,0 +1,181 @@
+"""The napari plugin's Qt-free parts (segmentation by blocks, prompts, label edits, fine-tuning, reader,
+layer helpers). Nothing here imports napari or Qt, so these run everywhere (``vit_tiny`` with random
+weights: deterministic, arbitrary cells; the default model where the result must be real)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from cellsam.inference.segment import segment
+from cellsam.models.build import build_model
+from cellsam.napari.finetuning import FinetuneRun, TrainingImage
+from cellsam.napari.layers import box_of, box_rectangles, click_prompt, parse_channels, spatial_shape
+from cellsam.napari.prompts import Cell, PromptTool, apply_edit, cell_edit
+from cellsam.napari.segmentation import ImageSpec, Progress, SegmentOptions, iter_segment, segment_params
+from tests.conftest import make_blobs
+
+OPEN = dict(box_threshold=0.0, iou_threshold=-1.0, mask_threshold=0.5)
+
+
+@pytest.fixture(scope="module")
+def tiny() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return build_model("vit_tiny").eval()
+
+
+def blobs() -> tuple[np.ndarray, np.ndarray]:
+    img, lab = make_blobs((160, 144), n=14, radius=(6, 10), seed=3)
+    return (img * 4000).astype(np.uint16), lab
+
+
+def drain(gen) -> tuple[list[Progress], object]:
+    steps = []
+    try:
+        while True:
+            steps.append(next(gen))
+    except StopIteration as stop:
+        return steps, stop.value
+
+
+# ----------------------------------------------------------------------------------- Segment by blocks
+@pytest.mark.parametrize("block_tiles", [1, 2, 10])
+def test_blocks_give_the_labels_of_cellsam_segment(tiny, block_tiles: int) -> None:
+    img, _ = blobs()
+    expect = segment(img, tiny, **OPEN)
+    steps, seg = drain(iter_segment(img, tiny, options=SegmentOptions(**OPEN, block_tiles=block_tiles)))
+    assert expect.n_cells > 0
+    np.testing.assert_array_equal(seg.labels, expect.labels)
+    np.testing.assert_allclose(seg.scores, expect.scores, rtol=1e-5)  # tiles batched by block, not in order
+    np.testing.assert_allclose(seg.boxes, expect.boxes, rtol=1e-5, atol=1e-3)
+    done = [p.done for p in steps]
+    assert done == sorted(done) and steps[-1].done == steps[-1].total and len(steps) >= 3
+    assert len(steps) - 2 == math.ceil(3 / block_tiles) ** 2  # one step per block (3 x 3 tiles of 64 px)
+
+
+def test_lazy_path_reads_dask_arrays_by_blocks() -> None:
+    """The default model on the sample, read block by block from a dask array (a big OME-Zarr's path)."""
+    da = pytest.importorskip("dask.array")
+    from cellsam.cli.segment import sample_path
+    from cellsam.io import load_image
+
+    im = load_image(sample_path()).data
+    model = __import__("cellsam").load_model("default")
+    _, mem = drain(iter_segment(im, model))
+    steps, lazy = drain(iter_segment(da.from_array(im, chunks=100), model, options=SegmentOptions(block_tiles=1)))
+    assert len(steps) == 2 * 2 + 2  # four blocks of one tile
+    assert lazy.n_cells == mem.n_cells >= 20
+    a, b = mem.labels > 0, lazy.labels > 0
+    assert (a & b).sum() / (a | b).sum() > 0.95
+
+
+def test_bad_images_and_options_raise_the_library_messages(tiny) -> None:
+    with pytest.raises(ValueError, match="channel_axis"):
+        drain(iter_segment(np.zeros((3, 40, 40)), tiny))
+    with pytest.raises(ValueError, match="NaN"):
+        drain(iter_segment(np.full((40, 40), np.nan), tiny))
+    with pytest.raises(ValueError):
+        segment_params(tiny, SegmentOptions(mask_threshold=1.5))
+    with pytest.raises(ValueError, match="channel"):
+        drain(iter_segment(np.zeros((3, 40, 40)), tiny, spec=ImageSpec(0, (5, None))))
+    _, seg = drain(iter_segment(np.zeros((40, 40), np.uint8), tiny))
+    assert seg.n_cells == 0 and seg.message.startswith("no cells found")
+
+
+# ----------------------------------------------------------------------------------- prompts and edits
+def test_box_prompt_and_label_edits(tiny) -> None:
+    img, lab = blobs()
+    tool = PromptTool(tiny)
+    tool.set_image("img", img, ImageSpec())
+    ys, xs = np.nonzero(lab == 1)
+    cell = tool.cell("img", box=(xs.min() - 2, ys.min() - 2, xs.max() + 2, ys.max() + 2))
+    assert cell.mask.any() and cell.mask.dtype == bool
+    labels = np.zeros(lab.shape, np.int32)
+    labels[:4, :4] = 7
+    edit = cell_edit(labels, cell)
+    assert edit.label == 8 and (edit.values == 8).all()
+    before = labels.copy()
+    apply_edit(labels, edit)
+    h, w = cell.mask.shape
+    window = before[cell.y0 : cell.y0 + h, cell.x0 : cell.x0 + w]
+    assert (labels == 8).sum() == (cell.mask[: window.shape[0], : window.shape[1]] & (window == 0)).sum()
+    assert (labels == 7).sum() == 16  # the other cell kept its pixels
+    # redraw the same cell smaller: its old pixels go, nothing else changes
+    small = Cell(cell.y0, cell.x0, np.zeros_like(cell.mask), cell.score)
+    small.mask[: cell.mask.shape[0] // 2] = cell.mask[: cell.mask.shape[0] // 2]
+    if small.mask.any():
+        apply_edit(labels, cell_edit(labels, small, label=8, previous=edit.rect))
+        assert (labels == 8).sum() == small.mask.sum() and (labels == 7).sum() == 16
+    with pytest.raises(ValueError, match="empty"):
+        cell_edit(labels, Cell(0, 0, np.zeros((3, 3), bool), 0.0))
+    with pytest.raises(ValueError, match="only cover other cells"):
+        cell_edit(labels, Cell(0, 0, np.ones((2, 2), bool), 0.0))
+    apply_edit(labels, cell_edit(labels, Cell(0, 0, np.ones((2, 2), bool), 0.0), overwrite=True))
+    assert (labels[:2, :2] == labels.max()).all()
+    with pytest.raises(KeyError):
+        tool.cell("other", box=(0, 0, 5, 5))
+    with pytest.raises(ValueError, match="positive"):
+        tool.cell("img", points=[(10, 10)], point_labels=[0])
+
+
+def test_prompts_on_a_lazy_image_use_one_tile_in_image_coordinates(tiny) -> None:
+    img, lab = blobs()
+    lazy, mem = PromptTool(tiny), PromptTool(tiny)
+    lazy.set_image("a", img, ImageSpec(), lazy=True)
+    mem.set_image("a", img, ImageSpec(), lazy=False)
+    ys, xs = np.nonzero(lab == lab.max())
+    box = (xs.min() - 2, ys.min() - 2, xs.max() + 2, ys.max() + 2)
+    a, b = lazy.cell("a", box=box), mem.cell("a", box=box)
+    assert (a.y0, a.x0) == (b.y0, b.x0)  # the same tile, in image coordinates
+    np.testing.assert_array_equal(a.mask, b.mask)  # the window normalised alone = the whole image here
+    assert len(lazy.session.embeddings) == 1  # one tile embedded
+
+
+# ----------------------------------------------------------------------------------- fine-tuning, layers, reader
+def test_finetune_refuses_without_labels_or_with_mismatched_ones(tiny) -> None:
+    img, lab = blobs()
+    with pytest.raises(ValueError, match="no labels"):
+        FinetuneRun(tiny, [TrainingImage("a", img, None, None, np.zeros_like(lab))])
+    run = FinetuneRun(tiny, [TrainingImage("a", img, None, None, lab[:100])])
+    with pytest.raises(ValueError, match="do not match"):
+        drain(run.iter_run())
+
+
+def test_layer_helpers() -> None:
+    assert spatial_shape((3, 40, 50), 0) == (40, 50) and spatial_shape((40, 50, 3), -1) == (40, 50)
+    with pytest.raises(ValueError, match="channel axis"):
+        spatial_shape((3, 40, 50), None)
+    assert parse_channels("auto", "auto", 3) is None
+    assert parse_channels("1", "none", 3) == (1, None) and parse_channels("auto", "0", 2) == (None, 0)
+    with pytest.raises(ValueError, match="does not exist"):
+        parse_channels("4", "none", 2)
+    with pytest.raises(ValueError):
+        parse_channels("none", "none", 2)
+    (rect,) = box_rectangles(np.array([[1, 2, 5, 9]], np.float32))
+    assert box_of(rect) == (1.0, 2.0, 5.0, 9.0)
+    xy, signs = click_prompt(np.array([[3.0, 4.0], [5.0, 6.0]]), [True, False])
+    assert xy == [(4.0, 3.0), (6.0, 5.0)] and signs == [1, 0]
+
+
+def test_reader_reads_what_cellsam_reads(tmp_path: Path) -> None:
+    import tifffile
+
+    from cellsam.napari._reader import get_reader
+    from cellsam.napari._writer import write_labels
+
+    img, lab = blobs()
+    assert get_reader(str(tmp_path / "x.txt")) is None and get_reader([]) is None
+    tifffile.imwrite(tmp_path / "stack.tif", np.stack([img, img], -1), metadata={"axes": "YXS"})
+    ((data, kw, kind),) = get_reader(str(tmp_path / "stack.tif"))(str(tmp_path / "stack.tif"))
+    assert kind == "image" and data.shape == (2, *img.shape) and kw["metadata"]["cellsam"]["channel_axis"] == 0
+    (out,) = write_labels(str(tmp_path / "cells_masks"), lab, {})
+    assert out.endswith("cells_masks.tif")
+    ((back, _, kind),) = get_reader(out)(out)
+    assert kind == "labels"
+    np.testing.assert_array_equal(back, lab)
+    with pytest.raises(ValueError, match="2-D"):
+        write_labels(str(tmp_path / "x.tif"), np.zeros((2, 4, 4), np.int32), {})
