@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from cellsam.cli import main
-from cellsam.cli.evaluate import label_key
+from cellsam.eval.folders import label_key
 from cellsam.eval.metrics import evaluate_labels
 from cellsam.models.build import build_model
 from cellsam.weights import save_model

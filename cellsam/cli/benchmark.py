@@ -1,6 +1,7 @@
 """``cellsam benchmark``: our model, Cellpose and the classical floor on one split, into ``accuracy.md``.
 
-Runs ``cellsam evaluate --data DATA --split SPLIT`` once with the model (``--model``, default the shipped
+Runs the evaluation of ``cellsam evaluate --data DATA --split SPLIT`` (:func:`cellsam.eval.runner.evaluate_data`,
+recorded in the report as that command) once with the model (``--model``, default the shipped
 one), its prompt study (masks from ground-truth boxes and points; ``--no-prompt-study`` to skip), the
 Otsu + watershed floor (``--no-otsu`` to skip) and, with ``--cellpose MODEL_FILE``, a Cellpose model
 (e.g. the baseline from ``scripts/train_cellpose_baseline.py``), all on the same images. Writes the
@@ -76,6 +77,32 @@ def benchmark_command(args: argparse.Namespace) -> str:
     return command_line({k: getattr(args, k) for k in keys}, "cellsam benchmark", lists_as_one_flag=True)
 
 
+def evaluate(args: argparse.Namespace, json_path: Path) -> dict | None:
+    """Evaluate as ``cellsam evaluate`` with :func:`evaluate_argv` would (tables printed, JSON and plots
+    written, those arguments recorded); the report as its JSON holds it, or None after an error message."""
+    import time
+
+    from cellsam.cli import build_parser
+    from cellsam.cli.evaluate import data_options
+    from cellsam.eval.harness import InputError, as_json, format_tables, write_json
+    from cellsam.eval.runner import data_plots, evaluate_data, finish_report
+
+    t0 = time.perf_counter()
+    ev = build_parser().parse_args(evaluate_argv(args, json_path))
+    try:
+        report, items, kept = evaluate_data(ev.data, ev.split, **data_options(ev))
+    except (InputError, FileNotFoundError, ValueError, KeyError, ImportError) as e:
+        print(f"cellsam benchmark: error: {e}", file=sys.stderr)
+        return None
+    finish_report(report, vars(ev), t0)
+    print(format_tables(report))
+    print(f"wrote {write_json(json_path, report)}")
+    if ev.plots is not None:
+        paths = data_plots(report, items, kept, ev.plots, ev.worst)
+        print("wrote " + ", ".join(str(p) for p in paths))
+    return as_json(report)
+
+
 def run(args: argparse.Namespace) -> int:
     from cellsam.eval.report import accuracy_markdown
 
@@ -96,13 +123,11 @@ def run(args: argparse.Namespace) -> int:
             print(f"cellsam benchmark: error: not a JSON report: {e}", file=sys.stderr)
             return 2
     else:
-        from cellsam.cli import main
-
         json_path = args.json or args.out.parent / f"accuracy_{args.split}.json"
-        rc = main(evaluate_argv(args, json_path))
-        if rc != 0:
-            return rc
-        reports = [json.loads(json_path.read_text())]
+        report = evaluate(args, json_path)
+        if report is None:
+            return 2
+        reports = [report]
     n_images = len(reports[0].get("images", []))
     title = args.title or (f"Accuracy on the {reports[0].get('split', args.split)} split of "
                            f"{reports[0].get('data', args.data)} ({n_images} images)")

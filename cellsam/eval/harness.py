@@ -40,10 +40,15 @@ log = logging.getLogger(__name__)
 __all__ = [
     "DATA_TYPES", "EvalItem", "Prediction", "data_type", "load_prepared", "load_folder", "load_data",
     "cellsam_method", "predict_all", "score_predictions", "evaluate_methods", "format_tables", "write_json",
+    "as_json", "InputError",
 ]
 
 DATA_TYPES = ("nuclear", "cell culture", "bacteria", "yeast", "tissue", "H&E")
 Method = Callable[[np.ndarray], "Prediction"]
+
+
+class InputError(ValueError):
+    """Bad evaluation input: missing / unmatched / unreadable label files, unknown methods."""
 
 
 def data_type(kind: str, target: str) -> str:
@@ -385,6 +390,11 @@ def _no_nan(x: Any) -> Any:
     if isinstance(x, (list, tuple)):
         return [_no_nan(v) for v in x]
     return x
+
+
+def as_json(report: dict) -> dict:
+    """The report exactly as :func:`write_json` stores it (non-finite numbers None, tuples lists, keys str)."""
+    return json.loads(json.dumps(_no_nan(report), allow_nan=False))
 
 
 def write_json(path: str | Path, report: dict) -> Path:
