@@ -118,6 +118,10 @@ def test_box_prompt_and_label_edits(tiny) -> None:
     assert (labels[:2, :2] == labels.max()).all()
     with pytest.raises(KeyError):
         tool.cell("other", box=(0, 0, 5, 5))
+    edge = tool.cell("img", box=(-5, -5, 20, 20))  # drawn past the edge: clipped to the image
+    assert edge.y0 >= 0 and edge.x0 >= 0
+    with pytest.raises(ValueError, match="outside"):
+        tool.cell("img", box=(-30, -30, -5, -5))
     with pytest.raises(ValueError, match="positive"):
         tool.cell("img", points=[(10, 10)], point_labels=[0])
 

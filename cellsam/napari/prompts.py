@@ -107,7 +107,13 @@ class PromptTool:
             raise KeyError(f"no image {key!r}: choose an image layer first")
         pts = None if points is None else [tuple(map(float, p)) for p in points]
         labs = None if point_labels is None else [int(v) for v in point_labels]
-        bx = None if box is None else tuple(float(v) for v in box)
+        bx = None
+        if box is not None:  # a box drawn past the image's edge ends at the edge
+            h, w = img.shape
+            x0, y0, x1, y1 = (float(v) for v in box)
+            bx = (min(max(x0, 0.0), w), min(max(y0, 0.0), h), min(max(x1, 0.0), w), min(max(y1, 0.0), h))
+            if bx[2] - bx[0] < 1 or bx[3] - bx[1] < 1:
+                raise ValueError(f"the box lies outside the {w}x{h} image (or is less than a pixel wide)")
         if img.prepared is not None:
             prop = self.session.predict(key, img.prepared, points=pts, point_labels=labs, box=bx)  # type: ignore[arg-type]
             return Cell(prop.y0, prop.x0, prop.mask, prop.score)
