@@ -17,6 +17,7 @@ import os
 import select
 import shutil
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -28,7 +29,11 @@ pytest.importorskip("pytestqt")
 pytest.importorskip("npe2")
 
 import torch  # noqa: E402
-import torch._dynamo  # noqa: E402, F401 - Triton before OpenGL: see cellsam.napari._widget.keep_triton_out
+
+try:  # Triton before OpenGL, for the whole test session: loading Triton's LLVM after Mesa's (napari's
+    import triton  # noqa: F401 - canvas) crashes the process; see cellsam.napari._widget.keep_triton_out
+except ImportError:
+    pass
 
 from cellsam.cli.segment import sample_path  # noqa: E402
 from cellsam.inference.segment import segment  # noqa: E402
@@ -147,6 +152,21 @@ def test_manifest_is_installed_and_valid() -> None:
     pm = PluginManager.instance()
     pm.discover()
     assert "cellsam" in pm._manifests  # the napari.manifest entry point
+    out = subprocess.run([sys.executable, "-m", "npe2", "validate", "cellsam"], capture_output=True, text=True)
+    assert out.returncode == 0 and "valid" in out.stdout, out.stdout + out.stderr
+
+
+def test_triton_is_kept_out_of_napari_only_when_not_loaded(monkeypatch) -> None:
+    from cellsam.napari._widget import keep_triton_out
+
+    monkeypatch.delitem(sys.modules, "triton", raising=False)
+    if not sys.platform.startswith("linux"):
+        assert keep_triton_out() is False
+        return
+    assert keep_triton_out() is True and sys.modules["triton"] is None
+    with pytest.raises(ImportError):
+        import triton  # noqa: F401
+    assert keep_triton_out() is False  # already decided
 
 
 def test_reader_and_writer_round_trip(make_napari_viewer, tmp_path: Path) -> None:
