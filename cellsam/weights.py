@@ -23,13 +23,16 @@ import urllib.error
 import urllib.request
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from cellsam.config import CellSAMConfig
 from cellsam.registry import WeightsRecord, get_config, get_weights, list_variants, list_weights
+
+if TYPE_CHECKING:
+    from cellsam.models.cellsam import CellSAM
 
 logger = logging.getLogger(__name__)
 
@@ -311,7 +314,7 @@ def read_torch_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     return dict(obj)
 
 
-def _load_torch_file(path: Path) -> nn.Module:
+def _load_torch_file(path: Path) -> CellSAM:
     from cellsam import convert
     from cellsam.models.build import build_model
 
@@ -365,7 +368,7 @@ def resolve_name(name: str) -> Path:
     return download(record)
 
 
-def load_model(name_or_path: str | Path, *, device: str | torch.device | None = None) -> nn.Module:
+def load_model(name_or_path: str | Path, *, device: str | torch.device | None = None) -> CellSAM:
     """Load a :class:`~cellsam.models.cellsam.CellSAM` in eval mode, strictly.
 
     Args:

@@ -33,6 +33,7 @@ import numpy as np
 
 from cellsam.eval.coco import coco_metrics
 from cellsam.eval.metrics import evaluate_labels
+from cellsam.models.protocol import SegmentationModel
 from cellsam.ops.masks import CellMask
 
 log = logging.getLogger(__name__)
@@ -183,7 +184,7 @@ def load_data(path: str | Path, split: str = "val", *, limit: int | None = None)
     return load_folder(path, limit=limit)
 
 
-def cellsam_method(model: Any, **segment_kwargs: Any) -> Method:
+def cellsam_method(model: SegmentationModel | str, **segment_kwargs: Any) -> Method:
     """A method running :func:`cellsam.inference.segment.segment` on prepared images (no re-normalisation,
     ``channel_axis=0``, per-cell masks and box scores kept for COCO)."""
     from cellsam.inference.segment import segment

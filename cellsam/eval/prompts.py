@@ -15,6 +15,7 @@ A centre of mass can fall outside a curved cell; the paper prompts with it all t
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -28,10 +29,14 @@ from cellsam.eval.harness import EvalItem, Method, Prediction, evaluate_methods
 from cellsam.inference.runtime import resolve_model
 from cellsam.inference.segment import DEFAULT_MIN_AREA, _crop_cell
 from cellsam.inference.tiling import Tile, extract_tile, holding_tiles, tile_grid
+from cellsam.models.protocol import PromptableModel
 from cellsam.ops.masks import CellMask, clean_labels, logit_threshold, merge_by_argmax
 from cellsam.train.clicks import innermost_points
 
 __all__ = ["PROMPTS", "assign_tiles", "click_ious", "prompt_predict", "prompt_method", "prompt_study", "prompted_cells"]
+
+ModelArg = PromptableModel | str | os.PathLike
+"""A model object, or a weights name / checkpoint path (:func:`~cellsam.inference.runtime.resolve_model`)."""
 
 PROMPTS = ("box", "point", "click")
 """``box``: the tight box; ``point``: one positive point at the centre of mass (the paper's study);
@@ -68,7 +73,7 @@ def _prompts(gt_tile: np.ndarray, ids: np.ndarray, prompt: str, scale: float) ->
     return {"points": (coords, torch.ones(len(ids), 1, dtype=torch.int64))}
 
 
-def prompt_predict(model: Any, image: np.ndarray, gt: np.ndarray, *, prompt: str = "box",
+def prompt_predict(model: ModelArg, image: np.ndarray, gt: np.ndarray, *, prompt: str = "box",
                    tile_size: int | None = None, tile_overlap: float = 0.25, mask_threshold: float = 0.5,
                    min_area: int = DEFAULT_MIN_AREA, multimask: bool = False, decode_chunk: int = 32,
                    device: str | torch.device | None = None) -> Prediction:
@@ -96,7 +101,7 @@ def prompt_predict(model: Any, image: np.ndarray, gt: np.ndarray, *, prompt: str
     return Prediction(labels, masks, np.array([cells[k][5] for k in kept], np.float64), time.perf_counter() - t0)
 
 
-def click_ious(model: Any, image: np.ndarray, gt: np.ndarray, **kwargs: Any) -> dict[int, float]:
+def click_ious(model: ModelArg, image: np.ndarray, gt: np.ndarray, **kwargs: Any) -> dict[int, float]:
     """IoU with its cell of the mask that one click on each cell's innermost pixel gives.
 
     Arguments as :func:`prompt_predict` (``prompt`` is ``"click"``). Returns {cell id: IoU}, 0 for a
@@ -113,7 +118,7 @@ def click_ious(model: Any, image: np.ndarray, gt: np.ndarray, **kwargs: Any) -> 
     return {int(i): got.get(int(i), 0.0) for i in ids}
 
 
-def prompted_cells(model: Any, image: np.ndarray, gt: np.ndarray, *, prompt: str = "box",
+def prompted_cells(model: ModelArg, image: np.ndarray, gt: np.ndarray, *, prompt: str = "box",
                    tile_size: int | None = None, tile_overlap: float = 0.25, mask_threshold: float = 0.5,
                    min_area: int = DEFAULT_MIN_AREA, multimask: bool = False, decode_chunk: int = 32,
                    device: str | torch.device | None = None
@@ -176,7 +181,7 @@ def prompted_cells(model: Any, image: np.ndarray, gt: np.ndarray, *, prompt: str
             net.train(True)
 
 
-def prompt_method(model: Any, prompt: str, **kwargs: Any) -> Method:
+def prompt_method(model: ModelArg, prompt: str, **kwargs: Any) -> Method:
     """:func:`prompt_predict` as an evaluation method that reads the ground truth (``uses_truth``)."""
     if prompt not in PROMPTS:
         raise ValueError(f"prompt must be one of {PROMPTS}, got {prompt!r}")
@@ -189,7 +194,7 @@ def prompt_method(model: Any, prompt: str, **kwargs: Any) -> Method:
     return run  # type: ignore[return-value]
 
 
-def prompt_study(model: Any, items: Sequence[EvalItem], *, prompts: Sequence[str] = ("box", "point"),
+def prompt_study(model: ModelArg, items: Sequence[EvalItem], *, prompts: Sequence[str] = ("box", "point"),
                  progress: bool = False, **kwargs: Any) -> dict:
     """Score ground-truth box and point prompts with every metric (as :func:`evaluate_methods`).
 

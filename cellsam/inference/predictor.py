@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from cellsam.inference.preprocess import prepare_image, to_channels_last
+from cellsam.models.protocol import PromptableModel, check_model
 
 logger = logging.getLogger(__name__)
 
@@ -31,7 +32,8 @@ def resized_shape(h: int, w: int, long_side: int) -> tuple[int, int]:
 
 
 class Predictor:
-    """SAM-style predictor over a :class:`~cellsam.models.cellsam.CellSAM`.
+    """SAM-style predictor over a :class:`~cellsam.models.cellsam.CellSAM` (any
+    :class:`~cellsam.models.protocol.PromptableModel`).
 
     Example::
 
@@ -41,10 +43,8 @@ class Predictor:
         masks, ious, low_res = p.predict(box=boxes[0])         # (3,H,W) bool, (3,), (3,4h,4w)
     """
 
-    def __init__(self, model: Any) -> None:
-        for attr in ("cfg", "image_encoder", "prompt_encoder", "mask_decoder", "decode", "detect"):
-            if not hasattr(model, attr):
-                raise TypeError(f"Predictor needs a CellSAM model; {type(model).__name__} lacks {attr!r}")
+    def __init__(self, model: PromptableModel) -> None:
+        check_model(model, PromptableModel, message="Predictor needs a CellSAM model")
         if getattr(model, "training", False):
             logger.warning("Predictor got a model in training mode (dropout active); call model.eval() first")
         self.model = model

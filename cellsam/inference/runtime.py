@@ -4,18 +4,16 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import Any
+from typing import TYPE_CHECKING, TypeVar
 
 import torch
 
-_MODEL_API = (
-    "img_size",
-    "preprocess",
-    "encode",
-    "detect",
-    "postprocess_detections",
-    "decode",
-)
+from cellsam.models.protocol import SegmentationModel, check_model
+
+if TYPE_CHECKING:
+    from cellsam.models.cellsam import CellSAM
+
+M = TypeVar("M", bound=SegmentationModel)
 
 
 def autocast_context(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
@@ -43,7 +41,7 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     return dev
 
 
-def _model_device(model: Any) -> torch.device:
+def _model_device(model: object) -> torch.device:
     dev = getattr(model, "device", None)
     if isinstance(dev, torch.device):
         return dev
@@ -54,24 +52,20 @@ def _model_device(model: Any) -> torch.device:
     return torch.device("cpu")
 
 
-def resolve_model(model: Any, device: str | torch.device | None = None) -> tuple[Any, torch.device]:
-    """A ready model and its device: a CellSAM-like object (moved only when ``device`` is given), or a
-    name / checkpoint path loaded with :func:`cellsam.weights.load_model`."""
+def resolve_model(model: M | str | os.PathLike,
+                  device: str | torch.device | None = None) -> tuple[M | CellSAM, torch.device]:
+    """A ready model and its device: an object of the :class:`~cellsam.models.protocol.SegmentationModel`
+    protocol (moved only when ``device`` is given), or a name / checkpoint path loaded with
+    :func:`cellsam.weights.load_model`."""
     if isinstance(model, (str, os.PathLike)):
         from cellsam.weights import load_model  # lazy: only needed for names / paths
 
-        model = load_model(model)
         dev = resolve_device(device)
-        return model.to(dev), dev
-    missing = [a for a in _MODEL_API if not hasattr(model, a)]
-    if missing:
-        raise TypeError(
-            f"model must be a CellSAM model or a model name / checkpoint path; "
-            f"{type(model).__name__} lacks {missing}"
-        )
+        return load_model(model).to(dev), dev
+    check_model(model, SegmentationModel, message="model must be a CellSAM model or a model name / checkpoint path")
     if device is not None:
         dev = resolve_device(device)
         if hasattr(model, "to"):
-            model = model.to(dev)
+            model = model.to(dev)  # type: ignore[attr-defined]  # an nn.Module
         return model, dev
     return model, _model_device(model)

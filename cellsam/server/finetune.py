@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from cellsam.models.protocol import SegmentationModel
 from cellsam.server.session import ModelSession
 from cellsam.server.storage import ImageRecord, Project, ProjectError
 
@@ -141,7 +142,7 @@ def write_prepared(project: Project, recs: list[ImageRecord], out: Path, *, tile
     return len(meta)
 
 
-def score(model: Any, images: list[np.ndarray], gts: list[np.ndarray]) -> dict[str, Any]:
+def score(model: SegmentationModel, images: list[np.ndarray], gts: list[np.ndarray]) -> dict[str, Any]:
     """F1 at IoU 0.5 (``f1_mean``), AP50 and per-image F1 of :func:`cellsam.segment` against ``gts``."""
     from cellsam.eval.metrics import evaluate_labels
     from cellsam.inference.segment import segment

@@ -21,6 +21,7 @@ from torchvision.ops import nms
 
 from cellsam.inference.predictor import Predictor
 from cellsam.inference.tiling import Tile, extract_tile, holding_tiles, in_core, tile_cores, tile_grid
+from cellsam.models.protocol import PromptableModel
 from cellsam.ops.masks import clean_cell_mask, merge_by_argmax
 
 TILE_OVERLAP = 0.25
@@ -98,7 +99,8 @@ class ModelSession:
     """Owns the model and the caches; safe to call from several threads."""
 
     def __init__(
-        self, model: Any, *, name: str = "model", cache_items: int = CACHE_ITEMS, cache_bytes: int = CACHE_BYTES
+        self, model: PromptableModel, *, name: str = "model", cache_items: int = CACHE_ITEMS,
+        cache_bytes: int = CACHE_BYTES,
     ) -> None:
         self.lock = threading.RLock()
         self.embeddings = LRUCache(max_items=cache_items, max_bytes=cache_bytes, size_of=_predictor_bytes)
@@ -106,7 +108,7 @@ class ModelSession:
         self.generation = 0
         self.set_model(model, name=name)
 
-    def set_model(self, model: Any, *, name: str) -> None:
+    def set_model(self, model: PromptableModel, *, name: str) -> None:
         """Use another model (e.g. a fine-tuned one); every cached embedding is dropped."""
         with self.lock:
             model.eval()
