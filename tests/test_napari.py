@@ -209,7 +209,8 @@ def test_reader_and_writer_round_trip(make_napari_viewer, tmp_path: Path) -> Non
     np.testing.assert_array_equal(back.data, lab)
 
 
-def test_reader_opens_a_large_ome_zarr_lazily(make_napari_viewer, tmp_path: Path, monkeypatch) -> None:
+def test_reader_opens_a_large_ome_zarr_lazily(make_napari_viewer, qtbot, tmp_path: Path, monkeypatch,
+                                              tiny_checkpoint: Path) -> None:
     import zarr
 
     from cellsam.napari import _reader
@@ -225,6 +226,14 @@ def test_reader_opens_a_large_ome_zarr_lazily(make_napari_viewer, tmp_path: Path
     (layer,) = viewer.open(str(tmp_path / "big.ome.zarr"), plugin="cellsam")
     assert layer.multiscale and type(layer.data[0]).__module__.startswith("dask")
     assert layer.data[0].shape == (2, *img.shape) and layer.metadata["cellsam"]["channel_axis"] == 0
+    # Segment reads it block by block (the lazy path) into labels of the image's size
+    widget = make_widget(viewer, tiny_checkpoint)
+    open_thresholds(widget)
+    assert widget.channel_axis.value == "first (C, Y, X)" and widget.nuclear.choices == ("auto", "none", "0", "1")
+    widget.nuclear.value, widget.wholecell.value = "0", "1"
+    run(qtbot, widget, widget.segment())
+    labels = viewer.layers["big labels"]
+    assert labels.data.shape == img.shape and labels.metadata["cellsam"]["channels"] == (0, 1)
 
 
 # ----------------------------------------------------------------------------------- Segment

@@ -118,8 +118,8 @@ class CellSAMWidget(Container):
                                            "used instead of the model above when set")
         self.image = ComboBox(label="image", choices=self._image_choices)
         self.channel_axis = ComboBox(label="channel axis", choices=list(AXIS_CHOICES))
-        self.nuclear = ComboBox(label="nuclear channel", choices=[AUTO])
-        self.wholecell = ComboBox(label="whole-cell channel", choices=[AUTO])
+        self.nuclear = ComboBox(label="nuclear channel", choices=self._channel_choices)
+        self.wholecell = ComboBox(label="whole-cell channel", choices=self._channel_choices)
         self.own_thresholds = CheckBox(value=True, text="use the model's own thresholds")
         self.box_threshold = FloatSpinBox(label="box threshold", value=0.4, min=0.0, max=0.99, step=0.05)
         self.iou_threshold = FloatSpinBox(label="IoU threshold", value=0.5, min=-1.0, max=1.0, step=0.05)
@@ -179,12 +179,15 @@ class CellSAMWidget(Container):
         else:
             self._update_channel_choices()
 
-    def _update_channel_choices(self, _value: Any = None) -> None:
+    def _channel_choices(self, _widget: Any = None) -> list[str]:
+        """'auto' (the default rules), and for an image with channels 'none' and each channel index."""
         layer = self._image_layer(quiet=True)
         n = 0 if layer is None else n_channels(level0(layer.data).shape, AXIS_CHOICES[self.channel_axis.value])
-        choices = [AUTO, NONE] + [str(i) for i in range(n)] if n > 1 else [AUTO]
+        return [AUTO, NONE] + [str(i) for i in range(n)] if n > 1 else [AUTO]
+
+    def _update_channel_choices(self, _value: Any = None) -> None:
         for box in (self.nuclear, self.wholecell):
-            box.choices = choices
+            box.reset_choices()
             box.value = AUTO
 
     def _set_threshold_state(self, _value: Any = None) -> None:
