@@ -183,3 +183,18 @@ def test_reader_reads_what_cellsam_reads(tmp_path: Path) -> None:
     np.testing.assert_array_equal(back, lab)
     with pytest.raises(ValueError, match="2-D"):
         write_labels(str(tmp_path / "x.tif"), np.zeros((2, 4, 4), np.int32), {})
+
+
+def test_finetune_job_can_be_cancelled(tiny, tmp_path: Path) -> None:
+    """The job runs in a child process; cancel() stops it after its current phase."""
+    img, lab = blobs()
+    run = FinetuneRun(tiny, [TrainingImage("a", img, None, None, lab)], mask_steps=500, accelerator="cpu",
+                      workdir=tmp_path)
+    gen = run.iter_run(poll_s=0.2)
+    first = next(gen)
+    assert first.total == 1000 and first.message.startswith("fine-tuning")
+    run.cancel()
+    steps, result = drain(gen)
+    assert result.state == "cancelled", result
+    assert result.model is None and "cancelled" in result.summary()
+    assert (tmp_path / "project" / "cellsam_project.db").is_file()
