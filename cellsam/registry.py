@@ -117,12 +117,15 @@ def conv_cpu() -> CellSAMConfig:
     cells ~4 px to ~200 px wide); a SAM-style neck gives the mask decoder its 32 x 32 x 128 embedding,
     the same as ``vit_cpu``'s (its decoder sizes too). Dense, per-pixel supervision on a conv net is
     what lets Cellpose, StarDist and InstanSeg learn from a few hundred images on a small budget; the
-    Anchor-DETR CellFinder on ``vit_cpu`` did not (benchmarks/detector_study.md).
+    Anchor-DETR CellFinder on ``vit_cpu`` did not (benchmarks/detector_study.md). From v4 on it has a
+    size model (``size_head``: the cell diameter from the encoder's features, fitted by a "size" stage)
+    for ``segment(diameter="auto")``; v3's weights have none.
     """
     enc = EncoderConfig(img_size=256, patch_size=8, embed_dim=64, depth=0, num_heads=1, out_chans=128,
                         window_size=0, global_attn_indexes=())
     dec = MaskDecoderConfig(transformer_mlp_dim=512, transformer_num_heads=4, iou_head_hidden_dim=128)
-    return CellSAMConfig(encoder=enc, mask_decoder=dec, tile_size=256, encoder_kind="conv", detector_kind="dense")
+    return CellSAMConfig(encoder=enc, mask_decoder=dec, tile_size=256, encoder_kind="conv", detector_kind="dense",
+                         size_head=True)
 
 
 @register_variant
