@@ -41,8 +41,10 @@ import numpy as np
 import torch
 
 from cellsam.bench.timing import PeakMemory, StageTimer, merge_peaks, summarize, synchronize
-from cellsam.config import DEFAULT_DECODE_WINDOW, check_decode_window
+from cellsam.config import DEFAULT_DECODE_WINDOW
+from cellsam.inference.params import SegmentParams
 from cellsam.inference.runtime import autocast_context
+from cellsam.models.protocol import model_tile_size
 
 AREA_UNIT = 512 * 512  # "cells" are given per 512 x 512 pixels
 STAGES = ("read", "normalise", "tiling", "encoder", "cellfinder", "mask_decoder", "postprocess", "stitching",
@@ -278,13 +280,17 @@ def _recording(fn: Any, oracle: BoxOracle) -> Any:
 
 
 # ---------------------------------------------------------------------------------------------- runs
+IOU_KEEP_ALL = -float(np.finfo(np.float32).max)
+"""An IoU threshold that every finite predicted IoU passes (untrained heads predict any value)."""
+
+
 def _segment_params(net: Any, *, batch_size: int, decode_chunk: int | None,
-                    decode_window: float | None) -> dict[str, Any]:
-    return dict(
-        box_threshold=0.4, iou_threshold=float("-inf"), mask_threshold=0.5, min_area=15,
-        tile_size=int(getattr(getattr(net, "cfg", None), "tile_size", 512)), tile_overlap=0.25,
-        batch_size=int(batch_size), decode_chunk=None if decode_chunk is None else int(decode_chunk),
-        decode_window=check_decode_window(decode_window), return_masks=False, progress=False,
+                    decode_window: float | None) -> SegmentParams:
+    """Fixed thresholds that keep every decoded mask (the lowest finite IoU threshold), the model's tile size."""
+    return SegmentParams(
+        box_threshold=0.4, iou_threshold=IOU_KEEP_ALL, mask_threshold=0.5, min_area=15,
+        tile_size=model_tile_size(net), tile_overlap=0.25, batch_size=batch_size, decode_chunk=decode_chunk,
+        decode_window=decode_window, filled=True,
     )
 
 
@@ -327,10 +333,10 @@ def time_pipeline(
     oracle = None
     if own_boxes:
         inf = net.cfg.inference
-        params.update(box_threshold=inf.box_threshold, iou_threshold=inf.iou_threshold,
-                      mask_threshold=inf.mask_threshold)
+        params = params.replace(box_threshold=inf.box_threshold, iou_threshold=inf.iou_threshold,
+                                mask_threshold=inf.mask_threshold)
     else:
-        oracle = BoxOracle(scene.boxes, tile_size=params["tile_size"], model_side=int(net.img_size))
+        oracle = BoxOracle(scene.boxes, tile_size=params.model_values().tile_size, model_side=int(net.img_size))
     timer, mem = StageTimer(dev), PeakMemory(dev)
     proxy = TimedModel(net, timer, oracle, clip_masks=clip_masks)
     with contextlib.ExitStack() as stack:
@@ -348,7 +354,7 @@ def time_pipeline(
             with timer.stage("normalise"):
                 img = prepare_image(raw)
             with instrument_segment(timer, oracle), torch.inference_mode(), autocast_context(precision, dev):
-                seg = segment_prepared(img, proxy, dev, **params)
+                seg = segment_prepared(img, proxy, dev, params)
             synchronize(dev)
             total = time.perf_counter() - t0
             if i < warmup:
@@ -371,11 +377,11 @@ def time_pipeline(
         "boxes": "model" if own_boxes else "scene",
         "precision": precision,
         "device": str(dev),
-        "tile_size": params["tile_size"],
+        "tile_size": params.tile_size,
         "model_side": int(net.img_size),
         "batch_size": int(batch_size),
         "decode_chunk": int(net.auto_chunk_size() if decode_chunk is None else decode_chunk),
-        "decode_window": params["decode_window"],
+        "decode_window": params.decode_window,
         "clip_masks": bool(clip_masks),
         "repeats": int(repeats),
         "warmup": int(warmup),

@@ -21,15 +21,21 @@ Stitching reuses :func:`~cellsam.inference.tiling.deduplicate` unchanged, withou
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, overload
+from typing import TYPE_CHECKING, Any, overload
 
 import numpy as np
 
 from cellsam.distributed.source import ImageSource, Normalizer, Rect, prepare_window
+from cellsam.inference.params import SegmentParams, as_params
 from cellsam.inference.tiling import Candidate, Tile, axis_cores, deduplicate, default_band, tile_grid
 from cellsam.ops.masks import clean_labels, merge_by_argmax
+
+if TYPE_CHECKING:
+    import torch
+
+    from cellsam.models.protocol import SegmentationModel
 
 GID_SHIFT = 16  # cells per tile < 65536
 
@@ -141,29 +147,30 @@ class BlockCells:
 
 
 def block_cells(
-    net: Any,
-    dev: Any,
+    net: SegmentationModel,
+    dev: torch.device,
     source: ImageSource,
     norm: Normalizer,
     block: Block,
     grid: GridTiles,
-    params: dict[str, Any],
+    params: SegmentParams | Mapping[str, Any],
 ) -> BlockCells:
-    """Segment the tiles of ``block`` (``params`` as in :func:`cellsam.inference.segment.segment_prepared`)
-    and find the copies among its cells."""
+    """Segment the tiles of ``block`` (filled ``params`` as in :func:`cellsam.inference.segment.segment_prepared`,
+    or a mapping of their fields) and find the copies among its cells."""
     from cellsam.inference.segment import tile_candidates
 
+    params = as_params(params)
     oy, ox = block.rect[:2]
     image = prepare_window(source, norm, block.rect)
     local = [
         replace(t, y0=t.y0 - oy, y1=t.y1 - oy, x0=t.x0 - ox, x1=t.x1 - ox)
         for t in (grid[i] for i in block.tiles)
     ]
-    cores = None if params.get("decode_copies") else [
+    cores = None if params.decode_copies else [
         (y0 - oy, y1 - oy, x0 - ox, x1 - ox) for y0, y1, x0, x1 in (grid.core(i) for i in block.tiles)
     ]
     stats = {"tiles": len(local), "boxes": 0, "decoded": 0, "iou_passed": 0}
-    bs = int(params["batch_size"])
+    bs = params.batch_size
     cells: list[Candidate] = []
     for i0 in range(0, len(local), bs):
         cells += tile_candidates(

@@ -19,12 +19,14 @@ from typing import Any
 
 import numpy as np
 
-from cellsam.config import DEFAULT_DECODE_WINDOW, check_decode_window
+from cellsam.config import AUTO, DEFAULT_DECODE_WINDOW, InferenceConfig
 from cellsam.distributed import blocks as B
 from cellsam.distributed import omezarr
 from cellsam.distributed.cluster import BlockFailure, close_client, get_client, wait_all, worker_model
-from cellsam.distributed.source import ImageSource, fit_normalizer, open_source, sample_step
-from cellsam.inference.scale import AUTO, check_diameter, tile_size_for
+from cellsam.distributed.source import ImageSource, Normalizer, fit_normalizer, open_source, sample_step
+from cellsam.inference.params import DEFAULT_MIN_AREA, SegmentParams
+from cellsam.inference.scale import tile_size_for
+from cellsam.models.protocol import inference_defaults, model_tile_size
 
 __all__ = ["BlockFailure", "LargeResult", "segment_dask"]
 
@@ -37,7 +39,7 @@ def _block_task(
     norm: Any,
     block: B.Block,
     grid: B.GridTiles,
-    params: dict[str, Any],
+    params: SegmentParams,
 ) -> B.BlockCells:
     import torch
 
@@ -46,16 +48,10 @@ def _block_task(
         return B.block_cells(net, dev, source, norm, block, grid, params)
 
 
-def _model_defaults_task(model: Any, device: Any) -> dict[str, Any]:
-    """The model's own tile size and thresholds (``cfg.tile_size``, ``cfg.inference``)."""
-    from cellsam.config import InferenceConfig
-
+def _model_defaults_task(model: Any, device: Any) -> tuple[int, InferenceConfig]:
+    """The model's own tile size and inference defaults (``cfg.tile_size``, ``cfg.inference``)."""
     net, _ = worker_model(model, device)
-    cfg = getattr(net, "cfg", None)
-    inf = getattr(cfg, "inference", None) or InferenceConfig()
-    return {"tile_size": int(getattr(cfg, "tile_size", 512)), "box_threshold": inf.box_threshold,
-            "iou_threshold": inf.iou_threshold, "mask_threshold": inf.mask_threshold,
-            "cell_diameter": inf.cell_diameter}
+    return model_tile_size(net), inference_defaults(net)
 
 
 def _sample_task(source: ImageSource, rect: B.Rect, step: int) -> np.ndarray:
@@ -123,17 +119,14 @@ def auto_block_tiles(grid: B.GridTiles) -> int:
     return max(4, BLOCK_SIDE // max(int(step), 1))
 
 
-def _check_params(p: dict[str, Any]) -> None:
-    from cellsam.ops.masks import logit_threshold
+class _Tasks:
+    """Submits one run's tasks under unique keys (``cellsam-<run>-<name>``) with ``retries``."""
 
-    for name in ("box_threshold", "iou_threshold"):
-        if not np.isfinite(p[name]):
-            raise ValueError(f"{name} must be a finite number, got {p[name]}")
-    logit_threshold(p["mask_threshold"])
-    if p["batch_size"] < 1 or (p["decode_chunk"] is not None and p["decode_chunk"] < 1):
-        raise ValueError(
-            f"batch_size and decode_chunk must be >= 1, got {p['batch_size']}, {p['decode_chunk']}"
-        )
+    def __init__(self, client: Any, retries: int) -> None:
+        self.client, self.retries, self.run = client, retries, uuid.uuid4().hex[:8]
+
+    def __call__(self, fn: Any, *args: Any, key: str) -> Any:
+        return self.client.submit(fn, *args, key=f"cellsam-{self.run}-{key}", retries=self.retries, pure=False)
 
 
 def segment_dask(
@@ -149,7 +142,7 @@ def segment_dask(
     box_threshold: float | None = None,
     iou_threshold: float | None = None,
     mask_threshold: float | None = None,
-    min_area: int = 15,
+    min_area: int = DEFAULT_MIN_AREA,
     tile_size: int | None = None,
     tile_overlap: float = 0.25,
     diameter: float | None = None,
@@ -163,6 +156,7 @@ def segment_dask(
     levels: int | None = None,
     region_chunks: int = 2,
     retries: int = 2,
+    params: SegmentParams | None = None,
 ) -> LargeResult:
     """Segment one large image on Dask and write its labels to ``output`` (an ``.ome.zarr`` folder).
 
@@ -176,175 +170,50 @@ def segment_dask(
         chunk: OME-Zarr chunk side; levels: pyramid levels (None: until one chunk holds the image);
         region_chunks: level-0 regions written per task, in chunks per side.
         retries: Dask retries per task. The other arguments are those of :func:`cellsam.segment`
-            (``None`` thresholds and tile size: the model's own); ``diameter`` is a number of pixels
+            (``None`` thresholds and tile size: the model's own; ``params``: all of them as one
+            :class:`~cellsam.inference.params.SegmentParams`); ``diameter`` is a number of pixels
             here ("auto" needs the whole image: estimate it with :func:`cellsam.segment` on a crop).
     Raises:
         BlockFailure: a block / region failed after all retries (positions in the message).
     """
     t0 = time.perf_counter()
-    given = {"box_threshold": box_threshold, "iou_threshold": iou_threshold, "mask_threshold": mask_threshold}
-    params: dict[str, Any] = dict(
-        {k: float(v) for k, v in given.items() if v is not None},
-        min_area=int(min_area),
-        tile_overlap=float(tile_overlap),
-        batch_size=int(batch_size),
-        decode_chunk=None if decode_chunk is None else int(decode_chunk),
-        decode_copies=bool(decode_copies),
-        decode_window=check_decode_window(decode_window),
-        return_masks=False,
-        progress=False,
+    given = SegmentParams(
+        box_threshold=box_threshold, iou_threshold=iou_threshold, mask_threshold=mask_threshold,
+        min_area=min_area, tile_size=tile_size, tile_overlap=tile_overlap, diameter=diameter,
+        batch_size=batch_size, decode_chunk=decode_chunk, decode_copies=decode_copies, decode_window=decode_window,
     )
-    _check_params({"box_threshold": 0.0, "iou_threshold": 0.0, "mask_threshold": 0.5, **params})
-    if tile_size is not None:
-        B.tile_grid((1, 1), tile_size=tile_size, overlap=tile_overlap)
-    diameter = check_diameter(diameter)  # type: ignore[assignment]
-    if diameter == AUTO:
+    if params is None:
+        params = given
+    elif given != SegmentParams():
+        raise ValueError("give the segmentation parameters either as params= or as keyword arguments, not both")
+    if params.diameter == AUTO:
         raise ValueError("diameter='auto' is not available block by block: give the diameter in pixels "
                          "(cellsam.segment(crop, diameter='auto').diameter estimates it on a crop)")
-    if diameter is not None and tile_size is not None:
-        raise ValueError("give diameter or tile_size, not both (both set the scale)")
+    params = params.replace(return_masks=False, progress=False)
     source = open_source(image, channel_axis=channel_axis)
     client, owned = get_client(client, n_workers=n_workers)
-    run = uuid.uuid4().hex[:8]
-
-    def submit(fn: Any, *args: Any, key: str) -> Any:
-        return client.submit(fn, *args, key=f"cellsam-{run}-{key}", retries=retries, pure=False)
-
+    submit = _Tasks(client, retries)
     try:
         src = client.scatter(source, broadcast=True) if source.array is not None else source
         net = model if isinstance(model, (str, os.PathLike)) else client.scatter(model, broadcast=True)
-        if tile_size is None or any(v is None for v in given.values()):  # left to the model
-            defaults = submit(_model_defaults_task, net, device, key="model-defaults").result()
-            tile_size = defaults["tile_size"] if tile_size is None else tile_size
-            if diameter is not None:  # the scale where the cells have the model's diameter
-                if not defaults["cell_diameter"]:
-                    raise ValueError("this model has no cell diameter (cfg.inference.cell_diameter): "
-                                     "give tile_size instead of diameter")
-                tile_size = tile_size_for(int(tile_size), float(defaults["cell_diameter"]), float(diameter))
-            for k in given:
-                params.setdefault(k, float(defaults[k]))
-        params["tile_size"] = int(tile_size)
+        params = _fill_params(submit, net, device, params)
+        norm = _normalizer(submit, src, source, channels=channels, normalize=normalize)
         h, w = source.shape
-        # 1. global normalisation statistics from a strided sample, read in parallel
-        samples: list[np.ndarray] = []
-        if normalize:
-            step = sample_step((h, w))
-            regs = omezarr.regions((h, w), 4096)
-            futs = {
-                f"sample region y {r[0]}:{r[2]}, x {r[1]}:{r[3]}": submit(
-                    _sample_task, src, r, step, key=f"sample-{i}"
-                )
-                for i, r in enumerate(regs)
-            }
-            samples = [f.result() for f in wait_all("sample", futs).values()]
-        norm = fit_normalizer(samples, source.n_channels, channels=channels, normalize=normalize)
-        # 2. segment the blocks
-        grid = B.GridTiles((h, w), tile_size=int(tile_size), overlap=float(tile_overlap))
+        grid = B.GridTiles((h, w), tile_size=params.model_values().tile_size, overlap=params.tile_overlap)
         blocks = B.plan_blocks(grid, auto_block_tiles(grid) if block_tiles is None else block_tiles)
-        cells = wait_all(
-            "segment",
-            {
-                b.describe(): submit(
-                    _block_task, net, device, src, norm, b, grid, params, key=f"block-{b.index}"
-                )
-                for b in blocks
-            },
-        )
-        cells = list(cells.values())
-        # 3. copies across block borders
-        rects = np.array([b.rect for b in blocks], np.int64)
-        pairs = [(a, blocks[j]) for a in blocks for j in B.touching(rects, a.rect) if j > a.index]
-        cross = {
-            f"border of blocks {a.index} and {b.index}": submit(
-                B.copy_edges,
-                submit(B.select, cells[a.index], b.rect, key=f"sel-{a.index}-{b.index}"),
-                submit(B.select, cells[b.index], a.rect, key=f"sel-{b.index}-{a.index}"),
-                grid,
-                key=f"edges-{a.index}-{b.index}",
-            )
-            for a, b in pairs
-        }
-        ids = [
-            f.result()
-            for f in wait_all(
-                "ids", {str(i): submit(_ids_task, c, key=f"ids-{i}") for i, c in enumerate(cells)}
-            ).values()
-        ]
-        edges = [e for _, e, _ in ids] + [f.result() for f in wait_all("edges", cross).values()]
-        # 4. connected components of the copy graph; deduplicate per component
-        kept = _resolve(
-            submit, cells, blocks, grid, np.concatenate([g for g, _, _ in ids]), np.concatenate(edges)
-        )
-        # 5. final cells per block, label ids by (score desc, gid)
-        kept_cells = [submit(B.pick, cells[b.index], kept[b.index], key=f"kept-{b.index}") for b in blocks]
-        nbrs = defaultdict(list)
-        for a, b in pairs:
-            nbrs[a.index].append(
-                submit(B.select, kept_cells[b.index], a.rect, key=f"ksel-{b.index}-{a.index}")
-            )
-            nbrs[b.index].append(
-                submit(B.select, kept_cells[a.index], b.rect, key=f"ksel-{a.index}-{b.index}")
-            )
-        finals = wait_all(
-            "final",
-            {
-                b.describe(): submit(
-                    B.final_cells,
-                    kept_cells[b.index],
-                    nbrs[b.index],
-                    b.rect,
-                    int(min_area),
-                    key=f"final-{b.index}",
-                )
-                for b in blocks
-            },
-        )
-        finals = list(finals.values())
-        del cells, kept_cells, nbrs, cross
-        order = [
-            f.result()
-            for f in wait_all(
-                "order", {str(i): submit(_order_task, f, key=f"order-{i}") for i, f in enumerate(finals)}
-            ).values()
-        ]
-        label_ids = _label_ids(order)
-        # 6. OME-Zarr: level 0 by regions of whole chunks, then the pyramid
-        arrays = omezarr.create(
-            output,
-            (h, w),
-            chunk=chunk,
-            levels=levels,
-            name=Path(output).name,
-            extra={"source": str(image) if source.path else "array"},
-        )
-        out = str(output)
-        writes = {}
-        for i, reg in enumerate(omezarr.regions((h, w), chunk * max(1, int(region_chunks)))):
-            touch = B.touching(rects, reg).tolist()
-            writes[f"region y {reg[0]}:{reg[2]}, x {reg[1]}:{reg[3]}"] = submit(
-                _write_task,
-                out,
-                reg,
-                [finals[k] for k in touch],
-                [label_ids[k] for k in touch],
-                key=f"write-{i}",
-            )
-        wait_all("write", writes)
-        for lev in range(1, len(arrays)):
-            shp = arrays[lev].shape
-            wait_all(
-                f"level {lev}",
-                {
-                    f"level {lev} region {r}": submit(
-                        omezarr.downsample_level, out, lev, r, key=f"level-{lev}-{i}"
-                    )
-                    for i, r in enumerate(omezarr.regions(shp, chunk * 4))
-                },
-            )
-        rows_f = wait_all(
-            "table",
-            {str(i): submit(_rows_task, f, label_ids[i], key=f"rows-{i}") for i, f in enumerate(finals)},
-        )
+        cells = _segment_blocks(submit, net, device, src, norm, blocks, grid, params)
+        pairs = _touching_pairs(blocks)
+        ids, edges = _copy_edges(submit, cells, pairs, grid)
+        kept = _resolve(submit, cells, blocks, grid, np.concatenate([g for g, _, _ in ids]), edges)
+        finals = _final_cells(submit, cells, kept, blocks, pairs, params.min_area)
+        del cells
+        label_ids = _label_ids(_gather(submit, "order", _order_task, finals))
+        arrays = omezarr.create(output, (h, w), chunk=chunk, levels=levels, name=Path(output).name,
+                                extra={"source": str(image) if source.path else "array"})
+        _write_labels(submit, str(output), arrays, (h, w), blocks, finals, label_ids, chunk=chunk,
+                      region_chunks=region_chunks)
+        rows_f = wait_all("table", {str(i): submit(_rows_task, f, label_ids[i], key=f"rows-{i}")
+                                    for i, f in enumerate(finals)})
         rows = sorted((r for f in rows_f.values() for r in f.result()), key=lambda r: r["label"])
         stats = {
             "blocks": len(blocks),
@@ -354,23 +223,127 @@ def segment_dask(
             "kept": int(sum(k.size for k in kept)),
             "cells": len(rows),
         }
-        return LargeResult(
-            Path(output), (h, w), len(rows), len(arrays), rows, stats, time.perf_counter() - t0
-        )
+        return LargeResult(Path(output), (h, w), len(rows), len(arrays), rows, stats, time.perf_counter() - t0)
     finally:
         if owned:
             close_client(client)
 
 
+# ------------------------------------------------------------------------------------ the stages
+def _fill_params(submit: _Tasks, net: Any, device: Any, params: SegmentParams) -> SegmentParams:
+    """``params`` filled from the model (read on a worker), the tile size scaled for a ``diameter``."""
+    if params.tile_size is not None and None not in (params.box_threshold, params.iou_threshold,
+                                                     params.mask_threshold):
+        return params.replace(filled=True)
+    tile, inference = submit(_model_defaults_task, net, device, key="model-defaults").result()
+    filled = params.filled_from(tile, inference)
+    if params.diameter is None:
+        return filled
+    # the scale where the cells have the model's diameter (filled_from checked that it has one)
+    assert inference.cell_diameter is not None and isinstance(params.diameter, float)
+    return filled.replace(tile_size=tile_size_for(int(tile), float(inference.cell_diameter), params.diameter))
+
+
+def _normalizer(submit: _Tasks, src: Any, source: ImageSource, *, channels: tuple[int | None, int | None] | None,
+                normalize: bool) -> Normalizer:
+    """1. Global normalisation statistics from a strided sample, read in parallel."""
+    samples: list[np.ndarray] = []
+    if normalize:
+        h, w = source.shape
+        step = sample_step((h, w))
+        futs = {
+            f"sample region y {r[0]}:{r[2]}, x {r[1]}:{r[3]}": submit(_sample_task, src, r, step, key=f"sample-{i}")
+            for i, r in enumerate(omezarr.regions((h, w), 4096))
+        }
+        samples = [f.result() for f in wait_all("sample", futs).values()]
+    return fit_normalizer(samples, source.n_channels, channels=channels, normalize=normalize)
+
+
+def _segment_blocks(submit: _Tasks, net: Any, device: Any, src: Any, norm: Normalizer, blocks: list[B.Block],
+                    grid: B.GridTiles, params: SegmentParams) -> list[Any]:
+    """2. Every block's cells (futures of :class:`~.blocks.BlockCells`, in block order)."""
+    futs = {b.describe(): submit(_block_task, net, device, src, norm, b, grid, params, key=f"block-{b.index}")
+            for b in blocks}
+    return list(wait_all("segment", futs).values())
+
+
+def _touching_pairs(blocks: list[B.Block]) -> list[tuple[B.Block, B.Block]]:
+    """Pairs (a, b) of blocks that share pixels, a before b."""
+    rects = np.array([b.rect for b in blocks], np.int64)
+    return [(a, blocks[j]) for a in blocks for j in B.touching(rects, a.rect) if j > a.index]
+
+
+def _gather(submit: _Tasks, stage: str, fn: Any, parts: list[Any]) -> list[Any]:
+    """``fn(part)`` for every part on the workers, results in order."""
+    futs = {str(i): submit(fn, part, key=f"{stage}-{i}") for i, part in enumerate(parts)}
+    return [f.result() for f in wait_all(stage, futs).values()]
+
+
+def _copy_edges(submit: _Tasks, cells: list[Any], pairs: list[tuple[B.Block, B.Block]],
+                grid: B.GridTiles) -> tuple[list[tuple[np.ndarray, np.ndarray, int]], np.ndarray]:
+    """3. Copies inside blocks and across block borders: per block (gids, edges, blank tiles), and all edges."""
+    cross = {
+        f"border of blocks {a.index} and {b.index}": submit(
+            B.copy_edges,
+            submit(B.select, cells[a.index], b.rect, key=f"sel-{a.index}-{b.index}"),
+            submit(B.select, cells[b.index], a.rect, key=f"sel-{b.index}-{a.index}"),
+            grid,
+            key=f"edges-{a.index}-{b.index}",
+        )
+        for a, b in pairs
+    }
+    ids = _gather(submit, "ids", _ids_task, cells)
+    edges = [e for _, e, _ in ids] + [f.result() for f in wait_all("edges", cross).values()]
+    return ids, np.concatenate(edges)
+
+
+def _final_cells(submit: _Tasks, cells: list[Any], kept: list[np.ndarray], blocks: list[B.Block],
+                 pairs: list[tuple[B.Block, B.Block]], min_area: int) -> list[Any]:
+    """5. Final cells per block: its kept cells merged with the neighbours' kept cells that reach into it."""
+    kept_cells = [submit(B.pick, cells[b.index], kept[b.index], key=f"kept-{b.index}") for b in blocks]
+    nbrs = defaultdict(list)
+    for a, b in pairs:
+        nbrs[a.index].append(submit(B.select, kept_cells[b.index], a.rect, key=f"ksel-{b.index}-{a.index}"))
+        nbrs[b.index].append(submit(B.select, kept_cells[a.index], b.rect, key=f"ksel-{a.index}-{b.index}"))
+    futs = {
+        b.describe(): submit(B.final_cells, kept_cells[b.index], nbrs[b.index], b.rect, int(min_area),
+                             key=f"final-{b.index}")
+        for b in blocks
+    }
+    return list(wait_all("final", futs).values())
+
+
+def _write_labels(submit: _Tasks, out: str, arrays: list[Any], shape: tuple[int, int], blocks: list[B.Block],
+                  finals: list[Any],
+                  label_ids: list[np.ndarray], *, chunk: int, region_chunks: int) -> None:
+    """6. OME-Zarr: level 0 by regions of whole chunks, then the pyramid."""
+    rects = np.array([b.rect for b in blocks], np.int64)
+    writes = {}
+    for i, reg in enumerate(omezarr.regions(shape, chunk * max(1, int(region_chunks)))):
+        touch = B.touching(rects, reg).tolist()
+        writes[f"region y {reg[0]}:{reg[2]}, x {reg[1]}:{reg[3]}"] = submit(
+            _write_task, out, reg, [finals[k] for k in touch], [label_ids[k] for k in touch], key=f"write-{i}"
+        )
+    wait_all("write", writes)
+    for lev in range(1, len(arrays)):
+        wait_all(
+            f"level {lev}",
+            {
+                f"level {lev} region {r}": submit(omezarr.downsample_level, out, lev, r, key=f"level-{lev}-{i}")
+                for i, r in enumerate(omezarr.regions(arrays[lev].shape, chunk * 4))
+            },
+        )
+
+
 def _resolve(
-    submit: Any,
+    submit: _Tasks,
     cells: list[Any],
     blocks: list[B.Block],
     grid: B.GridTiles,
     gids: np.ndarray,
     edges: np.ndarray,
 ) -> list[np.ndarray]:
-    """Kept gids per block: singletons kept, each component of the copy graph deduplicated on the
+    """4. Kept gids per block: singletons kept, each component of the copy graph deduplicated on the
     worker of the block holding its smallest gid (its cells from other blocks are fetched)."""
     from scipy.sparse import coo_matrix
     from scipy.sparse.csgraph import connected_components

@@ -29,7 +29,7 @@ from cellsam.eval.harness import EvalItem, Method, Prediction, evaluate_methods
 from cellsam.inference.runtime import resolve_model
 from cellsam.inference.segment import DEFAULT_MIN_AREA, _crop_cell
 from cellsam.inference.tiling import Tile, extract_tile, holding_tiles, tile_grid
-from cellsam.models.protocol import PromptableModel
+from cellsam.models.protocol import PromptableModel, model_tile_size
 from cellsam.ops.masks import CellMask, clean_labels, logit_threshold, merge_by_argmax
 from cellsam.train.clicks import innermost_points
 
@@ -135,7 +135,7 @@ def prompted_cells(model: ModelArg, image: np.ndarray, gt: np.ndarray, *, prompt
         raise ValueError(f"expected image (3, H, W) and labels (H, W), got {image.shape} and {gt.shape}")
     thr = logit_threshold(mask_threshold)
     net, dev = resolve_model(model, device)
-    t = int(tile_size or getattr(getattr(net, "cfg", None), "tile_size", 512))
+    t = int(tile_size or model_tile_size(net))
     s = int(net.img_size)
     h, w = gt.shape
     tiles = tile_grid((h, w), tile_size=t, overlap=tile_overlap)

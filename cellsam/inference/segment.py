@@ -23,7 +23,7 @@ Pipeline per image (all sizes in pixels of the input image unless said otherwise
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,12 +32,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from cellsam.config import DEFAULT_DECODE_WINDOW, InferenceConfig, check_decode_window
+from cellsam.config import DEFAULT_DECODE_WINDOW
+from cellsam.inference.params import DEFAULT_MIN_AREA, SegmentParams
 from cellsam.inference.preprocess import Channels, as_numpy, prepare_image
 from cellsam.inference.runtime import autocast_context, resolve_model
 from cellsam.inference.scale import (
     AUTO,
-    check_diameter,
     estimate_diameter,
     has_size_model,
     median_diameter,
@@ -46,12 +46,14 @@ from cellsam.inference.scale import (
 )
 from cellsam.inference.tiling import Candidate, Tile, deduplicate, extract_tile, in_core, tile_cores, tile_grid
 from cellsam.inference.upscale import upscale_cells
+from cellsam.models.protocol import SegmentationModel, inference_defaults
 from cellsam.ops.boxes import masks_to_boxes
 from cellsam.ops.masks import CellMask, clean_cell_mask, clean_labels, logit_threshold, merge_by_argmax
 
-log = logging.getLogger(__name__)
+__all__ = ["DEFAULT_MIN_AREA", "Segmentation", "SegmentParams", "segment", "segment_at_scale", "segment_prepared",
+           "tile_candidates"]
 
-DEFAULT_MIN_AREA = 15
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -128,6 +130,7 @@ def segment(
     return_masks: bool = False,
     progress: bool = False,
     precision: str = "fp32",
+    params: SegmentParams | None = None,
 ) -> Segmentation | list[Segmentation]:
     """Segment every cell of one image or of several images.
 
@@ -166,82 +169,58 @@ def segment(
         progress: show a tqdm bar over the tiles of large images.
         precision: "fp32", or "bf16" to run the networks under bfloat16 autocast (faster on CPUs and
             GPUs with bf16 units; thresholds and merging stay in float32).
+        params: all of the above (from ``box_threshold`` on) as one
+            :class:`~cellsam.inference.params.SegmentParams`, instead of the keyword arguments.
     Returns:
         a :class:`Segmentation` for a single image, else a list of them.
     """
-    for name, v in (("box_threshold", box_threshold), ("iou_threshold", iou_threshold)):
-        if v is not None and not np.isfinite(v):
-            raise ValueError(f"{name} must be a finite number, got {v}")
-    if mask_threshold is not None:
-        logit_threshold(mask_threshold)  # validates (0, 1)
-    autocast_context(precision, torch.device("cpu"))  # validates the name
-    if batch_size < 1 or (decode_chunk is not None and decode_chunk < 1):
-        raise ValueError(f"batch_size and decode_chunk must be >= 1, got {batch_size}, {decode_chunk}")
-    decode_window = check_decode_window(decode_window)
+    given = SegmentParams(
+        box_threshold=box_threshold, iou_threshold=iou_threshold, mask_threshold=mask_threshold,
+        min_area=min_area, tile_size=tile_size, tile_overlap=tile_overlap, diameter=diameter,
+        batch_size=batch_size, decode_chunk=decode_chunk, decode_copies=decode_copies,
+        decode_window=decode_window, precision=precision, return_masks=return_masks, progress=progress,
+    )
+    if params is None:
+        params = given
+    elif given != SegmentParams():
+        raise ValueError("give the segmentation parameters either as params= or as keyword arguments, not both")
     images, single = _image_list(image, batch)
     prepared = [
         prepare_image(im, channel_axis=channel_axis, channels=channels, normalize=normalize) for im in images
     ]
-    if tile_size is not None:
-        tile_grid((1, 1), tile_size=tile_size, overlap=tile_overlap)  # validates before loading a model
-    diameter = check_diameter(diameter)
-    if diameter is not None and tile_size is not None:
-        raise ValueError("give diameter or tile_size, not both (both set the scale)")
     net, dev = resolve_model(model, device)
-    cfg = getattr(net, "cfg", None)
-    if tile_size is None:
-        tile_size = int(getattr(cfg, "tile_size", 512))
-    defaults = getattr(cfg, "inference", None) or InferenceConfig()
-    if diameter is not None and not defaults.cell_diameter:
-        raise ValueError("this model has no cell diameter (cfg.inference.cell_diameter): segment it with "
-                         "tile_size instead of diameter")
-    box_threshold = defaults.box_threshold if box_threshold is None else box_threshold
-    iou_threshold = defaults.iou_threshold if iou_threshold is None else iou_threshold
-    mask_threshold = defaults.mask_threshold if mask_threshold is None else mask_threshold
-    params = dict(
-        box_threshold=box_threshold,
-        iou_threshold=iou_threshold,
-        mask_threshold=mask_threshold,
-        min_area=int(min_area),
-        tile_size=int(tile_size),
-        tile_overlap=float(tile_overlap),
-        batch_size=int(batch_size),
-        decode_chunk=None if decode_chunk is None else int(decode_chunk),
-        decode_copies=bool(decode_copies),
-        decode_window=decode_window,
-        return_masks=return_masks,
-        progress=progress,
-    )
+    p = params.for_model(net)
     was_training = bool(getattr(net, "training", False))
     if hasattr(net, "eval"):
         net.eval()
     try:
-        with torch.inference_mode(), autocast_context(precision, dev):
-            results = [segment_at_scale(img, net, dev, params, diameter, defaults.cell_diameter)
-                       for img in prepared]
+        with torch.inference_mode(), autocast_context(p.precision, dev):
+            results = [segment_at_scale(img, net, dev, p) for img in prepared]
     finally:
         if was_training:
             net.train(True)
     return results[0] if single else results
 
 
-def segment_at_scale(image: np.ndarray, net: Any, dev: torch.device, p: dict[str, Any],
-                     diameter: float | str | None, model_diameter: float | None) -> Segmentation:
-    """Segment one prepared image at the scale ``diameter`` asks for (see :mod:`.scale`)."""
-    native = int(p["tile_size"])
+def segment_at_scale(image: np.ndarray, net: SegmentationModel, dev: torch.device, p: SegmentParams) -> Segmentation:
+    """Segment one prepared image at the scale ``p.diameter`` asks for (see :mod:`.scale`); ``p`` is filled
+    (:meth:`~.params.SegmentParams.for_model`), its ``tile_size`` the model's scale."""
+    native = p.model_values().tile_size
+    model_diameter = inference_defaults(net).cell_diameter
+    diameter = p.diameter
     if diameter is None or model_diameter is None:
-        result = segment_prepared(image, net, dev, **p)
+        result = segment_prepared(image, net, dev, p)
         result.tile_size = native
         return result
     if diameter == AUTO and has_size_model(net):
         estimated = estimate_diameter(net, image, native, dev)
         if estimated is None or not needs_rescale(estimated, model_diameter):
-            result = segment_prepared(image, net, dev, **p)
+            result = segment_prepared(image, net, dev, p)
             result.diameter, result.tile_size = estimated, native
             return result
         diameter = estimated
     elif diameter == AUTO:  # no size model: measure the cells of a first pass
-        first = segment_prepared(image, net, dev, **p)
+        first = segment_prepared(image, net, dev, p)
         first.tile_size = native
         estimated = median_diameter(first.labels)
         first.diameter = estimated
@@ -249,18 +228,18 @@ def segment_at_scale(image: np.ndarray, net: Any, dev: torch.device, p: dict[str
             return first
         diameter = estimated
     tile = tile_size_for(native, model_diameter, float(diameter))
-    result = segment_prepared(image, net, dev, **{**p, "tile_size": tile})
+    result = segment_prepared(image, net, dev, p.replace(tile_size=tile))
     result.diameter, result.tile_size = float(diameter), tile
     return result
 
 
 def tile_candidates(
-    net: Any,
+    net: SegmentationModel,
     dev: torch.device,
     tiles: Sequence[Tile],
     ti: Sequence[int],
     image: np.ndarray,
-    p: dict[str, Any],
+    p: SegmentParams,
     stats: dict[str, int],
     cores: Sequence[tuple[float, float, float, float]] | None = None,
 ) -> list[Candidate]:
@@ -268,8 +247,10 @@ def tile_candidates(
 
     ``cores[i]``: the region whose box centres tile ``i`` decodes (:func:`~.tiling.tile_cores`); boxes
     centred elsewhere belong to a neighbouring tile and are not decoded here. None: all boxes.
+    ``p``: filled parameters (:meth:`~.params.SegmentParams.for_model`).
     """
-    t_size, s = p["tile_size"], int(net.img_size)
+    values = p.model_values()
+    t_size, s = values.tile_size, int(net.img_size)
     live = [i for i in ti if not blank_tile(image, tiles[i], t_size)]  # a constant tile holds no cell
     stats["blank"] = stats.get("blank", 0) + len(ti) - len(live)
     if not live:
@@ -280,9 +261,9 @@ def tile_candidates(
         batch = F.interpolate(batch, size=(s, s), mode="bilinear", align_corners=False).clamp_(0.0, 1.0)
     x = net.preprocess(batch)
     enc = net.encode(x)
-    dets = net.postprocess_detections(net.detect(enc, x), box_threshold=p["box_threshold"])
-    thr = logit_threshold(p["mask_threshold"])
-    refine = int(getattr(getattr(getattr(net, "cfg", None), "inference", None), "refine_boxes", 0))
+    dets = net.postprocess_detections(net.detect(enc, x), box_threshold=values.box_threshold)
+    thr = logit_threshold(values.mask_threshold)
+    refine = int(inference_defaults(net).refine_boxes)
     sizes = (s,) if s == t_size else (s, t_size)
     scale = t_size / s
     out: list[Candidate] = []
@@ -300,10 +281,10 @@ def tile_candidates(
         if boxes.shape[0] == 0:
             continue
         lo, iou = decode_refined(net, enc.embedding[b : b + 1], boxes, thr=thr, rounds=refine,
-                                 chunk_size="auto" if p["decode_chunk"] is None else p["decode_chunk"],
-                                 window=p.get("decode_window"))
+                                 chunk_size="auto" if p.decode_chunk is None else p.decode_chunk,
+                                 window=p.decode_window)
         iou = iou[:, 0].float().cpu().numpy()
-        keep = np.flatnonzero(iou >= p["iou_threshold"])
+        keep = np.flatnonzero(iou >= values.iou_threshold)
         stats["iou_passed"] += int(keep.size)
         bx = np.clip(bx, 0, [image.shape[2], image.shape[1]] * 2)  # padded tiles: keep boxes in the image
         sc = scores.float().cpu().numpy()
@@ -313,7 +294,7 @@ def tile_candidates(
             if win is None:
                 continue
             wy, wx, logits = win
-            cand = _crop_cell(logits, thr, p["mask_threshold"], p["min_area"])
+            cand = _crop_cell(logits, thr, values.mask_threshold, p.min_area)
             if cand is None:
                 continue
             (cy, cx), crop_logits, mask = cand
@@ -379,37 +360,38 @@ def _crop_cell(
     return (y0, x0), crop, mask
 
 
-def segment_prepared(image: np.ndarray, net: Any, dev: torch.device, **p: Any) -> Segmentation:
-    """Segment one prepared (3, H, W) image in [0, 1] (see :func:`segment` for the parameters)."""
+def segment_prepared(image: np.ndarray, net: SegmentationModel, dev: torch.device, p: SegmentParams) -> Segmentation:
+    """Segment one prepared (3, H, W) image in [0, 1] with filled parameters ``p`` at ``p.tile_size``."""
     h, w = image.shape[1:]
-    tiles = tile_grid((h, w), tile_size=p["tile_size"], overlap=p["tile_overlap"])
-    cores = None if p.get("decode_copies") else tile_cores(tiles, p["tile_size"])
+    t_size = p.model_values().tile_size
+    tiles = tile_grid((h, w), tile_size=t_size, overlap=p.tile_overlap)
+    cores = None if p.decode_copies else tile_cores(tiles, t_size)
     stats = {"tiles": len(tiles), "boxes": 0, "decoded": 0, "iou_passed": 0}
-    starts = range(0, len(tiles), p["batch_size"])
-    if p["progress"] and len(tiles) > p["batch_size"]:
+    starts: Iterable[int] = range(0, len(tiles), p.batch_size)
+    if p.progress and len(tiles) > p.batch_size:
         from tqdm.auto import tqdm
 
         starts = tqdm(starts, desc="tiles", unit="batch", leave=False)
     cands: list[Candidate] = []
     for i0 in starts:
         cands += tile_candidates(
-            net, dev, tiles, list(range(i0, min(i0 + p["batch_size"], len(tiles)))), image, p, stats, cores
+            net, dev, tiles, list(range(i0, min(i0 + p.batch_size, len(tiles)))), image, p, stats, cores
         )
     stats["masks"] = len(cands)
     keep = deduplicate(cands, tiles, (h, w))
     kept = sorted((cands[i] for i in keep), key=lambda c: -c.score)
     stats["stitched"] = len(kept)
     merged = merge_by_argmax([(c.y0, c.x0, c.mask, c.logits) for c in kept], (h, w))
-    labels, old_ids = clean_labels(merged, min_area=p["min_area"])
+    labels, old_ids = clean_labels(merged, min_area=p.min_area)
     final = [kept[i - 1] for i in old_ids]
     n = len(final)
     message = ""
     if n == 0:
         message = (
-            f"no cells found: {stats['boxes']} box(es) scored >= box_threshold={p['box_threshold']}, "
-            f"{stats['iou_passed']} mask(s) had predicted IoU >= iou_threshold={p['iou_threshold']}, "
-            f"{stats['masks']} mask(s) had >= min_area={p['min_area']} px above "
-            f"mask_threshold={p['mask_threshold']}"
+            f"no cells found: {stats['boxes']} box(es) scored >= box_threshold={p.box_threshold}, "
+            f"{stats['iou_passed']} mask(s) had predicted IoU >= iou_threshold={p.iou_threshold}, "
+            f"{stats['masks']} mask(s) had >= min_area={p.min_area} px above "
+            f"mask_threshold={p.mask_threshold}"
         )
         log.info(message)
     return Segmentation(
@@ -417,7 +399,7 @@ def segment_prepared(image: np.ndarray, net: Any, dev: torch.device, **p: Any) -
         boxes=np.array([c.box for c in final], np.float32).reshape(n, 4),
         scores=np.array([c.score for c in final], np.float32),
         ious=np.array([c.iou for c in final], np.float32),
-        masks=[CellMask(c.y0, c.x0, c.mask) for c in final] if p["return_masks"] else None,
+        masks=[CellMask(c.y0, c.x0, c.mask) for c in final] if p.return_masks else None,
         message=message,
         stats=stats,
     )

@@ -12,9 +12,10 @@ from typing import Any, Protocol
 
 from torch import Tensor
 
-from cellsam.config import CellSAMConfig
+from cellsam.config import CellSAMConfig, InferenceConfig
 
-__all__ = ["PromptableModel", "SegmentationModel", "check_model", "model_members"]
+__all__ = ["PromptableModel", "SegmentationModel", "check_model", "inference_defaults", "model_members",
+           "model_tile_size"]
 
 
 class SegmentationModel(Protocol):
@@ -90,3 +91,15 @@ def check_model(model: object, protocol: type = SegmentationModel, *,
     missing = [name for name in model_members(protocol) if not hasattr(model, name)]
     if missing:
         raise TypeError(f"{message}; {type(model).__name__} lacks {missing}")
+
+
+def inference_defaults(model: object) -> InferenceConfig:
+    """The model's ``cfg.inference`` (its thresholds, refinement rounds, cell diameter); the paper's defaults
+    for a model without one (a test double, a wrapper without a config)."""
+    inference = getattr(getattr(model, "cfg", None), "inference", None)
+    return inference if isinstance(inference, InferenceConfig) else InferenceConfig()
+
+
+def model_tile_size(model: object) -> int:
+    """The tile side in image pixels that one encoder input covers (``cfg.tile_size``; 512 without a config)."""
+    return int(getattr(getattr(model, "cfg", None), "tile_size", 512))
