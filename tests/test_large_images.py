@@ -8,7 +8,6 @@ repeated (1.7 MB), header-only PNG / NPY files, a zarr array with no chunk writt
 
 from __future__ import annotations
 
-import argparse
 import struct
 import tracemalloc
 import zlib
@@ -22,7 +21,7 @@ import torch
 from PIL import Image
 
 from cellsam import io
-from cellsam.cli import main
+from cellsam.cli import build_parser, main
 from cellsam.cli import segment as cli_segment
 from cellsam.inference.segment import blank_tile, segment
 from cellsam.inference.tiling import Tile, tile_grid
@@ -214,8 +213,8 @@ def test_dask_routing_reads_headers(huge: Path, tmp_path: Path, monkeypatch, cap
     monkeypatch.setattr(C, "get_client", lambda address: (object(), False))
     monkeypatch.setattr(F, "segment_files", files)
     monkeypatch.setattr(F, "segment_large_file", large)
-    args = argparse.Namespace(dask="local", channel_axis=None, max_pixels=200 * 200)
-    assert F.run_cli(args, [huge, small_tif, png], 0, tmp_path) == 0
+    args = build_parser().parse_args(["segment", "--dask", "--max-pixels", str(200 * 200)])
+    assert cli_segment.run_dask(args, [huge, small_tif, png], 0, tmp_path) == 0
     assert calls == {"files": ["wide.png"], "large": ["huge.tif", "small.tif"]}  # 300^2 > --max-pixels
 
 

@@ -121,9 +121,8 @@ def test_command_line_diameter_and_tile_size_set_one_scale() -> None:
     import argparse
 
     from cellsam.cli import build_parser
-    from cellsam.cli.segment import diameter_of
+    from cellsam.cli.segment import block_diameter, diameter_of
     from cellsam.config import DEFAULT_DIAMETER
-    from cellsam.distributed.files import block_diameter
 
     parser = build_parser()
     args = parser.parse_args(["segment", "x.tif", "--diameter", "30"])

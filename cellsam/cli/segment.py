@@ -19,6 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from cellsam.config import DEFAULT_DECODE_WINDOW, DEFAULT_DIAMETER, parse_diameter
+from cellsam.inference.files import FileOptions, segment_file, unique_name
+from cellsam.inference.params import DEFAULT_MIN_AREA, SegmentParams
 
 log = logging.getLogger(__name__)
 
@@ -199,20 +201,6 @@ def load_model(name: str, device: str) -> Any:
     return _load(name, device=resolve_device(device))
 
 
-def _unique_name(path: Path, used: set[str]) -> str:
-    from cellsam.io import image_name
-
-    name = image_name(path)
-    if name in used:
-        name = f"{name}_{path.suffix.lstrip('.').lower()}"
-    k = 2
-    base = name
-    while name in used:
-        name, k = f"{base}_{k}", k + 1
-    used.add(name)
-    return name
-
-
 def _diameter_arg(text: str) -> float | str:
     try:
         d = parse_diameter(text)
@@ -233,24 +221,19 @@ def diameter_of(args: argparse.Namespace) -> float | str | None:
     return given
 
 
-def segment_file(path: Path, outdir: Path, name: str, model: Any, args: argparse.Namespace) -> int:
-    """Segment one file and write its outputs; returns the number of cells. Raises on any error."""
-    import numpy as np
+def block_diameter(args: argparse.Namespace) -> float | None:
+    """The diameter for the block path: a number, or None (auto needs the whole image, see segment_dask)."""
+    d = diameter_of(args)
+    if d == "auto":
+        if getattr(args, "diameter", None) == "auto":  # asked for explicitly
+            raise ValueError("--diameter auto needs the whole image: with --dask give the diameter in pixels")
+        return None
+    return None if d is None else float(d)
 
-    from cellsam import io
-    from cellsam.data.normalize import is_grey_rgb
-    from cellsam.inference.preprocess import prepare_image
-    from cellsam.inference.segment import DEFAULT_MIN_AREA, segment
 
-    loaded = io.load_image(path, max_pixels=max_pixels(args))  # the size from the header, before decoding
-    axis = args.channel_axis if args.channel_axis is not None else loaded.channel_axis
-    channels = tuple(args.channels) if args.channels is not None else None
-    prepared = prepare_image(loaded.data, channel_axis=axis, channels=channels)
-    seg = segment(
-        prepared,
-        model,
-        channel_axis=0,
-        normalize=False,
+def params_of(args: argparse.Namespace) -> SegmentParams:
+    """The segmentation parameters the options ask for (``ValueError`` for invalid ones)."""
+    return SegmentParams(
         box_threshold=args.box_threshold,
         iou_threshold=args.iou_threshold,
         mask_threshold=args.mask_threshold,
@@ -264,19 +247,26 @@ def segment_file(path: Path, outdir: Path, name: str, model: Any, args: argparse
         progress=True,
         precision=args.precision,
     )
-    if seg.message:
-        log.warning("%s: %s", path, seg.message)
-    display = io.display_image(prepared)
-    if channels is None and axis is not None and loaded.data.ndim == 3 and loaded.data.shape[axis] in (3, 4):
-        rgb = np.moveaxis(loaded.data, axis, -1)
-        if not is_grey_rgb(rgb):  # colour pictures (H&E) are shown as they are
-            display = io.rgb_display(rgb)
-    io.write_labels(outdir / f"{name}_labels.tif", seg.labels)
-    io.write_overlay(outdir / f"{name}_overlay.png", display, seg.labels)
-    io.write_cells_csv(outdir / f"{name}_cells.csv", io.cell_table(seg.labels, seg.scores, seg.ious))
-    if args.coco:
-        io.write_coco(outdir / f"{name}_coco.json", io.coco_dict(seg.labels, seg.scores, path.name))
-    return seg.n_cells
+
+
+def file_options(args: argparse.Namespace) -> FileOptions:
+    """How files are read and what is written besides the labels (``--channel-axis``, ``--channels``, ...)."""
+    return FileOptions(
+        channel_axis=args.channel_axis,
+        channels=tuple(args.channels) if args.channels is not None else None,
+        coco=bool(getattr(args, "coco", False)),
+        max_pixels=getattr(args, "max_pixels", None),
+    )
+
+
+def _each_fails(paths: list[Path], error: ValueError) -> list[tuple[Path, str]]:
+    """Invalid options fail every file with the same reason, each printed once."""
+    from tqdm.auto import tqdm
+
+    failed = [(path, failure_reason(path, error)) for path in paths]
+    for path, why in failed:
+        tqdm.write(f"{path}: FAILED: {why}")
+    return failed
 
 
 def run(args: argparse.Namespace) -> int:
@@ -300,9 +290,7 @@ def run(args: argparse.Namespace) -> int:
     outdir = args.output or Path("cellsam_output")
     outdir.mkdir(parents=True, exist_ok=True)
     if getattr(args, "dask", None) is not None:
-        from cellsam.distributed.files import run_cli
-
-        return run_cli(args, paths, len(missing), outdir)
+        return run_dask(args, paths, len(missing), outdir)
     try:
         model = load_model(args.model, args.device)
     except (KeyError, ValueError, OSError) as e:
@@ -312,9 +300,13 @@ def run(args: argparse.Namespace) -> int:
     used: set[str] = set()
     done: list[tuple[Path, int]] = []
     failed: list[tuple[Path, str]] = []
+    try:
+        params, options = params_of(args), file_options(args)
+    except ValueError as e:
+        paths, failed = [], _each_fails(paths, e)
     for path in tqdm(paths, desc="images", unit="image", disable=len(paths) < 2):
         try:
-            n = segment_file(path, outdir, _unique_name(path, used), model, args)
+            n = segment_file(path, outdir, unique_name(path, used), model, params, options)
         except (ValueError, TypeError, OSError, MemoryError) as e:
             failed.append((path, failure_reason(path, e)))
             tqdm.write(f"{path}: FAILED: {failed[-1][1]}")  # once, as it happens, above the progress bar
@@ -329,3 +321,56 @@ def run(args: argparse.Namespace) -> int:
     if failed:
         print("  failed (reasons above): " + ", ".join(str(p) for p, _ in failed))
     return 1 if failed or missing else 0
+
+
+def run_dask(args: argparse.Namespace, paths: list[Path], n_missing: int, outdir: Path) -> int:
+    """``cellsam segment --dask [ADDRESS]``: returns 0 when every image was segmented, else 1.
+
+    Files above ``LARGE_PIXELS`` or ``--max-pixels`` (read from their headers) go through the block pipeline
+    (:func:`cellsam.distributed.files.segment_large_file`), the others are one task each.
+    """
+    from cellsam.distributed import files as F
+    from cellsam.distributed.cluster import BlockFailure, close_client, get_client
+
+    t0 = time.perf_counter()
+    address = None if args.dask in (None, "", "local") else args.dask
+    try:
+        client, owned = get_client(address)
+    except (OSError, ValueError, TypeError) as e:
+        log.error("cannot connect to the Dask scheduler %r: %s", args.dask, e)
+        return 1
+    used: set[str] = set()
+    names = [unique_name(p, used) for p in paths]
+    limit = min(F.LARGE_PIXELS, max_pixels(args))
+    large = [F.image_pixels(p, args.channel_axis) > limit for p in paths]
+    done: list[tuple[Path, int]] = []
+    failed: list[tuple[Path, str]] = []
+    try:
+        params, options = params_of(args), file_options(args)
+    except ValueError as e:
+        large, failed = [], _each_fails(paths, e)
+    try:
+        small = [i for i, big in enumerate(large) if not big]
+        if small:
+            d, f = F.segment_files([paths[i] for i in small], [names[i] for i in small], outdir, params, options,
+                                   args.model, args.device, client, reason=failure_reason)
+            done, failed = done + d, failed + f
+        for i in (i for i, big in enumerate(large) if big):
+            try:
+                block_params = params.replace(diameter=block_diameter(args), progress=False)
+                done.append((paths[i], F.segment_large_file(paths[i], names[i], outdir, block_params, options,
+                                                            args.model, args.device, client)))
+            except (BlockFailure, ValueError, TypeError, OSError, MemoryError) as e:
+                failed.append((paths[i], failure_reason(paths[i], e)))
+                log.error("%s: %s", paths[i], failed[-1][1])
+    finally:
+        if owned:
+            close_client(client)
+    total = sum(n for _, n in done)
+    print(
+        f"cellsam segment (dask): {len(done)} image(s) segmented, {total} cell(s), {len(failed) + n_missing} "
+        f"failed, {time.perf_counter() - t0:.1f} s; outputs in {outdir}"
+    )
+    for path, reason in failed:
+        print(f"  FAILED {path}: {reason}")
+    return 1 if failed or n_missing else 0
