@@ -99,7 +99,14 @@ def test_missing_cellpose_gives_install_instructions(monkeypatch: pytest.MonkeyP
 
 
 def test_train_cellpose_rejects_bad_counts_before_any_work(tmp_path: Path) -> None:
-    from cellsam.eval.baselines import train_cellpose
+    import importlib.util
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "train_cellpose_baseline.py"  # research, not installed
+    spec = importlib.util.spec_from_file_location("train_cellpose_baseline", script)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    train_cellpose = module.train_cellpose
 
     for kw in ({"epochs": 0}, {"epochs": 2, "nimg_per_epoch": 0}, {"epochs": 2, "save_every": 0}):
         with pytest.raises(ValueError, match="must be >= 1"):

@@ -28,7 +28,11 @@ from cellsam.bench.suite import SCHEMA, BenchSpec, comparisons
 from cellsam.models.build import build_model
 
 pytest.importorskip("segment_anything")
-from cellsam.bench.reference import ReferencePipeline, parity_check, time_reference  # noqa: E402
+from cellsam.bench.research import load_research  # noqa: E402
+
+_reference = load_research("reference_pipeline")  # benchmarks/reference_pipeline.py (not installed)
+ReferencePipeline, parity_check, time_reference = (
+    _reference.ReferencePipeline, _reference.parity_check, _reference.time_reference)
 
 STAT_KEYS = {"median", "q1", "q3", "iqr", "min", "max", "mean", "n", "values"}
 
@@ -309,3 +313,17 @@ def test_cellpose_timing_when_installed(tmp_path) -> None:
     assert abs(r["cells_found"] - sc.n_cells) <= 1  # ideal flows rebuild the scene's cells
     with pytest.raises(ValueError, match="labels"):
         time_cellpose(synthetic_scene(64, cells=10, keep_labels=False), tmp_path / "x.tif")
+
+
+def test_research_code_missing_is_a_clear_error(tmp_path, monkeypatch) -> None:
+    """An installed package has no benchmarks/: --reference says where the code lives, exit code 2."""
+    from cellsam.bench import research
+    from cellsam.bench.research import ResearchCodeMissing
+    from cellsam.cli import main
+
+    monkeypatch.setattr(research, "BENCHMARKS", tmp_path / "no_benchmarks")
+    monkeypatch.delitem(__import__("sys").modules, "cellsam_research.reference_pipeline", raising=False)
+    with pytest.raises(ResearchCodeMissing, match="not installed with the package"):
+        research.load_research("reference_pipeline")
+    assert main(["bench", "--model", "vit_tiny", "--sizes", "64", "--cells", "5", "--repeats", "1", "--warmup", "0",
+                 "--reference", "--out", str(tmp_path / "x")]) == 2

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from cellsam.bench.pipeline import synthetic_scene, time_pipeline, write_scene
+from cellsam.bench.research import load_research
 from cellsam.config import DEFAULT_DECODE_WINDOW, check_decode_window
 
 log = logging.getLogger(__name__)
@@ -142,10 +143,9 @@ def run_suite(spec: BenchSpec, *, command: Sequence[str] | None = None) -> dict[
             notes.append(f"{name}: {models[name][1]['note']}")
     refs = {}
     if spec.reference is not None:
-        from cellsam.bench.reference import ReferencePipeline
-
+        reference = load_research("reference_pipeline")  # benchmarks/: not installed with the package
         for name in spec.reference or spec.models:
-            refs[name] = ReferencePipeline(models[name][0])
+            refs[name] = reference.ReferencePipeline(models[name][0])
     cp_ok = False
     if spec.cellpose:
         from cellsam.bench.cellpose_ref import import_cellpose
@@ -248,16 +248,15 @@ def _real_runs(spec: BenchSpec, models: dict[str, tuple[Any, dict[str, Any]]], d
 
 
 def _reference_run(ref: Any, scene: Any, path: Path, spec: BenchSpec, info: dict, name: str) -> dict[str, Any]:
-    from cellsam.bench.reference import time_reference
-
+    time_reference = load_research("reference_pipeline").time_reference
     return time_reference(ref, scene, path, repeats=spec.repeats, warmup=spec.warmup,
                           clip_masks=_clip(spec, info), model_name=name)
 
 
 def _parity(net: Any, ref: Any, scene: Any, spec: BenchSpec, name: str) -> list[dict[str, Any]]:
-    from cellsam.bench.reference import parity_check
     from cellsam.inference.preprocess import prepare_image
 
+    parity_check = load_research("reference_pipeline").parity_check
     tile = prepare_image(scene.image)
     out = []
     for prec in spec.precisions:

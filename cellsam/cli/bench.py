@@ -98,6 +98,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     from cellsam.bench.report import write_report
+    from cellsam.bench.research import ResearchCodeMissing
     from cellsam.bench.suite import BenchSpec, run_suite
 
     if args.threads is not None:
@@ -132,7 +133,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         spec.validate()
         result = run_suite(spec, command=_command_line(args))
-    except (ValueError, KeyError, FileNotFoundError) as e:
+    except (ValueError, KeyError, FileNotFoundError, ResearchCodeMissing) as e:
         log.error("%s", e)
         return 2
     for path in write_report(result, args.out, plot=args.plot):

@@ -4,13 +4,14 @@
 objects), small specks removed, then a watershed on the distance transform seeded by its local
 maxima. No training, no parameters tuned per data set: every table gets a floor.
 
-**Cellpose 3, trained from scratch** (:func:`train_cellpose`, :func:`cellpose_predict`): Cellpose's
+**Cellpose 3, trained from scratch** (``train_cellpose`` in ``scripts/train_cellpose_baseline.py``, research
+code outside the package; :func:`cellpose_predict` here): Cellpose's
 CPnet (6.6 M parameters, no downloaded weights) trained on the same prepared training tiles as CellSAM
 with the paper's recipe (SPEC Appendix C): SGD (momentum 0.9), weight decay 1e-4, batch 8, lr 0.1 with
 Cellpose's 10-epoch linear warm-up, channels [3, 2] (main = blue, second = green). The paper trains
 300 epochs (lr halved every 5 epochs after epoch 250, which is what ``cellpose.train.train_seg`` does
 for 100 < epochs <= 300); we scale the number of epochs, images per epoch and training tiles to a CPU-time
-budget, and :func:`train_cellpose` records the wall and CPU time it used in ``<out>/<name>.json`` so the
+budget, and ``train_cellpose`` records the wall and CPU time it used in ``<out>/<name>.json`` so the
 report can state it. Below 100 epochs Cellpose's schedule has no decay (warm-up, then constant lr).
 
 Cellpose is imported lazily. Cellpose 3.1 pins ``numpy<2.1``; install it beside a numpy-2 environment
@@ -21,8 +22,6 @@ without its dependencies (see :data:`CELLPOSE_INSTALL`). ``cellpose.models``, ``
 from __future__ import annotations
 
 import json
-import logging
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -33,19 +32,15 @@ from scipy import ndimage
 from cellsam.data.splits import select_sources
 from cellsam.eval.harness import Method, Prediction
 
-log = logging.getLogger(__name__)
-
 __all__ = [
     "CELLPOSE_INSTALL", "otsu_watershed", "otsu_method", "require_cellpose", "load_training_tiles",
-    "train_cellpose", "load_cellpose", "cellpose_predict", "cellpose_method",
+    "load_cellpose", "cellpose_predict", "cellpose_method",
 ]
 
 CELLPOSE_INSTALL = (
     "pip install --no-deps --target /opt/cp3 cellpose==3.1.1.3 numba==0.68.1 llvmlite==0.50.0 fastremap "
     "fill_voids natsort opencv-python-headless roifile   # then: export PYTHONPATH=/opt/cp3"
 )
-PAPER_RECIPE = {"optimizer": "SGD", "momentum": 0.9, "weight_decay": 1e-4, "batch_size": 8,
-                "learning_rate": 0.1, "warmup_epochs": 10, "epochs": 300, "channels": [3, 2]}
 
 
 def _check_prepared_image(image: np.ndarray) -> np.ndarray:
@@ -179,93 +174,8 @@ def load_training_tiles(prepared_dir: str | Path, *, split: str = "train", max_t
             [int(i) for i in index])
 
 
-def train_cellpose(prepared_dir: str | Path, out: str | Path, *, epochs: int, nimg_per_epoch: int | None = None,
-                   max_tiles: int | None = None, batch_size: int = 8, learning_rate: float = 0.1,
-                   weight_decay: float = 1e-4, bsize: int = 224, min_train_masks: int = 1, seed: int = 0,
-                   name: str = "cellpose_generalist", device: str = "cpu", save_every: int | None = None,
-                   sources: tuple[str, ...] = (), exclude_sources: tuple[str, ...] = (),
-                   init: str | Path | None = None) -> Path:
-    """Train a Cellpose 3 CPnet on prepared training tiles, from scratch or from ``init``.
-
-    Args:
-        prepared_dir: ``cellsam prepare`` output; its ``train`` tiles are used.
-        out: output folder; the model is saved as ``out/models/<name>`` and a record of the run (recipe,
-            tiles, wall / CPU seconds, versions) as ``out/<name>.json``.
-        epochs: Cellpose epochs (the paper: 300).
-        nimg_per_epoch: images sampled per epoch (None = all tiles): with ``epochs`` it sets the number
-            of optimiser steps, ``epochs * nimg_per_epoch / batch_size``.
-        max_tiles: use a random subset of the training tiles (flows are computed for every tile used, up
-            front, and all are held in memory: about 9 MB per 512-px tile).
-        batch_size, learning_rate, weight_decay: the paper's recipe by default (SGD, momentum 0.9).
-        bsize: crop size of the training patches (Cellpose default 224).
-        min_train_masks: tiles with fewer cells are skipped by Cellpose.
-        device: "cpu" or "cuda".
-        save_every: also save the model every this many epochs, over the same file (None: only at
-            the end), so a run cut short by its time budget leaves a usable model.
-        sources, exclude_sources: train on some sources only (a specialist, a leave-one-source-out run).
-        init: a model file from an earlier run to fine-tune (None: random weights, as the paper's
-            from-scratch baseline). The warm-up and learning rate are the same either way.
-
-    Returns:
-        path of the saved model (pass it to :func:`cellpose_predict` or ``--baseline cellpose:PATH``).
-    """
-    if epochs < 1:
-        raise ValueError(f"epochs must be >= 1, got {epochs}")
-    if nimg_per_epoch is not None and nimg_per_epoch < 1:
-        raise ValueError(f"nimg_per_epoch must be >= 1, got {nimg_per_epoch}")
-    if save_every is not None and save_every < 1:
-        raise ValueError(f"save_every must be >= 1, got {save_every}")
-    if init is not None and not Path(init).is_file():
-        raise FileNotFoundError(f"Cellpose model to start from not found: {init}")
-    cellpose = require_cellpose()
-    import torch
-    from cellpose import models, train
-
-    out = Path(out)
-    (out / "models").mkdir(parents=True, exist_ok=True)
-    wall0, cpu0 = time.perf_counter(), time.process_time()
-    images, labels, index = load_training_tiles(prepared_dir, max_tiles=max_tiles, seed=seed, sources=sources,
-                                                exclude_sources=exclude_sources)
-    torch.manual_seed(seed)
-    np.random.seed(seed)
-    model = models.CellposeModel(gpu=device != "cpu", pretrained_model=str(init) if init is not None else False,
-                                 device=torch.device(device))
-    model_path, train_losses, _ = train.train_seg(
-        model.net, train_data=images, train_labels=labels, channels=[3, 2], channel_axis=0,
-        batch_size=batch_size, learning_rate=learning_rate, weight_decay=weight_decay, SGD=True,
-        n_epochs=epochs, nimg_per_epoch=nimg_per_epoch, bsize=bsize, min_train_masks=min_train_masks,
-        save_path=str(out), model_name=name, save_every=save_every or max(epochs, 1),
-    )
-    wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
-    n_used = nimg_per_epoch if nimg_per_epoch is not None else len(images)
-    record = {
-        "model": str(model_path),
-        "prepared": str(Path(prepared_dir).resolve()),
-        "tiles_available": int(len(np.load(Path(prepared_dir) / "train" / "images.npy", mmap_mode="r"))),
-        "tiles_used": len(index),
-        "sources": list(sources) or "all",
-        "exclude_sources": list(exclude_sources),
-        "init": str(init) if init is not None else None,
-        "recipe": {"optimizer": "SGD", "momentum": 0.9, "weight_decay": weight_decay, "batch_size": batch_size,
-                   "learning_rate": learning_rate, "warmup_epochs": 10, "epochs": epochs,
-                   "nimg_per_epoch": n_used, "optimizer_steps": int(epochs * -(-n_used // batch_size)),
-                   "bsize": bsize, "channels": [3, 2], "schedule": "cellpose.train.train_seg"},
-        "paper_recipe": PAPER_RECIPE,
-        "final_train_loss": float(train_losses[-1]) if len(train_losses) else None,
-        "wall_seconds": round(wall, 1),
-        "cpu_seconds": round(cpu, 1),
-        "torch_threads": torch.get_num_threads(),
-        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
-        "cellpose_version": str(getattr(cellpose, "version", "?")),
-        "device": device,
-    }
-    (out / f"{name}.json").write_text(json.dumps(record, indent=1))
-    log.info("Cellpose baseline: %s (%.0f s wall, %.0f s CPU)", model_path, wall, cpu)
-    return Path(model_path)
-
-
 def load_cellpose(model_path: str | Path, *, device: str = "cpu") -> Any:
-    """A ``cellpose.models.CellposeModel`` from a file written by :func:`train_cellpose`."""
+    """A ``cellpose.models.CellposeModel`` from a file written by ``scripts/train_cellpose_baseline.py``."""
     path = Path(model_path)
     if not path.is_file():
         raise FileNotFoundError(f"Cellpose model {path} not found")
@@ -281,7 +191,7 @@ def cellpose_predict(model_path: str | Path | Any, image: np.ndarray, *, diamete
     """Segment one prepared image (3, H, W) with a trained Cellpose model.
 
     Args:
-        model_path: a model file from :func:`train_cellpose`, or a model from :func:`load_cellpose`.
+        model_path: a model file from ``scripts/train_cellpose_baseline.py``, or a model from :func:`load_cellpose`.
         diameter: cell diameter in pixels; None = the mean diameter of the training cells.
         eval_kwargs: passed to ``CellposeModel.eval`` (flow_threshold, cellprob_threshold, ...).
 
