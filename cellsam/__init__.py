@@ -2,7 +2,7 @@
 
 Public API (imported lazily so that ``import cellsam`` stays cheap)::
 
-    build_model, load_model, list_models, save_model, Predictor, segment, Segmentation
+    build_model, load_model, list_models, save_model, Predictor, segment, Segmentation, SegmentParams
 
 Importing cellsam sets ``OMP_WAIT_POLICY=PASSIVE`` unless the environment sets it (before torch loads
 OpenMP; see :mod:`cellsam.threads`).
@@ -11,9 +11,19 @@ OpenMP; see :mod:`cellsam.threads`).
 from __future__ import annotations
 
 import importlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cellsam.threads import apply_thread_policy as _apply_thread_policy
+
+if TYPE_CHECKING:  # what editors and type checkers see; at run time the names below load on first use
+    from cellsam.inference.params import SegmentParams as SegmentParams
+    from cellsam.inference.predictor import Predictor as Predictor
+    from cellsam.inference.segment import Segmentation as Segmentation
+    from cellsam.inference.segment import segment as segment
+    from cellsam.models.build import build_model as build_model
+    from cellsam.weights import list_models as list_models
+    from cellsam.weights import load_model as load_model
+    from cellsam.weights import save_model as save_model
 
 __version__ = "0.1.0"
 
@@ -27,6 +37,7 @@ _LAZY = {
     "Predictor": "cellsam.inference.predictor",
     "segment": "cellsam.inference.segment",
     "Segmentation": "cellsam.inference.segment",
+    "SegmentParams": "cellsam.inference.params",
 }
 
 __all__ = sorted(_LAZY) + ["__version__"]
