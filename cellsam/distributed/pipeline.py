@@ -24,7 +24,7 @@ from cellsam.distributed import blocks as B
 from cellsam.distributed import omezarr
 from cellsam.distributed.cluster import BlockFailure, close_client, get_client, wait_all, worker_model
 from cellsam.distributed.source import ImageSource, Normalizer, fit_normalizer, open_source, sample_step
-from cellsam.inference.params import DEFAULT_MIN_AREA, SegmentParams
+from cellsam.inference.params import DEFAULT_MIN_AREA, SegmentParams, params_or_keywords
 from cellsam.inference.scale import tile_size_for
 from cellsam.models.protocol import inference_defaults, model_tile_size
 
@@ -177,15 +177,11 @@ def segment_dask(
         BlockFailure: a block / region failed after all retries (positions in the message).
     """
     t0 = time.perf_counter()
-    given = SegmentParams(
-        box_threshold=box_threshold, iou_threshold=iou_threshold, mask_threshold=mask_threshold,
+    params = params_or_keywords(
+        params, box_threshold=box_threshold, iou_threshold=iou_threshold, mask_threshold=mask_threshold,
         min_area=min_area, tile_size=tile_size, tile_overlap=tile_overlap, diameter=diameter,
         batch_size=batch_size, decode_chunk=decode_chunk, decode_copies=decode_copies, decode_window=decode_window,
     )
-    if params is None:
-        params = given
-    elif given != SegmentParams():
-        raise ValueError("give the segmentation parameters either as params= or as keyword arguments, not both")
     if params.diameter == AUTO:
         raise ValueError("diameter='auto' is not available block by block: give the diameter in pixels "
                          "(cellsam.segment(crop, diameter='auto').diameter estimates it on a crop)")

@@ -16,7 +16,7 @@ from typing import Any, NamedTuple
 
 from cellsam.config import DEFAULT_DECODE_WINDOW, InferenceConfig, check_decode_window, check_diameter
 
-__all__ = ["DEFAULT_MIN_AREA", "PRECISIONS", "ModelValues", "SegmentParams", "as_params"]
+__all__ = ["DEFAULT_MIN_AREA", "PRECISIONS", "ModelValues", "SegmentParams", "as_params", "params_or_keywords"]
 
 DEFAULT_MIN_AREA = 15
 PRECISIONS = ("fp32", "bf16")
@@ -122,6 +122,17 @@ class SegmentParams:
             raise ValueError("segmentation parameters without a tile size or thresholds: fill them from the "
                              "model first (SegmentParams.for_model)")
         return ModelValues(t, b, i, m)
+
+
+def params_or_keywords(params: SegmentParams | None, **keywords: Any) -> SegmentParams:
+    """``params`` when given (then the keyword arguments must be left at their defaults), else
+    ``SegmentParams(**keywords)``: what :func:`cellsam.segment` and ``segment_dask`` accept as either."""
+    given = SegmentParams(**keywords)
+    if params is None:
+        return given
+    if given != SegmentParams():
+        raise ValueError("give the segmentation parameters either as params= or as keyword arguments, not both")
+    return params
 
 
 def as_params(p: SegmentParams | Mapping[str, Any]) -> SegmentParams:

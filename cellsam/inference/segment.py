@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from cellsam.config import DEFAULT_DECODE_WINDOW
-from cellsam.inference.params import DEFAULT_MIN_AREA, SegmentParams
+from cellsam.inference.params import DEFAULT_MIN_AREA, SegmentParams, params_or_keywords
 from cellsam.inference.preprocess import Channels, as_numpy, prepare_image
 from cellsam.inference.runtime import autocast_context, resolve_model
 from cellsam.inference.scale import (
@@ -174,16 +174,12 @@ def segment(
     Returns:
         a :class:`Segmentation` for a single image, else a list of them.
     """
-    given = SegmentParams(
-        box_threshold=box_threshold, iou_threshold=iou_threshold, mask_threshold=mask_threshold,
+    params = params_or_keywords(
+        params, box_threshold=box_threshold, iou_threshold=iou_threshold, mask_threshold=mask_threshold,
         min_area=min_area, tile_size=tile_size, tile_overlap=tile_overlap, diameter=diameter,
         batch_size=batch_size, decode_chunk=decode_chunk, decode_copies=decode_copies,
         decode_window=decode_window, precision=precision, return_masks=return_masks, progress=progress,
     )
-    if params is None:
-        params = given
-    elif given != SegmentParams():
-        raise ValueError("give the segmentation parameters either as params= or as keyword arguments, not both")
     images, single = _image_list(image, batch)
     prepared = [
         prepare_image(im, channel_axis=channel_axis, channels=channels, normalize=normalize) for im in images
