@@ -100,7 +100,7 @@ def plan_blocks(grid: GridTiles, block_tiles: int) -> list[Block]:
     if not isinstance(block_tiles, (int, np.integer)) or block_tiles < 1:
         raise ValueError(f"block_tiles must be an integer >= 1, got {block_tiles!r}")
     nr, nc = len(grid.ys), len(grid.xs)
-    blocks = []
+    blocks: list[Block] = []
     for r0 in range(0, nr, block_tiles):
         for c0 in range(0, nc, block_tiles):
             r1, c1 = min(r0 + block_tiles, nr), min(c0 + block_tiles, nc)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import threading
+from pathlib import Path
 from typing import Any
 
 _MODELS: dict[tuple[str, str], tuple[Any, Any]] = {}
@@ -45,7 +46,7 @@ def worker_model(model: Any, device: Any = None) -> tuple[Any, Any]:
                 from cellsam.weights import load_model
 
                 dev = resolve_device(device)
-                _MODELS[key] = (load_model(model, device=dev), dev)
+                _MODELS[key] = (load_model(model if isinstance(model, str) else Path(model), device=dev), dev)
                 LOADS.append(str(model))
             net, dev = _MODELS[key]
     if hasattr(net, "eval"):

@@ -272,7 +272,7 @@ def fit_normalizer(
             continue
         top = float(np.percentile(nonzero, CLIP_PERCENTILE))
         lo[k], hi[k] = float(min(x.min(), top)), top
-    return Normalizer(prepared=False, picks=picks, invert=invert, lo=tuple(lo), hi=tuple(hi))
+    return Normalizer(prepared=False, picks=picks, invert=invert, lo=(lo[0], lo[1]), hi=(hi[0], hi[1]))
 
 
 def prepare_window(source: ImageSource, norm: Normalizer, rect: Rect) -> np.ndarray:

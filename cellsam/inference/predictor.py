@@ -113,7 +113,7 @@ class Predictor:
                 h, w = raw.shape[:2]
                 hr, wr = resized_shape(h, w, s)
                 resized = np.asarray(
-                    Image.fromarray(np.ascontiguousarray(raw)).resize((wr, hr), Image.BILINEAR)
+                    Image.fromarray(np.ascontiguousarray(raw)).resize((wr, hr), Image.Resampling.BILINEAR)
                 )
                 t = torch.from_numpy(resized.copy()).permute(2, 0, 1)[None].float()
                 return t, (h, w)

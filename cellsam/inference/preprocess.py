@@ -98,7 +98,7 @@ def check_channels(channels: Any, n_channels: int) -> Channels:
         raise ValueError(
             f"channels must be (nuclear_idx, wholecell_idx) with None for a missing one, got {channels!r}"
         )
-    out = []
+    out: list[int | None] = []
     for name, c in zip(("nuclear", "whole-cell"), channels, strict=True):
         if c is None:
             out.append(None)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
 import torch
@@ -61,11 +62,10 @@ def resolve_model(model: M | str | os.PathLike,
         from cellsam.weights import load_model  # lazy: only needed for names / paths
 
         dev = resolve_device(device)
-        return load_model(model).to(dev), dev
+        return load_model(model if isinstance(model, str) else Path(model)).to(dev), dev
     check_model(model, SegmentationModel, message="model must be a CellSAM model or a model name / checkpoint path")
     if device is not None:
         dev = resolve_device(device)
-        if hasattr(model, "to"):
-            model = model.to(dev)  # type: ignore[attr-defined]  # an nn.Module
-        return model, dev
+        to = getattr(model, "to", None)  # an nn.Module
+        return (to(dev) if callable(to) else model), dev
     return model, _model_device(model)

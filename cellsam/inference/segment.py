@@ -279,8 +279,8 @@ def tile_candidates(
         lo, iou = decode_refined(net, enc.embedding[b : b + 1], boxes, thr=thr, rounds=refine,
                                  chunk_size="auto" if p.decode_chunk is None else p.decode_chunk,
                                  window=p.decode_window)
-        iou = iou[:, 0].float().cpu().numpy()
-        keep = np.flatnonzero(iou >= values.iou_threshold)
+        ious = iou[:, 0].float().cpu().numpy()
+        keep = np.flatnonzero(ious >= values.iou_threshold)
         stats["iou_passed"] += int(keep.size)
         bx = np.clip(bx, 0, [image.shape[2], image.shape[1]] * 2)  # padded tiles: keep boxes in the image
         sc = scores.float().cpu().numpy()
@@ -303,7 +303,7 @@ def tile_candidates(
                     logits=crop_logits,
                     box=bx[j].astype(np.float32),
                     score=float(sc[j]),
-                    iou=float(iou[j]),
+                    iou=float(ious[j]),
                 )
             )
     return out
