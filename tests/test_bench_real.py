@@ -68,3 +68,32 @@ def test_time_pipeline_with_the_models_own_boxes(tmp_path: Path) -> None:
     assert r["end_to_end"]["median"] > 0 and r["stages"]["cellfinder"]["median"] > 0
     oracle = time_pipeline(net, scene, repeats=1, warmup=0, clip_masks=True)
     assert oracle["boxes"] == "scene" and oracle["boxes_decoded"] > 0
+
+
+def test_time_pipeline_times_the_size_model_with_diameter_auto(tmp_path: Path) -> None:
+    """--diameter auto on a real scene: the size model's pass is timed as the 'scale' stage, the
+    estimate and the tile size used are recorded, and the window column names the diameter."""
+    import math
+
+    import torch
+
+    from cellsam.bench.report import _window
+    from cellsam.registry import get_config
+
+    scene = real_scene("dense512", fake_dsb(tmp_path / "dsb"))
+    net = build_model(get_config("conv_tiny").replace(size_head=True)).eval()
+    assert net.size_head is not None
+    f = net.size_head.weight.shape[0]
+    net.size_head.set_fit(torch.zeros(f), torch.ones(f), torch.zeros(f), math.log(30.0))  # always 30 px
+    import dataclasses
+
+    net.cfg = net.cfg.replace(inference=dataclasses.replace(net.cfg.inference, cell_diameter=15.0))
+    r = time_pipeline(net, scene, repeats=1, warmup=0, own_boxes=True, clip_masks=False, diameter="auto")
+    assert r["stages"]["scale"]["median"] > 0
+    assert r["diameter"] == "auto" and r["diameter_used"] == pytest.approx(30.0, rel=1e-4)
+    assert r["tile_size_used"] == 2 * net.cfg.tile_size  # cells twice the model's size
+    assert "d=auto (30 px)" in _window(r)
+    plain = time_pipeline(net, scene, repeats=1, warmup=0, own_boxes=True, clip_masks=False)
+    assert plain["stages"]["scale"]["median"] == 0 and plain["tile_size_used"] == net.cfg.tile_size
+    with pytest.raises(ValueError, match="own boxes"):
+        time_pipeline(net, scene, repeats=1, warmup=0, diameter="auto")

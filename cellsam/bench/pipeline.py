@@ -47,8 +47,8 @@ from cellsam.inference.runtime import autocast_context
 from cellsam.models.protocol import model_tile_size
 
 AREA_UNIT = 512 * 512  # "cells" are given per 512 x 512 pixels
-STAGES = ("read", "normalise", "tiling", "encoder", "cellfinder", "mask_decoder", "postprocess", "stitching",
-          "merge")
+STAGES = ("read", "normalise", "scale", "tiling", "encoder", "cellfinder", "mask_decoder", "postprocess",
+          "stitching", "merge")
 CLIP_LOGIT = -20.0
 _SEGMENT_HELPERS = {  # name in cellsam.inference.segment -> stage
     "extract_tile": "tiling",
@@ -219,6 +219,10 @@ class TimedModel:
         with self._timer.stage("encoder"):
             return self._net.preprocess(images)
 
+    def predict_diameter(self, images: torch.Tensor) -> torch.Tensor:
+        with self._timer.stage("scale"):
+            return self._net.predict_diameter(images)
+
     def encode(self, images: torch.Tensor) -> Any:
         with self._timer.stage("encoder"):
             return self._net.encode(images)
@@ -308,6 +312,7 @@ def time_pipeline(
     clip_masks: bool = True,
     model_name: str = "",
     own_boxes: bool = False,
+    diameter: float | str | None = None,
 ) -> dict[str, Any]:
     """Time our pipeline end to end and per stage on ``scene`` (``repeats`` timed runs after ``warmup``).
 
@@ -318,12 +323,15 @@ def time_pipeline(
         decode_window: :func:`cellsam.segment`'s ``decode_window`` (None or 0: whole frames).
         own_boxes: the model's own CellFinder and stored thresholds (real images) instead of the
             scene's boxes at fixed thresholds (synthetic scenes, random weights).
+        diameter: :func:`cellsam.segment`'s ``diameter`` (own_boxes only): "auto" adds the size model's
+            pass (timed as the stage ``scale``) and, when the cells are far from the model's size, the
+            segmentation at their scale.
     Returns:
         a run record (see ``benchmarks/README.md``): end_to_end and per-stage statistics in seconds,
         peak memory, tiles, throughput, cells found.
     """
     from cellsam.inference.preprocess import prepare_image
-    from cellsam.inference.segment import segment_prepared
+    from cellsam.inference.segment import segment_at_scale
     from cellsam.io import load_image
 
     if repeats < 1 or warmup < 0:
@@ -334,7 +342,9 @@ def time_pipeline(
     if own_boxes:
         inf = net.cfg.inference
         params = params.replace(box_threshold=inf.box_threshold, iou_threshold=inf.iou_threshold,
-                                mask_threshold=inf.mask_threshold)
+                                mask_threshold=inf.mask_threshold, diameter=diameter)
+    elif diameter is not None:
+        raise ValueError("diameter: only with the model's own boxes (real scenes)")
     else:
         oracle = BoxOracle(scene.boxes, tile_size=params.model_values().tile_size, model_side=int(net.img_size))
     timer, mem = StageTimer(dev), PeakMemory(dev)
@@ -354,7 +364,7 @@ def time_pipeline(
             with timer.stage("normalise"):
                 img = prepare_image(raw)
             with instrument_segment(timer, oracle), torch.inference_mode(), autocast_context(precision, dev):
-                seg = segment_prepared(img, proxy, dev, params)
+                seg = segment_at_scale(img, proxy, dev, params)
             synchronize(dev)
             total = time.perf_counter() - t0
             if i < warmup:
@@ -382,6 +392,9 @@ def time_pipeline(
         "batch_size": int(batch_size),
         "decode_chunk": int(net.auto_chunk_size() if decode_chunk is None else decode_chunk),
         "decode_window": params.decode_window,
+        "diameter": diameter,
+        "diameter_used": seg.diameter,
+        "tile_size_used": seg.tile_size,
         "clip_masks": bool(clip_masks),
         "repeats": int(repeats),
         "warmup": int(warmup),

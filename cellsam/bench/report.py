@@ -254,7 +254,13 @@ def _window(r: dict[str, Any]) -> str:
     if r["pipeline"] != "cellsam":
         return "-"
     w = r.get("decode_window")
-    return "whole" if w is None else f"{w:g}x"
+    text = "whole" if w is None else f"{w:g}x"
+    d = r.get("diameter")
+    if d is not None:  # the scale: "auto" (what the size model estimated) or a given diameter
+        used = r.get("diameter_used")
+        text += f", d={d if isinstance(d, str) else f'{d:g}'}"
+        text += f" ({used:.0f} px)" if isinstance(used, float) else ""
+    return text
 
 
 def plot_scaling(result: dict[str, Any], path: Path) -> Path | None:

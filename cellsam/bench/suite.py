@@ -19,7 +19,7 @@ import torch
 
 from cellsam.bench.pipeline import synthetic_scene, time_pipeline, write_scene
 from cellsam.bench.research import load_research
-from cellsam.config import DEFAULT_DECODE_WINDOW, check_decode_window
+from cellsam.config import DEFAULT_DECODE_WINDOW, check_decode_window, check_diameter
 
 log = logging.getLogger(__name__)
 SCHEMA = "cellsam-bench/1"
@@ -50,6 +50,9 @@ class BenchSpec:
     # from the DSB 2018 folder ``real_data``
     real: list[str] = field(default_factory=list)
     real_data: str | None = None
+    # cellsam.segment's diameter for the real scenes (None: the image's own scale; "auto": the size
+    # model); several: one run each, so the time auto-scaling adds is an A/B in one run
+    diameters: list[float | str | None] = field(default_factory=lambda: [None])
     # a second pass of every timing beside this many CPU-burning processes (cellsam.bench.busy); 0: none
     busy_neighbours: int = 0
 
@@ -72,6 +75,10 @@ class BenchSpec:
             raise ValueError("give at least one decode window (0: whole frames)")
         for w in self.decode_windows:
             check_decode_window(w)  # time_pipeline reads 0 as None (whole frames)
+        if not self.diameters:
+            raise ValueError("give at least one diameter (none: the image's own scale)")
+        for d in self.diameters:
+            check_diameter(d)
         if self.clip_masks not in ("auto", "on", "off"):
             raise ValueError(f"clip_masks must be auto, on or off, got {self.clip_masks!r}")
         from cellsam.bench.real import REAL_SCENES
@@ -236,10 +243,11 @@ def _real_runs(spec: BenchSpec, models: dict[str, tuple[Any, dict[str, Any]]], d
         notes.append(f"real scene {name}: {scene.n_cells} nuclei in {scene.image.shape[1]}x{scene.image.shape[0]} "
                      f"pixels from {spec.real_data}; our models use their own CellFinder and stored thresholds")
         for model, (net, _) in models.items():
-            for prec, win in itertools.product(spec.precisions, spec.decode_windows):
+            for prec, win, diam in itertools.product(spec.precisions, spec.decode_windows, spec.diameters):
                 r = time_pipeline(net, scene, image_path=path, precision=prec, repeats=spec.repeats,
                                   warmup=spec.warmup, batch_size=spec.batch_size, decode_chunk=spec.decode_chunk,
-                                  decode_window=win, clip_masks=False, model_name=model, own_boxes=True)
+                                  decode_window=win, clip_masks=False, model_name=model, own_boxes=True,
+                                  diameter=diam)
                 runs.append(r)
                 _log_run(r)
         if cp_ok:
