@@ -57,11 +57,11 @@ class CellFinder(nn.Module):
         self.cfg = cfg
         self.in_channels = in_channels
         d = cfg.d_model
-        self.input_proj = nn.Sequential(
-            nn.Conv2d(in_channels, d, kernel_size=1), nn.GroupNorm(_group_count(d), d)
-        )
-        nn.init.xavier_uniform_(self.input_proj[0].weight, gain=1)
-        nn.init.zeros_(self.input_proj[0].bias)
+        proj = nn.Conv2d(in_channels, d, kernel_size=1)
+        self.input_proj = nn.Sequential(proj, nn.GroupNorm(_group_count(d), d))
+        nn.init.xavier_uniform_(proj.weight, gain=1)
+        assert proj.bias is not None  # Conv2d's default bias=True
+        nn.init.zeros_(proj.bias)
         self.transformer = AnchorDETRTransformer(
             d_model=d,
             nhead=cfg.nheads,

@@ -39,6 +39,9 @@ class CellSAM(nn.Module):
             ViT of its own (``cfg.separate_detector_trunk``); ``None`` for our models.
     """
 
+    pixel_mean: Tensor  # (1,3,1,1) non-persistent buffers, registered in __init__
+    pixel_std: Tensor
+
     def __init__(
         self,
         cfg: CellSAMConfig,
@@ -182,7 +185,7 @@ class CellSAM(nn.Module):
         for i in range(0, n, step):
             sl = slice(i, i + step)
             win = None
-            if sides is not None:
+            if sides is not None and boxes is not None and window is not None:  # set together above
                 k = int(sides[sl].max())
                 if k < self.cfg.encoder.embedding_size:
                     win = (self.box_windows(boxes[sl], window, side=k)[0], k)

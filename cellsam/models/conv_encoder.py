@@ -15,6 +15,7 @@ style vector (the mean of the deepest stage, projected) to every top-down level.
 from __future__ import annotations
 
 import math
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -40,8 +41,10 @@ class ResBlock(nn.Module):
 
     def __init__(self, channels: int) -> None:
         super().__init__()
-        self.body = nn.Sequential(conv_bn(channels, channels), conv_bn(channels, channels, relu=False))
-        nn.init.zeros_(self.body[1][1].weight)  # each block starts as the identity (zero-init last BN)
+        first = conv_bn(channels, channels)
+        last = conv_bn(channels, channels, relu=False)
+        self.body = nn.Sequential(first, last)
+        nn.init.zeros_(cast(nn.BatchNorm2d, last[1]).weight)  # each block starts as the identity (zero-init last BN)
 
     def forward(self, x: Tensor) -> Tensor:
         return F.relu(x + self.body(x))

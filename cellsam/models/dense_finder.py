@@ -28,8 +28,13 @@ from cellsam.ops.boxes import clip_boxes
 __all__ = ["DenseCellFinder", "decode_dense"]
 
 
-def _head(cin: int, mid: int, cout: int) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(cin, mid, 3, padding=1), nn.ReLU(inplace=True), nn.Conv2d(mid, cout, 1))
+def _head(cin: int, mid: int, cout: int, *, bias: float) -> nn.Sequential:
+    """conv 3x3 -> ReLU -> conv 1x1, the last convolution's bias set to ``bias``."""
+    hidden = nn.Conv2d(cin, mid, 3, padding=1)
+    out = nn.Conv2d(mid, cout, 1)
+    assert out.bias is not None  # Conv2d's default bias=True
+    nn.init.constant_(out.bias, bias)
+    return nn.Sequential(hidden, nn.ReLU(inplace=True), out)
 
 
 class DenseCellFinder(nn.Module):
@@ -44,12 +49,9 @@ class DenseCellFinder(nn.Module):
         self.cfg = cfg
         self.in_channels = in_channels
         c = cfg.head_channels
-        self.heatmap = _head(in_channels, c, 1)
-        self.size = _head(in_channels, c, 2)
-        self.offset = _head(in_channels, c, 2)
-        nn.init.constant_(self.heatmap[-1].bias, -math.log((1 - cfg.prior_prob) / cfg.prior_prob))
-        nn.init.constant_(self.size[-1].bias, math.log(4.0))  # 16-pixel boxes at stride 4
-        nn.init.constant_(self.offset[-1].bias, 0.5)
+        self.heatmap = _head(in_channels, c, 1, bias=-math.log((1 - cfg.prior_prob) / cfg.prior_prob))
+        self.size = _head(in_channels, c, 2, bias=math.log(4.0))  # 16-pixel boxes at stride 4
+        self.offset = _head(in_channels, c, 2, bias=0.5)
 
     def forward(self, features: Tensor) -> dict[str, Tensor]:
         """(B, in_channels, h, w) -> ``heatmap`` (B,1,h,w) logits, ``size`` (B,2,h,w), ``offset`` (B,2,h,w)."""

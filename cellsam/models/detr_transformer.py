@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Literal
+from typing import Literal, cast
 
 import torch
 import torch.nn.functional as F
@@ -282,7 +282,7 @@ class AnchorDETRTransformer(nn.Module):
 
         with torch.no_grad():
             self.class_embed.bias.fill_(-math.log((1 - prior_prob) / prior_prob))
-            last = self.bbox_embed.layers[-1]
+            last = cast(nn.Linear, self.bbox_embed.layers[-1])
             last.weight.zero_()
             last.bias.zero_()
             last.bias[2:] = -2.0  # initial w, h = sigmoid(-2) = 0.119 of the image

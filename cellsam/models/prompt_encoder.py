@@ -7,6 +7,7 @@ Coordinates are (x, y) pixels in the encoder input frame (``input_image_size``).
 from __future__ import annotations
 
 import math
+from typing import cast
 
 import torch
 from torch import nn
@@ -16,6 +17,8 @@ from cellsam.models.common import LayerNorm2d
 
 class PositionEmbeddingRandom(nn.Module):
     """Fourier features of (x, y) in [0, 1]^2 with a fixed random Gaussian frequency matrix."""
+
+    positional_encoding_gaussian_matrix: torch.Tensor  # (2, num_pos_feats) buffer
 
     def __init__(self, num_pos_feats: int = 64, scale: float | None = None) -> None:
         super().__init__()
@@ -72,8 +75,10 @@ class PromptEncoder(nn.Module):
         if mask_in_chans % 4 != 0:
             raise ValueError(f"mask_in_chans must be a multiple of 4, got {mask_in_chans}")
         self.embed_dim = embed_dim
-        self.image_embedding_size = tuple(image_embedding_size)
-        self.input_image_size = tuple(input_image_size)
+        h, w = image_embedding_size
+        self.image_embedding_size = (h, w)
+        h, w = input_image_size
+        self.input_image_size = (h, w)
         self.pe_layer = PositionEmbeddingRandom(embed_dim // 2)
         # 0: negative point, 1: positive point, 2: box top-left, 3: box bottom-right
         self.num_point_embeddings = 4
@@ -95,6 +100,10 @@ class PromptEncoder(nn.Module):
         """Positional encoding of the image-embedding grid: (1, D, h, w)."""
         return self.pe_layer(self.image_embedding_size).unsqueeze(0)
 
+    def _point_embedding(self, kind: int) -> torch.Tensor:
+        """(1, D) learned embedding of point kind ``kind`` (0 negative, 1 positive, 2/3 box corners)."""
+        return cast(nn.Embedding, self.point_embeddings[kind]).weight
+
     def _embed_points(self, coords: torch.Tensor, labels: torch.Tensor, *, pad: bool) -> torch.Tensor:
         """(N, P, 2) xy pixels, (N, P) labels -> (N, P (+1 if pad), D).
 
@@ -110,15 +119,15 @@ class PromptEncoder(nn.Module):
         lab = labels[..., None]
         pe = torch.where(lab == -1, torch.zeros_like(pe), pe)
         pe = pe + (lab == -1).to(pe.dtype) * self.not_a_point_embed.weight
-        pe = pe + (lab == 0).to(pe.dtype) * self.point_embeddings[0].weight
-        pe = pe + (lab == 1).to(pe.dtype) * self.point_embeddings[1].weight
+        pe = pe + (lab == 0).to(pe.dtype) * self._point_embedding(0)
+        pe = pe + (lab == 1).to(pe.dtype) * self._point_embedding(1)
         return pe
 
     def _embed_boxes(self, boxes: torch.Tensor) -> torch.Tensor:
         """(N, 4) xyxy pixels -> (N, 2, D) corner embeddings."""
         corners = (boxes + 0.5).reshape(-1, 2, 2)
         pe = self.pe_layer.forward_with_coords(corners, self.input_image_size)
-        corner_embed = torch.cat([self.point_embeddings[2].weight, self.point_embeddings[3].weight], dim=0)
+        corner_embed = torch.cat([self._point_embedding(2), self._point_embedding(3)], dim=0)
         return pe + corner_embed
 
     def _batch_size(

@@ -22,6 +22,11 @@ class SizeHead(nn.Module):
         features: F, the length of the feature vector.
     """
 
+    mean: Tensor  # (F,) buffers, registered in __init__
+    std: Tensor
+    weight: Tensor
+    bias: Tensor  # ()
+
     def __init__(self, features: int) -> None:
         super().__init__()
         if features < 1:
