@@ -107,8 +107,9 @@ def _read_tiff(path: Path) -> LoadedImage:
 def _read_pil(path: Path) -> LoadedImage:
     from PIL import Image
 
-    with Image.open(path) as im:
-        im.load()
+    with Image.open(path) as opened:
+        opened.load()
+        im: Image.Image = opened
         if im.mode in ("P", "PA", "CMYK", "YCbCr", "LAB", "HSV"):
             im = im.convert("RGBA" if "A" in im.mode or "transparency" in im.info else "RGB")
         if im.mode == "LA":

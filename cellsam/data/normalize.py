@@ -104,7 +104,7 @@ def to_cellsam_channels(nuclear: np.ndarray | None, wholecell: np.ndarray | None
         raise ValueError("to_cellsam_channels: at least one of nuclear / wholecell is required")
     for c in chans:
         _check_2d(c, "to_cellsam_channels")
-    if len(chans) == 2 and np.shape(nuclear) != np.shape(wholecell):
+    if nuclear is not None and wholecell is not None and np.shape(nuclear) != np.shape(wholecell):
         raise ValueError(
             f"to_cellsam_channels: nuclear {np.shape(nuclear)} and whole-cell {np.shape(wholecell)} "
             "differ in size"

@@ -207,7 +207,9 @@ def _write_split(out: Path, work: Path, split: str, recs: list[ImageRecord], opt
     sdir = out / split
     n = sum(len(r.tiles) for r in recs)
     images, labels_mm = writer.open_arrays(sdir, n, opts.tile)
-    tiles, anns, entries = [], [], []
+    tiles: list[dict[str, Any]] = []
+    anns: list[dict[str, Any]] = []
+    entries: list[dict[str, Any]] = []
     i = 0
     for r in recs:
         image = np.load(work / f"{r.index}_image.npy")

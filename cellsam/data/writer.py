@@ -57,7 +57,7 @@ def coco_annotations(labels: np.ndarray, image_id: int, first_ann_id: int) -> li
     from pycocotools import mask as mask_utils
     from scipy import ndimage as ndi
 
-    out = []
+    out: list[dict[str, Any]] = []
     h, w = labels.shape
     for k, sl in enumerate(ndi.find_objects(labels), start=1):
         if sl is None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -162,7 +163,9 @@ def build_coco_dicts(gts: Sequence[np.ndarray], preds: Sequence[PredInput],
         raise ValueError(f"scores must have one entry per image, got {len(scores)} for {len(gts)}")
     from pycocotools import mask as mask_utils
 
-    images, anns, dets = [], [], []
+    images: list[dict[str, Any]] = []
+    anns: list[dict[str, Any]] = []
+    dets: list[dict[str, Any]] = []
     for i, g in enumerate(gts):
         g = check_label_image(g, f"gts[{i}]")
         if g.ndim != 2:

@@ -126,7 +126,7 @@ def deepcell_object_metrics(gt: np.ndarray, pred: np.ndarray, *, cutoff1: float 
     res = DeepCellResult(n_true=ov.n_gt, n_pred=ov.n_pred)
     fg_t, fg_p = np.asarray(gt) > 0, np.asarray(pred) > 0
     union = int(np.count_nonzero(fg_t | fg_p))
-    res.pixel_jaccard = _ratio(np.count_nonzero(fg_t & fg_p), union, empty=union == 0)
+    res.pixel_jaccard = _ratio(int(np.count_nonzero(fg_t & fg_p)), union, empty=union == 0)
     res.labels = {k: {"true": [], "pred": []} for k in ("missed", "gained", "split", "merge", "catastrophe")}
 
     iou_mod = _modified_iou(ov, cutoff1=cutoff1, cutoff2=cutoff2)

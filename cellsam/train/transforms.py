@@ -8,6 +8,7 @@ boxes and masks can never disagree.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -89,7 +90,13 @@ def _rescale_crop(image: Tensor, labels: Tensor, scale: float, generator: torch.
     return out_img, out_lab
 
 
-def _intensity(image: Tensor, cfg: AugmentConfig, coin, uniform, generator: torch.Generator) -> Tensor:  # type: ignore[no-untyped-def]
+def _intensity(
+    image: Tensor,
+    cfg: AugmentConfig,
+    coin: Callable[[float], bool],
+    uniform: Callable[[float, float], float],
+    generator: torch.Generator,
+) -> Tensor:
     present = image.flatten(1).amax(1) > 0  # leave empty channels empty
     x = image
     if coin(cfg.invert_p):

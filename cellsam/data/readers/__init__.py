@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import cast
 
 from cellsam.data.readers.coco import find_files as _coco_files
 from cellsam.data.readers.coco import read_coco
@@ -23,10 +24,11 @@ from cellsam.data.readers.npz import find_files as _npz_files
 from cellsam.data.readers.npz import read_npz
 from cellsam.data.readers.pairs import find_pairs as _pairs
 from cellsam.data.readers.pairs import read_pairs
-from cellsam.data.sample import Sample, SampleError
+from cellsam.data.sample import Role, Sample, SampleError, Target
 
 FORMATS = ("pairs", "dsb", "npz", "coco", "multichannel")
-TARGETS = ("nuclear", "whole-cell")
+TARGETS: tuple[Role, ...] = ("nuclear", "whole-cell")
+_ROLES: dict[str, Role] = {t: t for t in TARGETS}  # target text -> the channel role it names
 
 __all__ = [
     "FORMATS",
@@ -121,12 +123,12 @@ def read_source(
                 key = ""
             row = rows.get(key)
             if row is not None:
-                s.target = row.get("target") or s.target
+                s.target = cast(Target, row.get("target") or s.target)  # the manifest's text, not checked
                 s.kind = row.get("kind") or s.kind
                 if row.get("split"):
                     s.split = row["split"]
         if isinstance(s, Sample) and s.target == "unknown" and target is not None:
-            s.target = target  # type: ignore[assignment]
-        if isinstance(s, Sample) and len(s.roles) == 1 and s.target in TARGETS:
-            s.roles = (s.target,)  # a lone channel shows what is labelled; it goes to blue either way
+            s.target = _ROLES[target]  # checked above
+        if isinstance(s, Sample) and len(s.roles) == 1 and s.target in _ROLES:
+            s.roles = (_ROLES[s.target],)  # a lone channel shows what is labelled; it goes to blue either way
         yield s

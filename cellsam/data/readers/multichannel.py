@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cellsam.data.sample import IMAGE_EXTS, Sample, SampleError, check_labels, image_to_channels, load_array
+from cellsam.data.sample import IMAGE_EXTS, Role, Sample, SampleError, check_labels, image_to_channels, load_array
 
 MASK_TAG = "_masks"
 NUCLEAR_TAGS = ("_nuclear",)
@@ -59,8 +59,11 @@ def read_multichannel(root: Path) -> Iterator[Sample | SampleError]:
         nuc = _find(mask_path.parent, name, NUCLEAR_TAGS)
         whole = _find(mask_path.parent, name, WHOLECELL_TAGS)
         try:
-            chans, roles, files = [], [], {}
-            for p, role in ((nuc, "nuclear"), (whole, "whole-cell")):
+            chans: list[np.ndarray] = []
+            roles: list[Role] = []
+            files: dict[str, str] = {}
+            channel_files: tuple[tuple[Path | None, Role], ...] = ((nuc, "nuclear"), (whole, "whole-cell"))
+            for p, role in channel_files:
                 if p is not None:
                     chans.append(_channel(p))
                     roles.append(role)

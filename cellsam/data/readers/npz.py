@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cellsam.data.sample import Sample, SampleError, check_labels
+from cellsam.data.sample import Role, Sample, SampleError, check_labels
 
 
 def find_files(root: Path) -> list[Path]:
@@ -62,7 +62,7 @@ def read_npz(root: Path, *, target: str | None = None) -> Iterator[Sample | Samp
             yield SampleError(f, f"X must have 1 or 2 channels (nuclear, whole-cell), got {X.shape[-1]}")
             continue
         ych = 1 if (target == "nuclear" and y.shape[-1] > 1) else 0
-        roles = ("nuclear", "whole-cell") if X.shape[-1] == 2 else ("whole-cell",)
+        roles: tuple[Role, ...] = ("nuclear", "whole-cell") if X.shape[-1] == 2 else ("whole-cell",)
         rel = f.relative_to(base).as_posix() if f.is_relative_to(base) else f.name
         for i in range(X.shape[0]):
             try:

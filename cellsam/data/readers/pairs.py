@@ -12,6 +12,7 @@ from pathlib import Path
 
 from cellsam.data.sample import (
     IMAGE_EXTS,
+    Role,
     Sample,
     SampleError,
     check_labels,
@@ -49,6 +50,7 @@ def read_pairs(root: Path) -> Iterator[Sample | SampleError]:
         if not masks:
             yield SampleError(img_path, f"no label image '{name}{MASK_TAG}.*' next to it")
             continue
+        roles: tuple[Role, ...]
         try:
             arr = load_array(img_path)
             if arr.ndim == 3 and arr.shape[0] == 2:  # (nuclear, whole-cell) stack
