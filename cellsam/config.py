@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Final, Literal, TypeAlias
 
 
 @dataclass(frozen=True)
@@ -160,15 +160,18 @@ def check_decode_window(window: float | None) -> float | None:
     return float(window)
 
 
-AUTO = "auto"
-DEFAULT_DIAMETER: float | str | None = None
+AUTO: Final = "auto"
+Diameter: TypeAlias = float | Literal["auto"] | None
+DEFAULT_DIAMETER: Diameter = None
 """What ``segment`` and ``cellsam segment`` do when no diameter is given (see cellsam.inference.scale)."""
 
 
-def check_diameter(diameter: float | str | None) -> float | str | None:
+def check_diameter(diameter: float | str | None) -> Diameter:
     """``diameter`` validated: None (no rescaling), ``"auto"``, or a finite number of pixels > 0."""
-    if diameter is None or diameter == AUTO:
-        return diameter
+    if diameter is None:
+        return None
+    if diameter == AUTO:
+        return AUTO
     if isinstance(diameter, str):
         try:
             diameter = float(diameter)
@@ -180,7 +183,7 @@ def check_diameter(diameter: float | str | None) -> float | str | None:
     return float(diameter)
 
 
-def parse_diameter(text: str) -> float | str | None:
+def parse_diameter(text: str) -> Diameter:
     """A command-line diameter: ``auto``, ``none`` (no rescaling) or a number of pixels > 0."""
     if text.strip().lower() == "none":
         return None

@@ -72,7 +72,8 @@ def coco_document(project: Project, recs: list[ImageRecord]) -> dict[str, Any]:
     """COCO instances of the images (RLE masks, xywh boxes, areas); image ids are the project ids."""
     from cellsam.io import coco_dict
 
-    images, anns = [], []
+    images: list[dict[str, Any]] = []
+    anns: list[dict[str, Any]] = []
     for rec in recs:
         d = coco_dict(export_labels(project, rec.id), None, rec.name, image_id=rec.id)
         images += d["images"]

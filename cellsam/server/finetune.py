@@ -30,8 +30,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
-from cellsam.models.protocol import SegmentationModel
+from cellsam.models.protocol import PromptableModel, SegmentationModel
 from cellsam.server.session import ModelSession
 from cellsam.server.storage import ImageRecord, Project, ProjectError
 
@@ -142,12 +143,23 @@ def write_prepared(project: Project, recs: list[ImageRecord], out: Path, *, tile
     return len(meta)
 
 
+def _torch_model(model: PromptableModel) -> torch.nn.Module:
+    """The session's model as the torch module that fine-tuning starts from and saves (a CellSAM)."""
+    if not isinstance(model, torch.nn.Module):
+        raise ProjectError(f"fine-tuning needs a CellSAM model, not a {type(model).__name__}")
+    return model
+
+
 def score(model: SegmentationModel, images: list[np.ndarray], gts: list[np.ndarray]) -> dict[str, Any]:
     """F1 at IoU 0.5 (``f1_mean``), AP50 and per-image F1 of :func:`cellsam.segment` against ``gts``."""
     from cellsam.eval.metrics import evaluate_labels
-    from cellsam.inference.segment import segment
+    from cellsam.inference.segment import Segmentation, segment
 
-    preds = [segment(im, model, channel_axis=0, normalize=False).labels for im in images]
+    preds = []
+    for im in images:
+        seg = segment(im, model, channel_axis=0, normalize=False)
+        assert isinstance(seg, Segmentation)  # one image in, one result out
+        preds.append(seg.labels)
     ev = evaluate_labels(gts, preds, deepcell=False, coco=False, per_image=True)
     return {"f1": ev["f1_mean"], "ap50": ev["ap50"], "n_true": ev["n_true"], "n_pred": ev["n_pred"],
             "per_image_f1": [row["f1"]["0.50"] for row in ev["per_image"]]}
@@ -228,7 +240,7 @@ class FinetuneManager:
             raise ProjectError(f"not switched: {job.warning}. To use it anyway, send force=true "
                                "(the page asks first)")
         path = self.project.resolve(job.model)
-        device = next(self.session.model.parameters()).device
+        device = next(_torch_model(self.session.model).parameters()).device
         self.session.set_model(load_model(path, device=device), name=job.model)
         self.project.set_meta("model", job.model)
         return job.model
@@ -258,14 +270,14 @@ class FinetuneManager:
     ) -> None:
         from cellsam.server.export import export_labels
         from cellsam.server.images import load_raw, prepare
-        from cellsam.train.config import TrainConfig
+        from cellsam.train.config import Stage, TrainConfig
         from cellsam.weights import load_model, save_model
 
         root = self.project.root / FINETUNE_DIR / job.id
         root.mkdir(parents=True, exist_ok=True)
         self._phase(job, "preparing data", 0.01)
         with self.session.lock:
-            start = save_model(self.session.model, root / "start", version="start",
+            start = save_model(_torch_model(self.session.model), root / "start", version="start",
                                metadata={"description": f"model before fine-tune {job.id}"})
             tile = self.session.tile_size
         job.tiles = write_prepared(self.project, train, root / "data", tile=tile)
@@ -289,7 +301,8 @@ class FinetuneManager:
             val_every_steps=0, version=f"finetune-{job.id}",
         )
         init, done = str(start), 0
-        for stage, steps in (("detection", opts.detection_steps), ("masks", opts.mask_steps)):
+        stages: tuple[tuple[Stage, int], ...] = (("detection", opts.detection_steps), ("masks", opts.mask_steps))
+        for stage, steps in stages:
             if steps == 0:
                 continue
             p0 = 0.1 + 0.8 * done / total

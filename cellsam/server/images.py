@@ -138,7 +138,7 @@ def read_upload(
                 f"{filename}: a 3-D image of shape {data.shape} whose file does not say where its channels are; "
                 "choose the channel axis (first or last) and upload it again", 422)
         axis = channel_axis
-    if data.ndim == 3 and data.shape[axis] > MAX_CHANNELS:
+    if data.ndim == 3 and axis is not None and data.shape[axis] > MAX_CHANNELS:  # axis is set for 3-D here
         raise UploadError(
             f"{filename}: {data.shape[axis]} channels along axis {axis} (shape {data.shape}); at most "
             f"{MAX_CHANNELS}: is the channel axis right?", 422)

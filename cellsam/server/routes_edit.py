@@ -80,7 +80,8 @@ def router(ctx: ServerContext) -> APIRouter:
         body = body or DetectRequest()
         rec, img = image(image_id)
         boxes, scores = session.detect(channel_key(rec), img, box_threshold=body.box_threshold)
-        return DetectResponse(boxes=[tuple(map(float, b)) for b in boxes], scores=[float(s) for s in scores])
+        return DetectResponse(boxes=[(float(x0), float(y0), float(x1), float(y1)) for x0, y0, x1, y1 in boxes],
+                              scores=[float(s) for s in scores])
 
     @r.post("/decode", response_model=EditResponse)
     def decode(image_id: int, body: DecodeRequest) -> EditResponse:

@@ -31,7 +31,7 @@ class ImageInfo(BaseModel):
     nuclear: int | None = Field(description="channel index of the nuclear stain (None: not used / automatic)")
     wholecell: int | None = Field(description="channel index of the whole-cell stain (None: not used / automatic)")
     reviewed: bool = Field(description="a person marked the labels reviewed")
-    edited: bool = Field(False, description="a person edited the labels (not only the model or an import)")
+    edited: bool = Field(default=False, description="a person edited the labels (not only the model or an import)")
     n_cells: int
     version: int = Field(description="labels version; +1 per edit, undo or redo")
     can_undo: bool = False
@@ -61,7 +61,7 @@ class PromptRequest(BaseModel):
     point_labels: list[int] = Field(default_factory=list)
     box: Box | None = None
     cell: int | None = None
-    overwrite: bool = Field(False, description="the cell may take pixels of other cells")
+    overwrite: bool = Field(default=False, description="the cell may take pixels of other cells")
 
 
 class CellsRequest(BaseModel):
@@ -73,14 +73,14 @@ class PaintRequest(BaseModel):
     with ``erase``, erases every cell)."""
 
     points: list[XY] = Field(min_length=1, max_length=20000)
-    radius: float = Field(4.0, ge=0.5, le=512)
+    radius: float = Field(default=4.0, ge=0.5, le=512)
     cell: int | None = None
     erase: bool = False
     overwrite: bool = False
 
 
 class DetectRequest(BaseModel):
-    box_threshold: float | None = Field(None, ge=0.0, lt=1.0)
+    box_threshold: float | None = Field(default=None, ge=0.0, lt=1.0)
 
 
 class DetectResponse(BaseModel):
@@ -96,9 +96,9 @@ class DecodeRequest(BaseModel):
 
 
 class SegmentRequest(BaseModel):
-    box_threshold: float | None = Field(None, ge=0.0, lt=1.0)  # None: the model's own default
+    box_threshold: float | None = Field(default=None, ge=0.0, lt=1.0)  # None: the model's own default
     iou_threshold: float | None = None
-    min_area: int = Field(15, ge=0)
+    min_area: int = Field(default=15, ge=0)
     # the typical cell diameter in pixels, "auto" (the model's size model) or None (the image's own scale)
     diameter: float | Literal["auto"] | None = DEFAULT_DIAMETER
 
@@ -122,14 +122,14 @@ class EditResponse(BaseModel):
     cell: int | None
     can_undo: bool
     can_redo: bool
-    edited: bool = Field(False, description="a person has edited this image's labels (fine-tuning uses it)")
+    edited: bool = Field(default=False, description="a person has edited this image's labels (fine-tuning uses it)")
     saved: bool = True
 
 
 class FinetuneRequest(BaseModel):
-    mask_steps: int = Field(200, ge=1, le=100000)
-    detection_steps: int = Field(0, ge=0, le=100000, description="0 skips stage 1 (boxes)")
-    batch_size: int = Field(2, ge=1, le=64)
+    mask_steps: int = Field(default=200, ge=1, le=100000)
+    detection_steps: int = Field(default=0, ge=0, le=100000, description="0 skips stage 1 (boxes)")
+    batch_size: int = Field(default=2, ge=1, le=64)
 
 
 class JobInfo(BaseModel):
@@ -141,16 +141,16 @@ class JobInfo(BaseModel):
     images: int = Field(description="corrected images trained on")
     tiles: int
     held_out: list[str] = Field(default_factory=list, description="corrected images kept out of training, scored")
-    scored_on: str = Field("", description="which images the before / after scores are measured on")
+    scored_on: str = Field(default="", description="which images the before / after scores are measured on")
     before: dict[str, Any] | None
     after: dict[str, Any] | None
     model: str | None
-    worse: bool | None = Field(None, description="the new model scored lower F1 than the current one")
-    warning: str | None = Field(None, description="what to know before using the new model")
+    worse: bool | None = Field(default=None, description="the new model scored lower F1 than the current one")
+    warning: str | None = Field(default=None, description="what to know before using the new model")
 
 
 class UseRequest(BaseModel):
-    force: bool = Field(False, description="use the new model even though it scored worse")
+    force: bool = Field(default=False, description="use the new model even though it scored worse")
 
 
 class UseResponse(BaseModel):

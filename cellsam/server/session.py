@@ -13,7 +13,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import numpy as np
 import torch
@@ -28,19 +28,22 @@ TILE_OVERLAP = 0.25
 NMS_IOU = 0.7  # detect(): boxes overlapping a better one by more than this are dropped
 
 
-class LRUCache:
+K = TypeVar("K", bound=Hashable)
+
+
+class LRUCache(Generic[K]):
     """Least-recently-used cache bounded by item count and by total bytes (``size_of(value)``)."""
 
     def __init__(self, *, max_items: int, max_bytes: int, size_of: Callable[[Any], int]) -> None:
         if max_items < 1 or max_bytes < 1:
             raise ValueError(f"cache bounds must be >= 1, got max_items={max_items}, max_bytes={max_bytes}")
         self.max_items, self.max_bytes, self.size_of = max_items, max_bytes, size_of
-        self._d: OrderedDict[Hashable, tuple[Any, int]] = OrderedDict()
+        self._d: OrderedDict[K, tuple[Any, int]] = OrderedDict()
         self.bytes = 0
         self.hits = 0
         self.misses = 0
 
-    def get(self, key: Hashable) -> Any:
+    def get(self, key: K) -> Any:
         hit = self._d.get(key)
         if hit is None:
             self.misses += 1
@@ -49,7 +52,7 @@ class LRUCache:
         self._d.move_to_end(key)
         return hit[0]
 
-    def put(self, key: Hashable, value: Any) -> None:
+    def put(self, key: K, value: Any) -> None:
         if key in self._d:
             self.bytes -= self._d.pop(key)[1]
         size = int(self.size_of(value))
@@ -58,7 +61,7 @@ class LRUCache:
         while len(self._d) > 1 and (len(self._d) > self.max_items or self.bytes > self.max_bytes):
             self.bytes -= self._d.popitem(last=False)[1][1]
 
-    def drop(self, pred: Callable[[Hashable], bool]) -> None:
+    def drop(self, pred: Callable[[K], bool]) -> None:
         for k in [k for k in self._d if pred(k)]:
             self.bytes -= self._d.pop(k)[1]
 
@@ -103,8 +106,13 @@ class ModelSession:
         cache_bytes: int = CACHE_BYTES,
     ) -> None:
         self.lock = threading.RLock()
-        self.embeddings = LRUCache(max_items=cache_items, max_bytes=cache_bytes, size_of=_predictor_bytes)
-        self.images = LRUCache(max_items=12, max_bytes=max(cache_bytes // 2, 1), size_of=lambda a: a.nbytes)
+        # keys are tuples whose first item is the image's id (see forget)
+        self.embeddings: LRUCache[tuple[Hashable, ...]] = LRUCache(
+            max_items=cache_items, max_bytes=cache_bytes, size_of=_predictor_bytes
+        )
+        self.images: LRUCache[tuple[Hashable, ...]] = LRUCache(
+            max_items=12, max_bytes=max(cache_bytes // 2, 1), size_of=lambda a: a.nbytes
+        )
         self.generation = 0
         self.set_model(model, name=name)
 
@@ -118,7 +126,7 @@ class ModelSession:
             self.embeddings.clear()
 
     # ------------------------------------------------------------------ images and tiles
-    def prepared(self, key: Hashable, load: Callable[[], np.ndarray]) -> np.ndarray:
+    def prepared(self, key: tuple[Hashable, ...], load: Callable[[], np.ndarray]) -> np.ndarray:
         """The normalised (3, H, W) image for ``key`` (computed by ``load`` on a miss)."""
         with self.lock:
             img = self.images.get(key)

@@ -168,6 +168,7 @@ class Project:
                 "created) VALUES (?, '', ?, ?, ?, ?, ?, ?, ?)",
                 (name, h, w, c, channel_axis, nuclear, wholecell, now),
             )
+            assert cur.lastrowid is not None  # sqlite3 sets it after every INSERT
             image_id = int(cur.lastrowid)
             if file is not None:
                 rel = self.resolve(str(Path(file).resolve().relative_to(self.root))).relative_to(self.root)
