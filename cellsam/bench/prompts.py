@@ -123,9 +123,10 @@ def count_encoder_calls(model: Any) -> Iterator[list[int]]:
 
 
 # ---------------------------------------------------------------------------------------------- timing
-def _timed(fn: Callable[[], Any]) -> tuple[float, Any]:
+def _timed(fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> tuple[float, Any]:
+    """Seconds that ``fn(*args, **kwargs)`` took, and what it returned."""
     t0 = time.perf_counter()
-    out = fn()
+    out = fn(*args, **kwargs)
     return time.perf_counter() - t0, out
 
 
@@ -176,7 +177,7 @@ def time_prompts(model: Any, image_path: Path, *, repeats: int, warmup: int, mod
                 keep = i >= warmup
                 point, box = [float(v) for v in pts[i]], [float(v) for v in boxes[i]]
                 for q, body in (("point", {"points": [point], "point_labels": [1]}), ("box", {"box": box})):
-                    dt, resp = _timed(lambda body=body: client.post(f"{url}/cells", json=body))
+                    dt, resp = _timed(client.post, f"{url}/cells", json=body)
                     if resp.status_code == 200:
                         server = _server_seconds(resp)
                         client.post(f"{url}/undo").raise_for_status()
@@ -191,7 +192,7 @@ def time_prompts(model: Any, image_path: Path, *, repeats: int, warmup: int, mod
                         times[("http-client", q)].append(dt)
                 for q, kw in (("point", {"points": [tuple(point)], "point_labels": [1]}), ("box", {"box": tuple(box)})):
                     try:
-                        dt, _ = _timed(lambda kw=kw: session.predict(key, img, **kw))
+                        dt, _ = _timed(session.predict, key, img, **kw)
                     except ValueError:  # the model found no cell there
                         failed[("session", q)] += keep
                         continue
@@ -208,7 +209,7 @@ def time_prompts(model: Any, image_path: Path, *, repeats: int, warmup: int, mod
                               "multimask_output": True}
                     else:
                         kw = {"box": boxes[i] - np.tile(off, 2), "multimask_output": False}
-                    dt, _ = _timed(lambda p=p, kw=kw: p.predict(**kw, return_logits=True))
+                    dt, _ = _timed(p.predict, **kw, return_logits=True)
                     if keep:
                         times[("predictor", q)].append(dt)
             timed_calls = calls[0] - warm_calls

@@ -76,7 +76,7 @@ def real_scene(name: str, folder: str | Path) -> Scene:
         raise FileNotFoundError(f"real scenes need the DSB 2018 folder (e.g. ../shared/data/dsb2018): {folder}")
     images = _grey_images(folder)
     if name == "dense512":
-        best = (-1, None)
+        best: tuple[int, tuple[np.ndarray, np.ndarray] | None] = (-1, None)  # (nuclei, (image, labels) crop)
         for _, img, lab in images:
             h, w = lab.shape
             if h < 512 or w < 512:

@@ -76,6 +76,7 @@ def report_header(schema: str, spec: Any, device: torch.device, command: Sequenc
 def machine_info(device: torch.device | str | None = None) -> dict[str, Any]:
     """CPU model and flags, cores, memory, torch / numpy / Python versions, threads, env, GPU name."""
     cpu, flags = _cpu_model_and_flags()
+    usable: int | None
     try:
         usable = len(os.sched_getaffinity(0))
     except AttributeError:
@@ -287,13 +288,15 @@ def plot_scaling(result: dict[str, Any], path: Path) -> Path | None:
     for (pipe, model, prec), pts in sorted(series.items()):
         label = f"{pipe} {model} {prec}"
         for area in sorted({p[0] for p in pts}):
-            xs = sorted((c, t) for a, t, c in pts if a == area)
-            if len(xs) > 1:
-                ax_c.plot([c for c, _ in xs], [t for _, t in xs], marker="o", label=f"{label} {names[area]}")
+            by_cells = sorted((c, t) for a, t, c in pts if a == area)
+            if len(by_cells) > 1:
+                ax_c.plot([c for c, _ in by_cells], [t for _, t in by_cells], marker="o",
+                          label=f"{label} {names[area]}")
         for cells in sorted({p[2] for p in pts}):
-            xs = sorted((a, t) for a, t, c in pts if c == cells)
-            if len(xs) > 1:
-                ax_a.plot([a for a, _ in xs], [t for _, t in xs], marker="o", label=f"{label} {cells} cells/512²")
+            by_area = sorted((a, t) for a, t, c in pts if c == cells)
+            if len(by_area) > 1:
+                ax_a.plot([a for a, _ in by_area], [t for _, t in by_area], marker="o",
+                          label=f"{label} {cells} cells/512²")
     for ax, xl in ((ax_c, "cells per 512x512"), (ax_a, "image area (megapixels)")):
         ax.set_xlabel(xl)
         ax.set_ylabel("end to end, median s")

@@ -24,10 +24,10 @@ import json
 import logging
 import platform
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, cast
 
 import numpy as np
 
@@ -41,11 +41,22 @@ log = logging.getLogger(__name__)
 __all__ = [
     "DATA_TYPES", "EvalItem", "Prediction", "data_type", "load_prepared", "load_folder", "load_data",
     "cellsam_method", "predict_all", "score_predictions", "evaluate_methods", "format_tables", "write_json",
-    "as_json", "InputError",
+    "as_json", "InputError", "TruthMethod",
 ]
 
 DATA_TYPES = ("nuclear", "cell culture", "bacteria", "yeast", "tissue", "H&E")
-Method = Callable[[np.ndarray], "Prediction"]
+
+
+class TruthMethod(Protocol):
+    """A method that also reads the ground truth (the prompt study): ``method(image, gt)``, marked by
+    ``uses_truth = True``."""
+
+    uses_truth: bool
+
+    def __call__(self, image: np.ndarray, gt: np.ndarray, /) -> Prediction: ...
+
+
+Method = Callable[[np.ndarray], "Prediction"] | TruthMethod
 
 
 class InputError(ValueError):
@@ -164,7 +175,7 @@ def load_folder(path: str | Path, *, limit: int | None = None) -> list[EvalItem]
             continue
         _, image, labels = standardise(s)
         items.append(EvalItem(name=s.path, source=s.source, target=s.target, kind=s.kind,
-                              loader=lambda im=image, lb=labels: (im, lb)))
+                              loader=_loaded(image, labels)))
         if limit is not None and len(items) >= limit:
             break
     for e in errors:
@@ -172,6 +183,11 @@ def load_folder(path: str | Path, *, limit: int | None = None) -> list[EvalItem]
     if not items:
         raise ValueError(f"no annotated images found in {path}" + (f": {'; '.join(errors[:5])}" if errors else ""))
     return items
+
+
+def _loaded(image: np.ndarray, labels: np.ndarray) -> Callable[[], tuple[np.ndarray, np.ndarray]]:
+    """An :class:`EvalItem` loader of an image already in memory."""
+    return lambda: (image, labels)
 
 
 def load_data(path: str | Path, split: str = "val", *, limit: int | None = None) -> list[EvalItem]:
@@ -187,11 +203,12 @@ def load_data(path: str | Path, split: str = "val", *, limit: int | None = None)
 def cellsam_method(model: SegmentationModel | str, **segment_kwargs: Any) -> Method:
     """A method running :func:`cellsam.inference.segment.segment` on prepared images (no re-normalisation,
     ``channel_axis=0``, per-cell masks and box scores kept for COCO)."""
-    from cellsam.inference.segment import segment
+    from cellsam.inference.segment import Segmentation, segment
 
     def run(image: np.ndarray) -> Prediction:
         t0 = time.perf_counter()
         seg = segment(image, model, channel_axis=0, normalize=False, return_masks=True, **segment_kwargs)
+        assert isinstance(seg, Segmentation)  # one image in, one result out
         return Prediction(seg.labels, seg.masks, seg.scores, time.perf_counter() - t0)
 
     return run
@@ -210,7 +227,10 @@ def predict_all(items: Sequence[EvalItem], method: Method, *, name: str = "metho
         it = tqdm(items, desc=name, unit="img")
     for item in it:
         image, gt = item.load()
-        pred = method(image, gt) if getattr(method, "uses_truth", False) else method(image)
+        if getattr(method, "uses_truth", False):
+            pred = cast(TruthMethod, method)(image, gt)
+        else:
+            pred = cast(Callable[[np.ndarray], Prediction], method)(image)
         if not isinstance(pred, Prediction):
             pred = Prediction(np.asarray(pred))
         if pred.labels.shape != gt.shape:
@@ -264,7 +284,7 @@ def _groups(items: Sequence[EvalItem], key: Callable[[EvalItem], str]) -> dict[s
     return dict(sorted(out.items()))
 
 
-def evaluate_methods(items: Sequence[EvalItem], methods: dict[str, Method], *, progress: bool = False,
+def evaluate_methods(items: Sequence[EvalItem], methods: Mapping[str, Method], *, progress: bool = False,
                      keep: Callable[[str, EvalItem, np.ndarray, Prediction], None] | None = None) -> dict:
     """Run each method over the items and score it overall, per source and per data type.
 

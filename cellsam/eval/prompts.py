@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -25,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
-from cellsam.eval.harness import EvalItem, Method, Prediction, evaluate_methods
+from cellsam.eval.harness import EvalItem, Prediction, TruthMethod, evaluate_methods
 from cellsam.inference.runtime import resolve_model
 from cellsam.inference.segment import DEFAULT_MIN_AREA, _crop_cell
 from cellsam.inference.tiling import Tile, extract_tile, holding_tiles, tile_grid
@@ -57,12 +58,15 @@ def assign_tiles(bboxes: np.ndarray, tiles: Sequence[Tile]) -> np.ndarray:
     return holding_tiles(np.asarray(bboxes, np.int64).reshape(-1, 4)[:, [1, 0, 3, 2]], tiles)
 
 
-def _prompts(gt_tile: np.ndarray, ids: np.ndarray, prompt: str, scale: float) -> dict[str, Any]:
-    """Decoder prompts of the objects ``ids`` from a (t, t) ground-truth tile, in encoder pixels."""
+def _prompts(
+    gt_tile: np.ndarray, ids: np.ndarray, prompt: str, scale: float
+) -> tuple[torch.Tensor | None, tuple[torch.Tensor, torch.Tensor] | None]:
+    """Decoder prompts ``(boxes, points)`` of the objects ``ids`` from a (t, t) ground-truth tile, in encoder
+    pixels: (N, 4) xyxy boxes for ``prompt == "box"``, else (N, 1, 2) xy points with (N, 1) labels."""
     if prompt == "box":
         sl = ndimage.find_objects(gt_tile)
         boxes = [[sl[i - 1][1].start, sl[i - 1][0].start, sl[i - 1][1].stop, sl[i - 1][0].stop] for i in ids]
-        return {"boxes": torch.tensor(boxes, dtype=torch.float32) * scale}
+        return torch.tensor(boxes, dtype=torch.float32) * scale, None
     if prompt == "click":
         inner = innermost_points(gt_tile, ids)
         com = np.array([inner[int(i)][::-1] for i in ids], np.float64).reshape(-1, 2)  # (row, col)
@@ -70,7 +74,7 @@ def _prompts(gt_tile: np.ndarray, ids: np.ndarray, prompt: str, scale: float) ->
         com = np.array(ndimage.center_of_mass(np.ones_like(gt_tile), gt_tile, ids), np.float64).reshape(-1, 2)
     xy = (com[:, ::-1] + 0.5) * scale - 0.5  # pixel index -> index in the resized image (SAM adds 0.5)
     coords = torch.tensor(xy, dtype=torch.float32)[:, None, :]
-    return {"points": (coords, torch.ones(len(ids), 1, dtype=torch.int64))}
+    return None, (coords, torch.ones(len(ids), 1, dtype=torch.int64))
 
 
 def prompt_predict(model: ModelArg, image: np.ndarray, gt: np.ndarray, *, prompt: str = "box",
@@ -161,37 +165,46 @@ def prompted_cells(model: ModelArg, image: np.ndarray, gt: np.ndarray, *, prompt
                 mine = ids[where == ti]
                 for c0 in range(0, len(mine), decode_chunk):
                     chunk = mine[c0 : c0 + decode_chunk]
-                    p = {k: (v.to(dev) if isinstance(v, torch.Tensor) else tuple(u.to(dev) for u in v))
-                         for k, v in _prompts(gt_tile, chunk, prompt, s / t).items()}
-                    lo, iou = net.decode(emb, multimask_output=multimask, chunk_size=None, **p)
+                    boxes, points = _prompts(gt_tile, chunk, prompt, s / t)
+                    lo, iou = net.decode(emb, boxes=None if boxes is None else boxes.to(dev),
+                                         points=None if points is None else (points[0].to(dev), points[1].to(dev)),
+                                         multimask_output=multimask, chunk_size=None)
                     best = iou.argmax(dim=1)
                     lo = lo[torch.arange(len(chunk)), best][:, None]
                     iou = iou[torch.arange(len(chunk)), best]
                     up = net.upscale_logits(lo)
                     if s != t:
                         up = F.interpolate(up, size=(t, t), mode="bilinear", align_corners=False)
-                    up = up[:, 0, :vh, :vw].float().cpu().numpy()
+                    tile_logits = up[:, 0, :vh, :vw].float().cpu().numpy()
                     for j in range(len(chunk)):
-                        cell = _crop_cell(up[j], thr, mask_threshold, min_area)  # as cellsam.segment
+                        cell = _crop_cell(tile_logits[j], thr, mask_threshold, min_area)  # as cellsam.segment
                         if cell is not None:
                             (y0, x0), crop, mask = cell
                             yield int(chunk[j]), tile.y0 + y0, tile.x0 + x0, mask, crop, float(iou[j])
     finally:
-        if was_training:
+        if was_training and isinstance(net, torch.nn.Module):  # only a Module has a training mode to restore
             net.train(True)
 
 
-def prompt_method(model: ModelArg, prompt: str, **kwargs: Any) -> Method:
+@dataclass
+class _PromptMethod:
+    """:func:`prompt_predict` with one model and prompt type, as a :class:`~cellsam.eval.harness.TruthMethod`."""
+
+    net: PromptableModel
+    prompt: str
+    kwargs: dict[str, Any]
+    uses_truth: bool = True
+
+    def __call__(self, image: np.ndarray, gt: np.ndarray, /) -> Prediction:
+        return prompt_predict(self.net, image, gt, prompt=self.prompt, **self.kwargs)
+
+
+def prompt_method(model: ModelArg, prompt: str, **kwargs: Any) -> TruthMethod:
     """:func:`prompt_predict` as an evaluation method that reads the ground truth (``uses_truth``)."""
     if prompt not in PROMPTS:
         raise ValueError(f"prompt must be one of {PROMPTS}, got {prompt!r}")
     net, _ = resolve_model(model, kwargs.pop("device", None))
-
-    def run(image: np.ndarray, gt: np.ndarray) -> Prediction:
-        return prompt_predict(net, image, gt, prompt=prompt, **kwargs)
-
-    run.uses_truth = True  # type: ignore[attr-defined]
-    return run  # type: ignore[return-value]
+    return _PromptMethod(net, prompt, kwargs)
 
 
 def prompt_study(model: ModelArg, items: Sequence[EvalItem], *, prompts: Sequence[str] = ("box", "point"),

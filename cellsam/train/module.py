@@ -251,6 +251,7 @@ class CellSAMModule(L.LightningModule):
         imgs = [im.float().cpu().numpy() for im in images]
         segs = segment(imgs, self.model, normalize=False, channel_axis=0, box_threshold=self.cfg.val_box_threshold,
                        tile_size=self.model.cfg.tile_size)
+        assert isinstance(segs, list)  # a list of images in, a list of results out
         gts = [t["labels_image"].cpu().numpy() for t in targets]
         summary = evaluate_labels(gts, [s.labels for s in segs], deepcell=False, coco=False, per_image=False)
         return float(summary["f1_mean"])

@@ -85,7 +85,9 @@ def size_samples(model: CellSAM, tiles: PreparedTiles, *, n: int, scale_range: t
     weights /= weights.sum()
     side = model.img_size
     lo, hi = math.log(scale_range[0]), math.log(scale_range[1])
-    feats, targets, native = [], [], []
+    feats: list[torch.Tensor] = []
+    targets: list[float] = []
+    native: list[float] = []
     batch: list[np.ndarray] = []
     model.eval()
     with torch.inference_mode():
