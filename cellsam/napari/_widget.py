@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from magicgui.types import FileDialogMode
 from magicgui.widgets import (
     CheckBox,
     ComboBox,
@@ -113,7 +114,8 @@ class CellSAMWidget(Container):
 
         self.model = ComboBox(label="model", choices=_weight_names(), value="default",
                               tooltip="'default' is the model shipped with cellsam")
-        self.model_file = FileEdit(label="or a checkpoint", mode="r", filter="*.safetensors *.json *.pt *.pth",
+        self.model_file = FileEdit(label="or a checkpoint", mode=FileDialogMode.EXISTING_FILE,
+                                   filter="*.safetensors *.json *.pt *.pth",
                                    tooltip="a model file (our .safetensors, a Meta SAM .pth, an official CellSAM .pt); "
                                            "used instead of the model above when set")
         self.image = ComboBox(label="image", choices=self._image_choices)
@@ -213,7 +215,7 @@ class CellSAMWidget(Container):
         spatial_shape(shape, axis)  # 2-D or 3-D with channels, with its message
         return ImageSpec(axis, parse_channels(self.nuclear.value, self.wholecell.value, n_channels(shape, axis)))
 
-    def options(self) -> SegmentOptions:
+    def segment_options(self) -> SegmentOptions:
         own = self.own_thresholds.value
         return SegmentOptions(
             box_threshold=None if own else self.box_threshold.value,
@@ -294,7 +296,7 @@ class CellSAMWidget(Container):
         try:
             layer = self._image_layer()
             spec = self.image_spec(layer)
-            options = self.options()
+            options = self.segment_options()
         except ValueError as e:
             show_error(f"cellsam: {_message(e)}")
             return None
@@ -319,7 +321,7 @@ class CellSAMWidget(Container):
             self._show_model_thresholds(self._model)
         kwargs = labels_kwargs(image_layer, spec)
         labels = self.viewer.layers[kwargs["name"]] if kwargs["name"] in self.viewer.layers else None
-        if type(labels).__name__ == "Labels" and labels.data.shape == result.labels.shape:
+        if labels is not None and type(labels).__name__ == "Labels" and labels.data.shape == result.labels.shape:
             labels.data = result.labels
             labels.metadata.update(kwargs["metadata"])
         else:

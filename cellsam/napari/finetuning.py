@@ -189,7 +189,9 @@ def _run_job(project_dir: str, model_path: str, options: Any, messages: Any, can
                 asked = True
             messages.put(("progress", float(job.progress), job.phase))
             manager.wait(0.3)
-            job = manager.status()
+            latest = manager.status()
+            assert latest is not None  # the job started above stays the manager's job
+            job = latest
         model = str(project.resolve(job.model)) if job.model else ""
         messages.put(("done", job.to_dict(), model))
     except Exception as e:  # noqa: BLE001 - reported to napari as the job's failure

@@ -98,7 +98,9 @@ def box_of(vertices: np.ndarray) -> tuple[float, float, float, float]:
     return float(v[:, 1].min()), float(v[:, 0].min()), float(v[:, 1].max()), float(v[:, 0].max())
 
 
-def click_prompt(points: np.ndarray, positive: Sequence[bool]) -> tuple[list[tuple[float, float]], list[int]]:
+def click_prompt(
+    points: np.ndarray, positive: Sequence[bool] | np.ndarray
+) -> tuple[list[tuple[float, float]], list[int]]:
     """Points layer data ((y, x) rows) and their signs -> ((x, y) clicks, labels 1 / 0)."""
     pts = np.asarray(points, float).reshape(-1, points.shape[-1] if len(points) else 2)[:, -2:]
     return [(float(x), float(y)) for y, x in pts], [1 if p else 0 for p in positive]

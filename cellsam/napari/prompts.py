@@ -105,7 +105,7 @@ class PromptTool:
         img = self._images.get(key)
         if img is None:
             raise KeyError(f"no image {key!r}: choose an image layer first")
-        pts = None if points is None else [tuple(map(float, p)) for p in points]
+        pts = None if points is None else [(float(x), float(y)) for x, y in points]
         labs = None if point_labels is None else [int(v) for v in point_labels]
         bx = None
         if box is not None:  # a box drawn past the image's edge ends at the edge
@@ -115,13 +115,13 @@ class PromptTool:
             if bx[2] - bx[0] < 1 or bx[3] - bx[1] < 1:
                 raise ValueError(f"the box lies outside the {w}x{h} image (or is less than a pixel wide)")
         if img.prepared is not None:
-            prop = self.session.predict(key, img.prepared, points=pts, point_labels=labs, box=bx)  # type: ignore[arg-type]
+            prop = self.session.predict(key, img.prepared, points=pts, point_labels=labs, box=bx)
             return Cell(prop.y0, prop.x0, prop.mask, prop.score)
         return self._lazy_cell(key, img, bx, pts, labs)
 
     def _lazy_cell(
-        self, key: Hashable, img: _Image, box: tuple[float, ...] | None,
-        pts: list[tuple[float, ...]] | None, labs: list[int] | None,
+        self, key: Hashable, img: _Image, box: tuple[float, float, float, float] | None,
+        pts: list[tuple[float, float]] | None, labs: list[int] | None,
     ) -> Cell:
         """The prompt on the one grid tile that holds it best, normalised on its own (lazy images)."""
         from cellsam.distributed.blocks import GridTiles
@@ -137,7 +137,7 @@ class PromptTool:
                 raise ValueError("give a box or at least one positive point (inside the cell)")
             region = (float(pos[:, 0].min()), float(pos[:, 1].min()), float(pos[:, 0].max()), float(pos[:, 1].max()))
         grid = GridTiles(img.shape, tile_size=self.session.tile_size, overlap=TILE_OVERLAP)
-        i = ModelSession.best_tile(grid, region)  # type: ignore[arg-type]
+        i = ModelSession.best_tile(grid, region)
         t = grid[i]
         window = self.session.prepared(
             (key, "window", i), lambda: prepare_window(img.source, img.norm, (t.y0, t.x0, t.y1, t.x1))
@@ -146,9 +146,9 @@ class PromptTool:
         prop = self.session.predict(
             (key, i),
             window,
-            points=None if pts is None else [tuple(np.asarray(q, np.float32) - shift) for q in pts],  # type: ignore[misc]
+            points=None if pts is None else [tuple(np.asarray(q, np.float32) - shift) for q in pts],
             point_labels=labs,
-            box=None if box is None else tuple(np.asarray(box, np.float32) - np.tile(shift, 2)),  # type: ignore[arg-type]
+            box=None if box is None else tuple(np.asarray(box, np.float32) - np.tile(shift, 2)),
         )
         return Cell(prop.y0 + t.y0, prop.x0 + t.x0, prop.mask, prop.score)
 

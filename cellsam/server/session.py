@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
@@ -154,7 +154,7 @@ class ModelSession:
         return p
 
     @staticmethod
-    def best_tile(tiles: list[Tile], box: tuple[float, float, float, float]) -> int:
+    def best_tile(tiles: Sequence[Tile], box: tuple[float, float, float, float]) -> int:
         """Index of the tile that holds the (x0, y0, x1, y1) box with the widest margin (or most of it)."""
         return int(holding_tiles(np.asarray(box, np.float64), tiles)[0])
 
@@ -187,7 +187,8 @@ class ModelSession:
             raise ValueError("give a box or at least one positive point (inside the cell)")
         h, w = image.shape[1:]
         if box is not None:
-            region = tuple(float(v) for v in box)
+            x0, y0, x1, y1 = box
+            region = (float(x0), float(y0), float(x1), float(y1))
         else:
             pos = pts[lab == 1]
             region = (float(pos[:, 0].min()), float(pos[:, 1].min()), float(pos[:, 0].max()), float(pos[:, 1].max()))
@@ -196,7 +197,7 @@ class ModelSession:
                 raise ValueError(f"prompt coordinate {v:g} lies outside the {w}x{h} image")
         with self.lock:
             tiles = self.tiles((h, w))
-            i = self.best_tile(tiles, region)  # type: ignore[arg-type]
+            i = self.best_tile(tiles, region)
             t = tiles[i]
             p = self._predictor(key, image, tiles, i)
             off = np.array([t.x0, t.y0], np.float32)
