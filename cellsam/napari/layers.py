@@ -46,13 +46,14 @@ def parse_channels(nuclear: str, wholecell: str, n: int) -> Channels | None:
     """``channels=`` from the two choices ("auto", "none" or an index); None = the default rules."""
     if nuclear == AUTO and wholecell == AUTO:
         return None
-    picks = tuple(None if v in (AUTO, NONE) else int(v) for v in (nuclear, wholecell))
+    nuc, whole = (None if v in (AUTO, NONE) else int(v) for v in (nuclear, wholecell))
+    picks = (nuc, whole)
     if picks == (None, None):
         raise ValueError("choose a nuclear or a whole-cell channel (or leave both on auto)")
     for v in picks:
         if v is not None and not 0 <= v < n:
             raise ValueError(f"channel {v} does not exist: the image has {n} channel(s)")
-    return picks  # type: ignore[return-value]
+    return picks
 
 
 def spatial_transform(layer: Any, channel_axis: int | None) -> dict[str, Any]:
