@@ -21,14 +21,14 @@ Stitching reuses :func:`~cellsam.inference.tiling.deduplicate` unchanged, withou
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, overload
 
 import numpy as np
 
 from cellsam.distributed.source import ImageSource, Normalizer, Rect, prepare_window
-from cellsam.inference.params import SegmentParams, as_params
+from cellsam.inference.params import SegmentParams
 from cellsam.inference.tiling import Candidate, Tile, axis_cores, deduplicate, default_band, tile_grid
 from cellsam.ops.masks import clean_labels, merge_by_argmax
 
@@ -153,13 +153,12 @@ def block_cells(
     norm: Normalizer,
     block: Block,
     grid: GridTiles,
-    params: SegmentParams | Mapping[str, Any],
+    params: SegmentParams,
 ) -> BlockCells:
-    """Segment the tiles of ``block`` (filled ``params`` as in :func:`cellsam.inference.segment.segment_prepared`,
-    or a mapping of their fields) and find the copies among its cells."""
+    """Segment the tiles of ``block`` (filled ``params`` as in :func:`cellsam.inference.segment.segment_prepared`)
+    and find the copies among its cells."""
     from cellsam.inference.segment import tile_candidates
 
-    params = as_params(params)
     oy, ox = block.rect[:2]
     image = prepare_window(source, norm, block.rect)
     local = [

@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 from cellsam.config import DEFAULT_DECODE_WINDOW, InferenceConfig, check_decode_window, check_diameter
 
-__all__ = ["DEFAULT_MIN_AREA", "PRECISIONS", "ModelValues", "SegmentParams", "as_params", "params_or_keywords"]
+__all__ = ["DEFAULT_MIN_AREA", "PRECISIONS", "ModelValues", "SegmentParams", "params_or_keywords"]
 
 DEFAULT_MIN_AREA = 15
 PRECISIONS = ("fp32", "bf16")
@@ -133,10 +132,3 @@ def params_or_keywords(params: SegmentParams | None, **keywords: Any) -> Segment
     if given != SegmentParams():
         raise ValueError("give the segmentation parameters either as params= or as keyword arguments, not both")
     return params
-
-
-def as_params(p: SegmentParams | Mapping[str, Any]) -> SegmentParams:
-    """``p`` itself, or a mapping of :class:`SegmentParams` fields (the older dict form) as a filled object."""
-    if isinstance(p, SegmentParams):
-        return p
-    return SegmentParams(**{"filled": True, **p})

@@ -24,9 +24,12 @@ from __future__ import annotations
 import logging
 from collections.abc import Generator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from cellsam.inference.params import SegmentParams
 
 log = logging.getLogger(__name__)
 
@@ -117,37 +120,17 @@ def open_image(data: Any, spec: ImageSpec, *, lazy: bool | None = None) -> tuple
     return source, fit_normalizer([sample], source.n_channels, channels=spec.channels)
 
 
-def segment_params(net: Any, options: SegmentOptions) -> dict[str, Any]:
-    """``cellsam.segment``'s validated parameter set for ``net`` (None values: the model's own)."""
-    from cellsam.config import DEFAULT_DECODE_WINDOW, InferenceConfig
-    from cellsam.inference.tiling import tile_grid
-    from cellsam.ops.masks import logit_threshold
+def segment_params(net: Any, options: SegmentOptions) -> SegmentParams:
+    """``cellsam.segment``'s parameters for ``net``, validated and filled (None values: the model's own)."""
+    from cellsam.inference.params import SegmentParams
 
-    cfg = getattr(net, "cfg", None)
-    defaults = getattr(cfg, "inference", None) or InferenceConfig()
     o = options
-    p: dict[str, Any] = {
-        "box_threshold": defaults.box_threshold if o.box_threshold is None else float(o.box_threshold),
-        "iou_threshold": defaults.iou_threshold if o.iou_threshold is None else float(o.iou_threshold),
-        "mask_threshold": defaults.mask_threshold if o.mask_threshold is None else float(o.mask_threshold),
-        "min_area": int(o.min_area),
-        "tile_size": int(getattr(cfg, "tile_size", 512)) if o.tile_size is None else int(o.tile_size),
-        "tile_overlap": float(o.tile_overlap),
-        "batch_size": int(o.batch_size),
-        "decode_chunk": None,
-        "decode_copies": False,
-        "decode_window": DEFAULT_DECODE_WINDOW,
-        "return_masks": False,
-        "progress": False,
-    }
-    for name in ("box_threshold", "iou_threshold"):
-        if not np.isfinite(p[name]):
-            raise ValueError(f"{name} must be a finite number, got {p[name]}")
-    logit_threshold(p["mask_threshold"])  # (0, 1), with the library's message
-    if p["batch_size"] < 1 or o.block_tiles < 1 or p["min_area"] < 0:
+    if o.batch_size < 1 or o.block_tiles < 1 or o.min_area < 0:
         raise ValueError("batch size and block size must be >= 1 and the minimum area >= 0")
-    tile_grid((1, 1), tile_size=p["tile_size"], overlap=p["tile_overlap"])  # validates both
-    return p
+    return SegmentParams(
+        box_threshold=o.box_threshold, iou_threshold=o.iou_threshold, mask_threshold=o.mask_threshold,
+        min_area=o.min_area, tile_size=o.tile_size, tile_overlap=o.tile_overlap, batch_size=o.batch_size,
+    ).for_model(net)
 
 
 def iter_segment(
@@ -176,10 +159,11 @@ def iter_segment(
     p = segment_params(net, options)
     source, norm = open_image(data, spec, lazy=lazy)
     h, w = source.shape
-    grid = GridTiles((h, w), tile_size=p["tile_size"], overlap=p["tile_overlap"])
+    tile_size = p.model_values().tile_size
+    grid = GridTiles((h, w), tile_size=tile_size, overlap=p.tile_overlap)
     blocks = plan_blocks(grid, int(options.block_tiles))
     total = len(blocks) + 1
-    yield Progress(0, total, f"{len(grid)} tile(s) of {p['tile_size']} px in {len(blocks)} block(s)")
+    yield Progress(0, total, f"{len(grid)} tile(s) of {tile_size} px in {len(blocks)} block(s)")
     stats = {"tiles": len(grid), "boxes": 0, "decoded": 0, "iou_passed": 0, "masks": 0}
     gids: list[np.ndarray] = []
     cells: list[Any] = []
@@ -198,7 +182,7 @@ def iter_segment(
     return seg
 
 
-def stitch(cells: list[Any], gids: np.ndarray, grid: Any, p: dict[str, Any], stats: dict[str, int]) -> Any:
+def stitch(cells: list[Any], gids: np.ndarray, grid: Any, p: SegmentParams, stats: dict[str, int]) -> Any:
     """One label image from every block's cells, as ``cellsam.segment`` makes it from its tiles'."""
     from cellsam.inference.segment import Segmentation
     from cellsam.inference.tiling import deduplicate
@@ -211,15 +195,15 @@ def stitch(cells: list[Any], gids: np.ndarray, grid: Any, p: dict[str, Any], sta
     kept = sorted((cands[i] for i in keep), key=lambda c: -c.score)
     stats["stitched"] = len(kept)
     merged = merge_by_argmax([(c.y0, c.x0, c.mask, c.logits) for c in kept], (h, w))
-    labels, old_ids = clean_labels(merged, min_area=p["min_area"])
+    labels, old_ids = clean_labels(merged, min_area=p.min_area)
     final = [kept[i - 1] for i in old_ids]
     n = len(final)
     message = ""
     if n == 0:
         message = (
-            f"no cells found: {stats['boxes']} box(es) scored >= box threshold {p['box_threshold']}, "
-            f"{stats['iou_passed']} mask(s) had predicted IoU >= {p['iou_threshold']}, "
-            f"{stats['masks']} mask(s) had >= {p['min_area']} px"
+            f"no cells found: {stats['boxes']} box(es) scored >= box threshold {p.box_threshold}, "
+            f"{stats['iou_passed']} mask(s) had predicted IoU >= {p.iou_threshold}, "
+            f"{stats['masks']} mask(s) had >= {p.min_area} px"
         )
     return Segmentation(
         labels=labels,
