@@ -162,7 +162,7 @@ def check_decode_window(window: float | None) -> float | None:
 
 AUTO: Final = "auto"
 Diameter: TypeAlias = float | Literal["auto"] | None
-DEFAULT_DIAMETER: Diameter = None
+DEFAULT_DIAMETER: Diameter = AUTO
 """What ``segment`` and ``cellsam segment`` do when no diameter is given (see cellsam.inference.scale)."""
 
 

@@ -179,19 +179,19 @@ def get_weights(name: str) -> WeightsRecord:
         raise KeyError(f"unknown weights {name!r}; choose one of {list_weights()}") from None
 
 
-# The shipped default model: trained from scratch on the 2-core CPU with configs/cpu_v3.yaml and
-# bundled in the package (cellsam/pretrained/; model card cellsam_cpu_v3.md). v1 and v2 (vit_cpu +
-# Anchor DETR, configs/cpu_default.yaml and cpu_v2.yaml) are in the git history. Registering a record
-# is pure data: nothing is read or downloaded until load_model("default") is called.
+# The shipped default model: trained from random weights on the 2-core CPU with configs/cpu_v4.yaml and
+# bundled in the package (cellsam/pretrained/; model card cellsam_cpu_v4.md). v1-v3 are in the git history
+# (v3's card: benchmarks/training/v3/). Registering a record is pure data: nothing is read or downloaded
+# until load_model("default") is called.
 register_weights(
     WeightsRecord(
-        name="cellsam_cpu.v3",
+        name="cellsam_cpu.v4",
         variant="conv_cpu",
-        url="package:pretrained/cellsam_cpu_v3.safetensors",
-        sha256="15707381c9b246774eccc003242815a48206a4fe9b8a3601fa2f1a758477a272",
-        version="v3",
-        description="conv_cpu (conv encoder + dense CellFinder) trained from scratch on DSB 2018, DeepCell 1.0 "
-                    "and MoNuSeg (2-core CPU, ~1.5 h)",
+        url="package:pretrained/cellsam_cpu_v4.safetensors",
+        sha256="b2a90cd8e567f82f7c8d2d2e51883ec4f53ab780962c4fedc059522bcf4108dc",
+        version="v4",
+        description="conv_cpu (conv encoder + dense CellFinder + size model) trained from random weights on DSB "
+                    "2018, DeepCell 1.0 and MoNuSeg (2-core CPU, ~2.3 h)",
         license="Apache-2.0 weights; trained on MoNuSeg (CC BY-NC-SA 4.0): non-commercial use",
     ),
     aliases=("default",),

@@ -256,3 +256,30 @@ def test_import_cellsam_sets_the_thread_policy_unless_the_user_did() -> None:
     run = subprocess.run([sys.executable, "-c", code], env={**env, "OMP_WAIT_POLICY": "ACTIVE"},
                          capture_output=True, text=True, check=True)
     assert run.stdout.split() == ["ACTIVE", "False"]
+
+
+def test_log_lines_go_above_the_progress_bar(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """While the images are segmented, log records go through tqdm (above the bar), not into it."""
+    import logging
+
+    from cellsam.cli import main
+    from cellsam.cli import segment as cli_segment
+
+    seen: list[list[str]] = []
+
+    def fake_segment_file(path, outdir, name, model, params, options):  # type: ignore[no-untyped-def]
+        seen.append([type(h).__name__ for h in logging.getLogger().handlers])
+        logging.getLogger("cellsam.test").warning("a warning while segmenting %s", name)
+        return 3
+
+    for i in range(2):
+        tifffile.imwrite(tmp_path / f"im{i}.tif", np.zeros((32, 32), np.uint16))
+    monkeypatch.setattr(cli_segment, "segment_file", fake_segment_file)
+    monkeypatch.setattr(cli_segment, "load_model", lambda *a, **k: object())
+    logging.getLogger().addHandler(logging.StreamHandler())
+    try:
+        assert main(["segment", str(tmp_path / "im0.tif"), str(tmp_path / "im1.tif"), "-o", str(tmp_path / "o")]) == 0
+    finally:
+        logging.getLogger().handlers.pop()
+    assert len(seen) == 2 and all("_TqdmLoggingHandler" in names for names in seen), seen
+    assert not any("_TqdmLoggingHandler" in type(h).__name__ for h in logging.getLogger().handlers)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -12,11 +13,11 @@ from cellsam import registry
 from cellsam.cli.segment import sample_path
 from cellsam.weights import load_model, sha256_file
 
-# Measured on the shipped cellsam_cpu.v3 (see cellsam/pretrained/cellsam_cpu_v3.md); the floors sit
+# Measured on the shipped cellsam_cpu.v4 (see cellsam/pretrained/cellsam_cpu_v4.md); the floors sit
 # below the measured values so that a broken model, pipeline or weights file fails, not noise.
 SAMPLE_ID = "06c779330d6d3447be21df2b9f05d1088f5b3b50dc48724fc130b1fd2896a68c"
-SAMPLE_F1_FLOOR = 0.7  # measured: 0.862 (28 of its 30 nuclei found; v2: 0.486, 40; v1: 0.449, 19)
-SAMPLE_CLICK_FLOOR = 0.5  # measured: mean IoU 0.684 for one click on each nucleus's innermost pixel (v2: ~0.01)
+SAMPLE_F1_FLOOR = 0.75  # measured: 0.893 (26 cells; v3: 0.862, 28; v2: 0.486, 40; v1: 0.449, 19)
+SAMPLE_CLICK_FLOOR = 0.6  # measured: mean IoU 0.725, one click on each innermost pixel (v3 0.684, v2 ~0.01)
 
 
 @pytest.fixture(scope="module")
@@ -49,6 +50,9 @@ def test_default_model_thresholds_and_architecture(default) -> None:  # type: ig
     inf = default.cfg.inference
     assert 0.0 < inf.box_threshold < 1.0 and 0.0 <= inf.mask_threshold < 1.0
     assert inf.multimask is False  # only the single-mask output was trained (boxes and clicks)
+    # the size model for diameter="auto" (configs/cpu_v4.yaml stage 5) and its reference diameter
+    assert default.size_head is not None and default.size_head.fitted
+    assert inf.cell_diameter is not None and 15.0 <= inf.cell_diameter <= 40.0
 
 
 def test_default_model_segments_the_sample(default) -> None:  # type: ignore[no-untyped-def]
@@ -77,17 +81,27 @@ def test_default_model_matches_the_samples_ground_truth(default, shared_data: Pa
 
 
 def test_default_decode_window_gives_the_whole_frame_result(default) -> None:  # type: ignore[no-untyped-def]
-    """The default decoder window (3x each box) changes no pixel of the sample's labels vs whole frames,
-    while it does cut the work: a window of 0.5x (smaller than the cells) changes them."""
+    """The default decoder window (3x each box) without local decoding changes no pixel of the sample's
+    labels vs whole frames, while a window of 0.5x (smaller than the cells) does; the model's stored local
+    decoding (the transformer sees the window only) keeps the same cells."""
+    import dataclasses
+
     import cellsam
     from cellsam.io import load_image
 
+    assert default.cfg.inference.local_decoding  # v4 ships with it (scripts/local_decoding_ab.py)
     image = load_image(sample_path()).data
-    whole = cellsam.segment(image, default, decode_window=0)
-    windowed = cellsam.segment(image, default)  # the default window
+    local = cellsam.segment(image, default)
+    plain = copy.deepcopy(default)
+    plain.cfg = plain.cfg.replace(inference=dataclasses.replace(plain.cfg.inference, local_decoding=False))
+    whole = cellsam.segment(image, plain, decode_window=0)
+    windowed = cellsam.segment(image, plain)  # the default window
     np.testing.assert_array_equal(windowed.labels, whole.labels)
-    tight = cellsam.segment(image, default, decode_window=0.5)
+    tight = cellsam.segment(image, plain, decode_window=0.5)
     assert (tight.labels > 0).sum() < (whole.labels > 0).sum()  # masks cut at their windows
+    assert local.n_cells == whole.n_cells
+    agree = ((local.labels > 0) == (whole.labels > 0)).mean()
+    assert agree > 0.98, agree
 
 
 @pytest.mark.data

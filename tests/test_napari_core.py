@@ -65,8 +65,10 @@ def test_lazy_path_reads_dask_arrays_by_blocks() -> None:
 
     im = load_image(sample_path()).data
     model = __import__("cellsam").load_model("default")
-    _, mem = drain(iter_segment(im, model))
+    # both at the image's own scale: diameter "auto" (the default) needs the whole image, so lazy keeps its scale
+    _, mem = drain(iter_segment(im, model, options=SegmentOptions(diameter=None)))
     steps, lazy = drain(iter_segment(da.from_array(im, chunks=100), model, options=SegmentOptions(block_tiles=1)))
+    assert lazy.diameter is None and lazy.tile_size == model.cfg.tile_size
     assert len(steps) == 2 * 2 + 2  # four blocks of one tile
     assert lazy.n_cells == mem.n_cells >= 20
     a, b = mem.labels > 0, lazy.labels > 0
@@ -198,3 +200,20 @@ def test_finetune_job_can_be_cancelled(tiny, tmp_path: Path) -> None:
     assert result.state == "cancelled", result
     assert result.model is None and "cancelled" in result.summary()
     assert (tmp_path / "project" / "cellsam_project.db").is_file()
+
+
+def test_widget_segmentation_takes_the_diameter_as_the_library_does() -> None:
+    """SegmentOptions.diameter (a number, or the default "auto" on an in-memory image) gives the labels
+    and the scale of cellsam.segment with the same diameter."""
+    import cellsam
+    from cellsam.cli.segment import sample_path
+    from cellsam.io import load_image
+
+    im = load_image(sample_path()).data
+    model = cellsam.load_model("default")
+    for diameter in (60.0, "auto"):
+        _, seg = drain(iter_segment(im, model, options=SegmentOptions(diameter=diameter)))
+        expect = cellsam.segment(im, model, diameter=diameter)
+        assert seg.tile_size == expect.tile_size and seg.diameter == pytest.approx(expect.diameter)
+        np.testing.assert_array_equal(seg.labels, expect.labels)
+    assert seg.tile_size != model.cfg.tile_size  # the sample's ~41 px nuclei are rescaled to the model's 27.7

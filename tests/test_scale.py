@@ -61,7 +61,7 @@ def test_check_diameter_rejects_what_is_not_a_size(bad: object) -> None:
 
 @pytest.fixture(scope="module")
 def sized():  # type: ignore[no-untyped-def]
-    """The default model with a size reference of 20 px (v3 ships none)."""
+    """The default model with a size reference of 20 px (v4's own is ~28 px)."""
     from cellsam.weights import load_model
 
     model = load_model("default")
@@ -90,22 +90,32 @@ def test_diameter_is_the_tile_size_of_its_scale(sized, sample: np.ndarray) -> No
 
 
 def test_diameter_needs_a_model_with_a_size_reference(sample: np.ndarray) -> None:
+    """A diameter in pixels needs the model's size reference; "auto" (the default) then keeps the image's
+    own scale, and a given tile size sets the scale instead of the default "auto"."""
     import cellsam
     from cellsam.weights import load_model
 
     model = load_model("default")
     model.cfg = model.cfg.replace(inference=dataclasses.replace(model.cfg.inference, cell_diameter=None))
     with pytest.raises(ValueError, match="no cell diameter"):
-        cellsam.segment(sample[:64, :64], model, diameter="auto")
+        cellsam.segment(sample[:64, :64], model, diameter=20)
+    seg = cellsam.segment(sample, model, diameter="auto")
+    assert seg.tile_size == model.cfg.tile_size and seg.diameter is None
+    sized = load_model("default")
+    by_tile = cellsam.segment(sample, sized, tile_size=300)  # diameter left at its default "auto"
+    assert by_tile.tile_size == 300 and by_tile.diameter is None
 
 
 def test_auto_diameter_from_a_first_pass_follows_the_magnification(sized, sample: np.ndarray) -> None:  # type: ignore[no-untyped-def]
     """A model without a size model: auto measures the cells of a first pass. The sample at 1x and
     halved: the estimate halves too, the halved image is segmented on its own grid, and about the same
     cells are found (none lost or merged at the rescale)."""
+    import copy
+
     import cellsam
 
-    assert sized.size_head is None
+    sized = copy.deepcopy(sized)
+    sized.size_head = None  # v4 has a size model; without one, auto measures a first pass
     native = cellsam.segment(sample, sized, diameter="auto")
     small_image = rescale(sample.astype(np.float32), 0.5, order=1,
                           channel_axis=-1 if sample.ndim == 3 else None, preserve_range=True)

@@ -346,6 +346,7 @@ def time_pipeline(
     elif diameter is not None:
         raise ValueError("diameter: only with the model's own boxes (real scenes)")
     else:
+        params = params.replace(diameter=None)  # synthetic scenes: the scene's boxes at the model's scale
         oracle = BoxOracle(scene.boxes, tile_size=params.model_values().tile_size, model_side=int(net.img_size))
     timer, mem = StageTimer(dev), PeakMemory(dev)
     proxy = TimedModel(net, timer, oracle, clip_masks=clip_masks)

@@ -272,6 +272,7 @@ def _each_fails(paths: list[Path], error: ValueError) -> list[tuple[Path, str]]:
 def run(args: argparse.Namespace) -> int:
     """Run ``cellsam segment``; returns 0 when every image was segmented, else 1."""
     from tqdm.auto import tqdm
+    from tqdm.contrib.logging import logging_redirect_tqdm
 
     from cellsam.io import find_images
 
@@ -304,15 +305,16 @@ def run(args: argparse.Namespace) -> int:
         params, options = params_of(args), file_options(args)
     except ValueError as e:
         paths, failed = [], _each_fails(paths, e)
-    for path in tqdm(paths, desc="images", unit="image", disable=len(paths) < 2):
-        try:
-            n = segment_file(path, outdir, unique_name(path, used), model, params, options)
-        except (ValueError, TypeError, OSError, MemoryError) as e:
-            failed.append((path, failure_reason(path, e)))
-            tqdm.write(f"{path}: FAILED: {failed[-1][1]}")  # once, as it happens, above the progress bar
-            continue
-        done.append((path, n))
-        tqdm.write(f"{path}: {n} cell(s)")
+    with logging_redirect_tqdm():  # log lines go above the progress bars, not into them
+        for path in tqdm(paths, desc="images", unit="image", disable=len(paths) < 2):
+            try:
+                n = segment_file(path, outdir, unique_name(path, used), model, params, options)
+            except (ValueError, TypeError, OSError, MemoryError) as e:
+                failed.append((path, failure_reason(path, e)))
+                tqdm.write(f"{path}: FAILED: {failed[-1][1]}")  # once, as it happens, above the progress bar
+                continue
+            done.append((path, n))
+            tqdm.write(f"{path}: {n} cell(s)")
     total = sum(n for _, n in done)
     print(
         f"cellsam segment: {len(done)} image(s) segmented, {total} cell(s), {len(failed) + len(missing)} "

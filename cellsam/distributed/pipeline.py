@@ -9,6 +9,7 @@ edges) comes back to the client; masks stay on the workers.
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 import uuid
@@ -19,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from cellsam.config import AUTO, DEFAULT_DECODE_WINDOW, InferenceConfig
+from cellsam.config import AUTO, DEFAULT_DECODE_WINDOW, DEFAULT_DIAMETER, InferenceConfig
 from cellsam.distributed import blocks as B
 from cellsam.distributed import omezarr
 from cellsam.distributed.cluster import BlockFailure, close_client, get_client, wait_all, worker_model
@@ -29,6 +30,8 @@ from cellsam.inference.scale import tile_size_for
 from cellsam.models.protocol import inference_defaults, model_tile_size
 
 __all__ = ["BlockFailure", "LargeResult", "segment_dask"]
+
+log = logging.getLogger(__name__)
 
 
 # ----------------------------------------------------------------------------------- worker tasks
@@ -145,7 +148,7 @@ def segment_dask(
     min_area: int = DEFAULT_MIN_AREA,
     tile_size: int | None = None,
     tile_overlap: float = 0.25,
-    diameter: float | None = None,
+    diameter: float | str | None = DEFAULT_DIAMETER,
     batch_size: int = 4,
     decode_chunk: int | None = None,
     decode_copies: bool = False,
@@ -172,7 +175,8 @@ def segment_dask(
         retries: Dask retries per task. The other arguments are those of :func:`cellsam.segment`
             (``None`` thresholds and tile size: the model's own; ``params``: all of them as one
             :class:`~cellsam.inference.params.SegmentParams`); ``diameter`` is a number of pixels
-            here ("auto" needs the whole image: estimate it with :func:`cellsam.segment` on a crop).
+            here: "auto" (the default) needs the whole image, so blocks keep the image's own scale
+            (estimate the diameter with :func:`cellsam.segment` on a crop and pass it).
     Raises:
         BlockFailure: a block / region failed after all retries (positions in the message).
     """
@@ -182,9 +186,10 @@ def segment_dask(
         min_area=min_area, tile_size=tile_size, tile_overlap=tile_overlap, diameter=diameter,
         batch_size=batch_size, decode_chunk=decode_chunk, decode_copies=decode_copies, decode_window=decode_window,
     )
-    if params.diameter == AUTO:
-        raise ValueError("diameter='auto' is not available block by block: give the diameter in pixels "
-                         "(cellsam.segment(crop, diameter='auto').diameter estimates it on a crop)")
+    if params.diameter == AUTO:  # the default: the size model needs the whole image
+        log.info("diameter='auto' is not available block by block: the image's own scale is used (give the "
+                 "diameter in pixels; cellsam.segment(crop, diameter='auto').diameter estimates it on a crop)")
+        params = params.replace(diameter=None)
     params = params.replace(return_masks=False, progress=False)
     source = open_source(image, channel_axis=channel_axis)
     client, owned = get_client(client, n_workers=n_workers)

@@ -13,7 +13,14 @@ import math
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
-from cellsam.config import DEFAULT_DECODE_WINDOW, InferenceConfig, check_decode_window, check_diameter
+from cellsam.config import (
+    AUTO,
+    DEFAULT_DECODE_WINDOW,
+    DEFAULT_DIAMETER,
+    InferenceConfig,
+    check_decode_window,
+    check_diameter,
+)
 
 __all__ = ["DEFAULT_MIN_AREA", "PRECISIONS", "ModelValues", "SegmentParams", "params_or_keywords"]
 
@@ -36,7 +43,8 @@ class SegmentParams:
 
     ``box_threshold``, ``iou_threshold``, ``mask_threshold`` and ``tile_size`` left None are the model's own
     (:meth:`for_model`); ``diameter`` (None, ``"auto"`` or pixels > 0) sets the scale through the tile size
-    (:mod:`cellsam.inference.scale`), so a user gives one of ``diameter`` and ``tile_size``. ``filled``: the
+    (:mod:`cellsam.inference.scale`), so a user gives one of ``diameter`` and ``tile_size`` (with a
+    ``tile_size``, the default ``"auto"`` becomes None; a number is an error). ``filled``: the
     None values have been filled from a model (then ``tile_size`` is the model's native tile beside a
     ``diameter``). Invalid values raise ``ValueError`` when the object is made.
     """
@@ -47,7 +55,7 @@ class SegmentParams:
     min_area: int = DEFAULT_MIN_AREA
     tile_size: int | None = None
     tile_overlap: float = 0.25
-    diameter: float | str | None = None
+    diameter: float | str | None = DEFAULT_DIAMETER
     batch_size: int = 4
     decode_chunk: int | None = None
     decode_copies: bool = False
@@ -74,7 +82,9 @@ class SegmentParams:
         tile_grid((1, 1), tile_size=16 if self.tile_size is None else self.tile_size, overlap=self.tile_overlap)
         diameter = check_diameter(self.diameter)
         if diameter is not None and self.tile_size is not None and not self.filled:
-            raise ValueError("give diameter or tile_size, not both (both set the scale)")
+            if diameter != AUTO:
+                raise ValueError("give diameter or tile_size, not both (both set the scale)")
+            diameter = None  # a given tile size sets the scale: "auto" (the default) steps aside
         normal = {
             "min_area": int(self.min_area),
             "tile_size": None if self.tile_size is None else int(self.tile_size),
@@ -95,9 +105,10 @@ class SegmentParams:
     def filled_from(self, tile_size: int, inference: InferenceConfig) -> SegmentParams:
         """The None thresholds and tile size filled from a model's ``cfg.tile_size`` and ``cfg.inference``.
 
-        Raises ``ValueError`` for a ``diameter`` when the model has no ``cell_diameter`` (no size reference).
+        Raises ``ValueError`` for a diameter in pixels when the model has no ``cell_diameter`` (no size
+        reference); ``"auto"`` then keeps the image's own scale.
         """
-        if self.diameter is not None and not inference.cell_diameter:
+        if self.diameter not in (None, AUTO) and not inference.cell_diameter:
             raise ValueError("this model has no cell diameter (cfg.inference.cell_diameter): segment it with "
                              "tile_size instead of diameter")
         return self.replace(

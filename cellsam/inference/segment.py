@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from cellsam.config import DEFAULT_DECODE_WINDOW
+from cellsam.config import DEFAULT_DECODE_WINDOW, DEFAULT_DIAMETER
 from cellsam.inference.params import DEFAULT_MIN_AREA, SegmentParams, params_or_keywords
 from cellsam.inference.preprocess import Channels, as_numpy, prepare_image
 from cellsam.inference.runtime import autocast_context, resolve_model
@@ -121,7 +121,7 @@ def segment(
     min_area: int = DEFAULT_MIN_AREA,
     tile_size: int | None = None,
     tile_overlap: float = 0.25,
-    diameter: float | str | None = None,
+    diameter: float | str | None = DEFAULT_DIAMETER,
     batch_size: int = 4,
     decode_chunk: int | None = None,
     decode_copies: bool = False,

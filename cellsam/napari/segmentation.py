@@ -28,6 +28,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from cellsam.config import DEFAULT_DIAMETER
+
 if TYPE_CHECKING:
     from cellsam.inference.params import SegmentParams
 
@@ -61,6 +63,9 @@ class SegmentOptions:
     min_area: int = 15
     tile_size: int | None = None
     tile_overlap: float = 0.25
+    # the typical cell diameter (pixels), "auto" (the size model, in-memory images only) or None (the
+    # image's own scale), as cellsam.segment's; a given tile_size sets the scale instead
+    diameter: float | str | None = DEFAULT_DIAMETER
     batch_size: int = 4
     block_tiles: int = 2  # blocks of block_tiles x block_tiles tiles: one progress step / cancel point each
 
@@ -159,6 +164,8 @@ def iter_segment(
     p = segment_params(net, options)
     source, norm = open_image(data, spec, lazy=lazy)
     h, w = source.shape
+    in_memory = not (is_lazy(level0(data)) if lazy is None else lazy)
+    p, estimated = at_scale(net, dev, source if in_memory else None, p, options)
     tile_size = p.model_values().tile_size
     grid = GridTiles((h, w), tile_size=tile_size, overlap=p.tile_overlap)
     blocks = plan_blocks(grid, int(options.block_tiles))
@@ -178,8 +185,35 @@ def iter_segment(
             stats[key] += int(found.stats.get(key, 0))
         yield Progress(k + 1, total, f"block {k + 1}/{len(blocks)}: {len(cells)} candidate cell(s)")
     seg = stitch(cells, np.concatenate(gids) if gids else np.zeros(0, np.int64), grid, p, stats)
+    seg.diameter, seg.tile_size = estimated, tile_size
     yield Progress(total, total, f"{seg.n_cells} cell(s)")
     return seg
+
+
+def at_scale(net: Any, dev: Any, source: Any, p: SegmentParams, options: SegmentOptions
+             ) -> tuple[SegmentParams, float | None]:
+    """The parameters at the scale ``options.diameter`` asks for (as :func:`cellsam.segment`), and the
+    diameter used. "auto" needs the whole normalised image: ``source`` is the in-memory normalised image,
+    or None for a lazy one (which then keeps its own scale)."""
+    from cellsam.config import AUTO, check_diameter
+    from cellsam.inference.scale import estimate_diameter, has_size_model, needs_rescale, tile_size_for
+    from cellsam.models.protocol import inference_defaults
+
+    diameter = check_diameter(options.diameter)
+    model_d = inference_defaults(net).cell_diameter
+    if diameter is None or options.tile_size is not None or not model_d:
+        return p, None
+    native = p.model_values().tile_size
+    if diameter == AUTO:
+        if source is None or not has_size_model(net):
+            return p, None
+        h, w = source.shape
+        whole = np.moveaxis(source.read((0, 0, h, w)), -1, 0).astype(np.float32, copy=False)
+        estimated = estimate_diameter(net, whole, native, dev)
+        if estimated is None or not needs_rescale(estimated, model_d):
+            return p, estimated
+        diameter = estimated
+    return p.replace(tile_size=tile_size_for(native, model_d, float(diameter))), float(diameter)
 
 
 def stitch(cells: list[Any], gids: np.ndarray, grid: Any, p: SegmentParams, stats: dict[str, int]) -> Any:
