@@ -374,19 +374,26 @@ def segment_prepared(image: np.ndarray, net: SegmentationModel, dev: torch.devic
             net, dev, tiles, list(range(i0, min(i0 + p.batch_size, len(tiles)))), image, p, stats, cores
         )
     stats["masks"] = len(cands)
-    keep = deduplicate(cands, tiles, (h, w))
+    return stitch_candidates(cands, tiles, (h, w), p, stats)
+
+
+def stitch_candidates(cands: Sequence[Candidate], tiles: Sequence[Tile], shape: tuple[int, int],
+                      p: SegmentParams, stats: dict[str, int]) -> Segmentation:
+    """Every tile's cells -> one :class:`Segmentation`: copies across tiles removed, one label image by
+    arg-max, small cells dropped, labels 1..N by descending score (``stats`` gains ``stitched``)."""
+    keep = deduplicate(list(cands), tiles, shape)
     kept = sorted((cands[i] for i in keep), key=lambda c: -c.score)
     stats["stitched"] = len(kept)
-    merged = merge_by_argmax([(c.y0, c.x0, c.mask, c.logits) for c in kept], (h, w))
+    merged = merge_by_argmax([(c.y0, c.x0, c.mask, c.logits) for c in kept], shape)
     labels, old_ids = clean_labels(merged, min_area=p.min_area)
     final = [kept[i - 1] for i in old_ids]
     n = len(final)
     message = ""
     if n == 0:
         message = (
-            f"no cells found: {stats['boxes']} box(es) scored >= box_threshold={p.box_threshold}, "
-            f"{stats['iou_passed']} mask(s) had predicted IoU >= iou_threshold={p.iou_threshold}, "
-            f"{stats['masks']} mask(s) had >= min_area={p.min_area} px above "
+            f"no cells found: {stats.get('boxes', 0)} box(es) scored >= box_threshold={p.box_threshold}, "
+            f"{stats.get('iou_passed', 0)} mask(s) had predicted IoU >= iou_threshold={p.iou_threshold}, "
+            f"{stats.get('masks', 0)} mask(s) had >= min_area={p.min_area} px above "
             f"mask_threshold={p.mask_threshold}"
         )
         log.info(message)

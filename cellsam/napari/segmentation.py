@@ -218,32 +218,7 @@ def at_scale(net: Any, dev: Any, source: Any, p: SegmentParams, options: Segment
 
 def stitch(cells: list[Any], gids: np.ndarray, grid: Any, p: SegmentParams, stats: dict[str, int]) -> Any:
     """One label image from every block's cells, as ``cellsam.segment`` makes it from its tiles'."""
-    from cellsam.inference.segment import Segmentation
-    from cellsam.inference.tiling import deduplicate
-    from cellsam.ops.masks import clean_labels, merge_by_argmax
+    from cellsam.inference.segment import stitch_candidates
 
-    h, w = grid.shape
     order = np.argsort(gids, kind="stable")  # gid = tile << 16 | k: the single-process order
-    cands = [cells[i] for i in order]
-    keep = deduplicate(cands, grid, (h, w))
-    kept = sorted((cands[i] for i in keep), key=lambda c: -c.score)
-    stats["stitched"] = len(kept)
-    merged = merge_by_argmax([(c.y0, c.x0, c.mask, c.logits) for c in kept], (h, w))
-    labels, old_ids = clean_labels(merged, min_area=p.min_area)
-    final = [kept[i - 1] for i in old_ids]
-    n = len(final)
-    message = ""
-    if n == 0:
-        message = (
-            f"no cells found: {stats['boxes']} box(es) scored >= box threshold {p.box_threshold}, "
-            f"{stats['iou_passed']} mask(s) had predicted IoU >= {p.iou_threshold}, "
-            f"{stats['masks']} mask(s) had >= {p.min_area} px"
-        )
-    return Segmentation(
-        labels=labels,
-        boxes=np.array([c.box for c in final], np.float32).reshape(n, 4),
-        scores=np.array([c.score for c in final], np.float32),
-        ious=np.array([c.iou for c in final], np.float32),
-        message=message,
-        stats=stats,
-    )
+    return stitch_candidates([cells[i] for i in order], grid, grid.shape, p, stats)
