@@ -298,6 +298,20 @@ def _segment_params(net: Any, *, batch_size: int, decode_chunk: int | None,
     )
 
 
+def _run_params(net: Any, scene: Scene, *, own_boxes: bool, diameter: float | str | None, batch_size: int,
+                decode_chunk: int | None, decode_window: float | None) -> tuple[SegmentParams, BoxOracle | None]:
+    """The parameters of a timed run, and the box oracle of a synthetic scene (None with the model's boxes)."""
+    params = _segment_params(net, batch_size=batch_size, decode_chunk=decode_chunk, decode_window=decode_window)
+    if own_boxes:
+        inf = net.cfg.inference
+        return params.replace(box_threshold=inf.box_threshold, iou_threshold=inf.iou_threshold,
+                              mask_threshold=inf.mask_threshold, diameter=diameter), None
+    if diameter is not None:
+        raise ValueError("diameter: only with the model's own boxes (real scenes)")
+    params = params.replace(diameter=None)  # synthetic scenes: the scene's boxes at the model's scale
+    return params, BoxOracle(scene.boxes, tile_size=params.model_values().tile_size, model_side=int(net.img_size))
+
+
 def time_pipeline(
     net: Any,
     scene: Scene,
@@ -337,17 +351,8 @@ def time_pipeline(
     if repeats < 1 or warmup < 0:
         raise ValueError(f"repeats must be >= 1 and warmup >= 0, got {repeats}, {warmup}")
     dev = next(net.parameters()).device
-    params = _segment_params(net, batch_size=batch_size, decode_chunk=decode_chunk, decode_window=decode_window)
-    oracle = None
-    if own_boxes:
-        inf = net.cfg.inference
-        params = params.replace(box_threshold=inf.box_threshold, iou_threshold=inf.iou_threshold,
-                                mask_threshold=inf.mask_threshold, diameter=diameter)
-    elif diameter is not None:
-        raise ValueError("diameter: only with the model's own boxes (real scenes)")
-    else:
-        params = params.replace(diameter=None)  # synthetic scenes: the scene's boxes at the model's scale
-        oracle = BoxOracle(scene.boxes, tile_size=params.model_values().tile_size, model_side=int(net.img_size))
+    params, oracle = _run_params(net, scene, own_boxes=own_boxes, diameter=diameter, batch_size=batch_size,
+                                 decode_chunk=decode_chunk, decode_window=decode_window)
     timer, mem = StageTimer(dev), PeakMemory(dev)
     proxy = TimedModel(net, timer, oracle, clip_masks=clip_masks)
     with contextlib.ExitStack() as stack:
