@@ -148,3 +148,25 @@ def test_dense_finder_checks_its_inputs() -> None:
     cap = DenseCellFinder(DenseFinderConfig(head_channels=8, max_detections=3), in_channels=4)
     out = {"heatmap": torch.randn(1, 1, 16, 16), "size": torch.zeros(1, 2, 16, 16), "offset": torch.zeros(1, 2, 16, 16)}
     assert cap.postprocess(out, image_size=64, box_threshold=0.0)[0]["boxes"].shape[0] == 3
+
+
+def test_dense_finder_on_a_vit_reads_its_token_grid() -> None:
+    """Study arm (b) of issue #18: the dense CellFinder on vit_tiny's token grid needs stride = patch size;
+    it then gives one heatmap location per token and boxes in input pixels."""
+    from cellsam.registry import get_config
+
+    cfg = get_config("vit_tiny")
+    with pytest.raises(ValueError, match="stride must be the patch size"):
+        build_model(cfg.replace(detector_kind="dense"))  # stride 4 on a patch-8 grid
+    import dataclasses
+
+    p = cfg.encoder.patch_size
+    model = build_model(cfg.replace(detector_kind="dense",
+                                    dense_finder=dataclasses.replace(cfg.dense_finder, stride=p))).eval()
+    x = model.preprocess(torch.rand(2, 3, model.img_size, model.img_size))
+    with torch.no_grad():
+        out = model.detect(model.encode(x), x)
+        dets = model.postprocess_detections(out, box_threshold=0.0)
+    side = model.img_size // p
+    assert out["heatmap"].shape == (2, 1, side, side) and len(dets) == 2
+    assert all(((d["boxes"] >= 0) & (d["boxes"] <= model.img_size)).all() for d in dets)

@@ -23,8 +23,9 @@ def build_model(cfg: CellSAMConfig | str) -> CellSAM:
     trunk_chans = image_encoder.trunk_chans if isinstance(image_encoder, ConvEncoder) else cfg.encoder.embed_dim
     cellfinder: CellFinder | DenseCellFinder
     if cfg.detector_kind == "dense":
-        if cfg.encoder_kind != "conv":
-            raise ValueError("the dense CellFinder reads a stride-4 trunk: use encoder_kind 'conv'")
+        if cfg.encoder_kind != "conv" and cfg.dense_finder.stride != cfg.encoder.patch_size:
+            raise ValueError(f"the dense CellFinder on a ViT reads its token grid: dense_finder.stride must be the "
+                             f"patch size {cfg.encoder.patch_size} (the conv encoder's trunk is at stride 4)")
         cellfinder = DenseCellFinder(cfg.dense_finder, in_channels=trunk_chans)
     else:
         cellfinder = CellFinder(cfg.cellfinder, in_channels=trunk_chans)
