@@ -9,13 +9,8 @@ import pytest
 from skimage.draw import disk
 from skimage.transform import rescale
 
-from cellsam.inference.scale import (
-    MAX_SCALE,
-    check_diameter,
-    median_diameter,
-    needs_rescale,
-    tile_size_for,
-)
+from cellsam.config import check_diameter
+from cellsam.inference.scale import MAX_SCALE, median_diameter, needs_rescale, tile_size_for
 
 
 def disc_scene(diameter: float, n: int = 12, size: int = 256, seed: int = 0) -> np.ndarray:

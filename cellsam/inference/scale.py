@@ -19,11 +19,12 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from cellsam.config import AUTO, DEFAULT_DIAMETER, check_diameter, parse_diameter
+from cellsam.config import AUTO
 from cellsam.inference.tiling import extract_tile, tile_grid
+from cellsam.models.protocol import inference_defaults
 
-__all__ = ["AUTO", "DEFAULT_DIAMETER", "MAX_SCALE", "RESCALE_TOLERANCE", "check_diameter", "estimate_diameter",
-           "has_size_model", "median_diameter", "needs_rescale", "parse_diameter", "tile_size_for"]
+__all__ = ["MAX_SCALE", "RESCALE_TOLERANCE", "choose_scale", "estimate_diameter", "has_size_model",
+           "median_diameter", "needs_rescale", "tile_size_for"]
 
 RESCALE_TOLERANCE = 1.3
 """No second pass when the estimated diameter is within this factor of the model's (either side)."""
@@ -95,3 +96,24 @@ def estimate_diameter(net: object, image: np.ndarray, tile_size: int, device: to
                                             antialias=True).clamp_(0.0, 1.0)
     d = net.predict_diameter(net.preprocess(x))  # type: ignore[attr-defined]
     return float(torch.exp(torch.log(d.float()).median())) * tile_size / s
+
+
+def choose_scale(net: object, image: np.ndarray | None, native: int, diameter: float | str | None,
+                 device: torch.device) -> tuple[int, float | None]:
+    """The input tile side to segment a prepared (3, H, W) ``image`` at, and the diameter that set it.
+
+    ``diameter``: None (the image's own scale), a number of pixels, or ``"auto"`` (the size model's
+    estimate on ``image``; with no ``image`` or no fitted size model, the image's own scale). ``native``:
+    the model's own tile side. A model without ``cell_diameter`` keeps ``native``.
+    """
+    model_diameter = inference_defaults(net).cell_diameter
+    if diameter is None or not model_diameter:
+        return native, None
+    if diameter == AUTO:
+        if image is None or not has_size_model(net):
+            return native, None
+        estimated = estimate_diameter(net, image, native, device)
+        if estimated is None or not needs_rescale(estimated, model_diameter):
+            return native, estimated
+        diameter = estimated
+    return tile_size_for(native, model_diameter, float(diameter)), float(diameter)

@@ -32,18 +32,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from cellsam.config import DEFAULT_DECODE_WINDOW, DEFAULT_DIAMETER
+from cellsam.config import AUTO, DEFAULT_DECODE_WINDOW, DEFAULT_DIAMETER
 from cellsam.inference.params import DEFAULT_MIN_AREA, SegmentParams, params_or_keywords
 from cellsam.inference.preprocess import Channels, as_numpy, prepare_image
 from cellsam.inference.runtime import autocast_context, resolve_model
-from cellsam.inference.scale import (
-    AUTO,
-    estimate_diameter,
-    has_size_model,
-    median_diameter,
-    needs_rescale,
-    tile_size_for,
-)
+from cellsam.inference.scale import choose_scale, has_size_model, median_diameter, needs_rescale, tile_size_for
 from cellsam.inference.tiling import Candidate, Tile, deduplicate, extract_tile, in_core, tile_cores, tile_grid
 from cellsam.inference.upscale import upscale_cells
 from cellsam.models.protocol import SegmentationModel, inference_defaults
@@ -152,8 +145,9 @@ def segment(
             ``tile_size=None`` uses the model's own ``cfg.tile_size`` (the scale it was trained at).
         diameter: the typical cell diameter in pixels: the image is segmented at the scale where its
             cells have the model's own ``cfg.inference.cell_diameter`` (by the tile size, see
-            :mod:`.scale`); ``"auto"`` estimates it from a first pass's cells and segments again only
-            when it is far from the model's; None: the image's own scale. Not with ``tile_size``.
+            :mod:`.scale`); ``"auto"`` (the default) estimates it with the model's size model (without one,
+            from a first pass's cells) and rescales only when it is far from the model's; None: the
+            image's own scale. A given ``tile_size`` replaces "auto"; a number with it is an error.
         batch_size: tiles per encoder pass. decode_chunk: box prompts per mask-decoder call (None: the
             model's :meth:`~cellsam.models.cellsam.CellSAM.auto_chunk_size` for its device).
         decode_copies: decode each box in every tile that detects it, not only in the tile whose core
@@ -203,29 +197,18 @@ def segment_at_scale(image: np.ndarray, net: SegmentationModel, dev: torch.devic
     (:meth:`~.params.SegmentParams.for_model`), its ``tile_size`` the model's scale."""
     native = p.model_values().tile_size
     model_diameter = inference_defaults(net).cell_diameter
-    diameter = p.diameter
-    if diameter is None or model_diameter is None:
-        result = segment_prepared(image, net, dev, p)
-        result.tile_size = native
-        return result
-    if diameter == AUTO and has_size_model(net):
-        estimated = estimate_diameter(net, image, native, dev)
-        if estimated is None or not needs_rescale(estimated, model_diameter):
-            result = segment_prepared(image, net, dev, p)
-            result.diameter, result.tile_size = estimated, native
-            return result
-        diameter = estimated
-    elif diameter == AUTO:  # no size model: measure the cells of a first pass
+    used: float | None
+    if p.diameter == AUTO and model_diameter and not has_size_model(net):  # measure a first pass's cells
         first = segment_prepared(image, net, dev, p)
-        first.tile_size = native
         estimated = median_diameter(first.labels)
-        first.diameter = estimated
+        first.diameter, first.tile_size = estimated, native
         if estimated is None or not needs_rescale(estimated, model_diameter):
             return first
-        diameter = estimated
-    tile = tile_size_for(native, model_diameter, float(diameter))
+        tile, used = tile_size_for(native, model_diameter, estimated), estimated
+    else:
+        tile, used = choose_scale(net, image, native, p.diameter, dev)
     result = segment_prepared(image, net, dev, p.replace(tile_size=tile))
-    result.diameter, result.tile_size = float(diameter), tile
+    result.diameter, result.tile_size = used, tile
     return result
 
 

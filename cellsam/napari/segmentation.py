@@ -196,24 +196,17 @@ def at_scale(net: Any, dev: Any, source: Any, p: SegmentParams, options: Segment
     diameter used. "auto" needs the whole normalised image: ``source`` is the in-memory normalised image,
     or None for a lazy one (which then keeps its own scale)."""
     from cellsam.config import AUTO, check_diameter
-    from cellsam.inference.scale import estimate_diameter, has_size_model, needs_rescale, tile_size_for
-    from cellsam.models.protocol import inference_defaults
+    from cellsam.inference.scale import choose_scale
 
     diameter = check_diameter(options.diameter)
-    model_d = inference_defaults(net).cell_diameter
-    if diameter is None or options.tile_size is not None or not model_d:
+    if options.tile_size is not None:
         return p, None
-    native = p.model_values().tile_size
-    if diameter == AUTO:
-        if source is None or not has_size_model(net):
-            return p, None
+    whole = None
+    if diameter == AUTO and source is not None:  # the size model reads the whole normalised image
         h, w = source.shape
         whole = np.moveaxis(source.read((0, 0, h, w)), -1, 0).astype(np.float32, copy=False)
-        estimated = estimate_diameter(net, whole, native, dev)
-        if estimated is None or not needs_rescale(estimated, model_d):
-            return p, estimated
-        diameter = estimated
-    return p.replace(tile_size=tile_size_for(native, model_d, float(diameter))), float(diameter)
+    tile, used = choose_scale(net, whole, p.model_values().tile_size, diameter, dev)
+    return p.replace(tile_size=tile), used
 
 
 def stitch(cells: list[Any], gids: np.ndarray, grid: Any, p: SegmentParams, stats: dict[str, int]) -> Any:
