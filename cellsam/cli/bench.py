@@ -15,7 +15,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from cellsam.config import DEFAULT_DECODE_WINDOW, parse_diameter
+from cellsam.cli.segment import diameter_arg
+from cellsam.config import DEFAULT_DECODE_WINDOW
 
 log = logging.getLogger(__name__)
 
@@ -28,14 +29,6 @@ def _chunk(value: str) -> int | None:
     if n < 1:
         raise argparse.ArgumentTypeError(f"--decode-chunk must be >= 1 or 'auto', got {value}")
     return n
-
-
-def _diameter(text: str) -> str:
-    try:
-        parse_diameter(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-    return text.strip().lower()
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -76,7 +69,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--decode-window", nargs="+", type=float, default=[DEFAULT_DECODE_WINDOW], metavar="X",
                    help="decoder token window per box, x its longer side; several: one run each, for an A/B in "
                    f"one run (default {DEFAULT_DECODE_WINDOW:g}; 0: whole frames)")
-    p.add_argument("--diameter", nargs="+", type=_diameter, default=["none"], metavar="auto|none|N",
+    p.add_argument("--diameter", nargs="+", type=diameter_arg, default=["none"], metavar="auto|none|N",
                    help="cellsam.segment's diameter for the --real scenes; several: one run each (default none)")
     p.add_argument("--clip-masks", choices=("auto", "on", "off"), default="auto",
                    help="clip decoder logits to the boxes (auto: only for random weights)")
@@ -139,7 +132,7 @@ def run(args: argparse.Namespace) -> int:
         cellpose=args.cellpose, cellpose_path=args.cellpose_path, batch_size=args.batch_size,
         decode_chunk=args.decode_chunk, decode_windows=list(args.decode_window), clip_masks=args.clip_masks,
         seed=args.seed, real=list(args.real), real_data=args.real_data, busy_neighbours=args.busy_neighbours,
-        diameters=[parse_diameter(d) for d in args.diameter],
+        diameters=[None if d == "none" else d for d in args.diameter],
     )
     try:
         spec.validate()
@@ -210,7 +203,8 @@ def _command_line(args: argparse.Namespace) -> list[str]:
             "--decode-window", *(f"{w:g}" for w in args.decode_window),
             "--clip-masks", args.clip_masks, "--seed", str(args.seed)]
     if args.real:
-        cmd += ["--real", *args.real, "--real-data", str(args.real_data), "--diameter", *args.diameter]
+        cmd += ["--real", *args.real, "--real-data", str(args.real_data), "--diameter",
+                *(d if isinstance(d, str) else f"{d:g}" for d in args.diameter)]
     if args.busy_neighbours:
         cmd += ["--busy-neighbour", str(args.busy_neighbours)]
     return cmd + ["--out", str(args.out)]

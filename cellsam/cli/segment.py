@@ -106,7 +106,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     p.add_argument("--tile-size", type=int, default=None,
                    help="tile side in image pixels (default: the model's own tile size, 256 for the default)")
-    p.add_argument("--diameter", type=_diameter_arg, default=None, metavar="auto|none|N",
+    p.add_argument("--diameter", type=diameter_arg, default=None, metavar="auto|none|N",
                    help="typical cell diameter in pixels: the image is segmented at the scale where its cells have "
                    "the size the model was trained on; auto: estimated by the model's size model; none: the "
                    f"image's own scale (default: {DEFAULT_DIAMETER or 'none'}; not with --tile-size)")
@@ -201,7 +201,8 @@ def load_model(name: str, device: str) -> Any:
     return _load(name, device=resolve_device(device))
 
 
-def _diameter_arg(text: str) -> float | str:
+def diameter_arg(text: str) -> float | str:
+    """argparse type of --diameter: a number of pixels, "auto", or "none" (kept as text: None means not given)."""
     try:
         d = parse_diameter(text)
     except ValueError as e:
