@@ -159,18 +159,16 @@ class MaskDecoder(nn.Module):
         # computes the image side once for all prompts
         src = (image_embeddings + dense_prompt_embeddings).expand(n, c, h, w)
         pos_src = image_pe.expand(n, c, h, w)
-        if window is not None and local:
-            k = window[1]
+        if window is not None and local:  # the transformer sees each prompt's window only
             src = _gather_windows(src.flatten(2).transpose(1, 2), window, (h, w))  # (N, D, k, k)
             pos_src = _gather_windows(pos_src.flatten(2).transpose(1, 2), window, (h, w))
-            hs, src_tokens = self.transformer(src, pos_src, tokens)
-            src = src_tokens.transpose(1, 2).reshape(n, c, k, k)
+        hs, src_tokens = self.transformer(src, pos_src, tokens)
+        if window is not None and local:
+            src = src_tokens.transpose(1, 2).reshape(n, c, window[1], window[1])
+        elif window is None:
+            src = src_tokens.transpose(1, 2).reshape(n, c, h, w)
         else:
-            hs, src_tokens = self.transformer(src, pos_src, tokens)
-            if window is None:
-                src = src_tokens.transpose(1, 2).reshape(n, c, h, w)
-            else:
-                src = _gather_windows(src_tokens, window, (h, w))  # (N, D, k, k)
+            src = _gather_windows(src_tokens, window, (h, w))  # (N, D, k, k)
         iou_token_out = hs[:, 0, :]
         mask_tokens_out = hs[:, 1 : 1 + self.num_mask_tokens, :]
 
