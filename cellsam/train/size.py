@@ -45,6 +45,10 @@ class SizeFit:
     rmse_log: float  # root mean square error of the log diameter on the fitting samples
     samples: int
 
+    def predict(self, x: Tensor) -> Tensor:
+        """(N, F) features -> (N,) predicted log diameters (what the fitted SizeHead computes)."""
+        return ((x.float() - self.mean) / self.std) @ self.weight + self.bias
+
 
 def fit_ridge(x: Tensor, y: Tensor, *, ridge: float = 1.0) -> SizeFit:
     """Ridge regression of y on standardised x: (N, F), (N,) -> :class:`SizeFit`."""
@@ -135,8 +139,7 @@ def fit_size_model(cfg: TrainConfig) -> Path:
                                 balance_power=cfg.source_balance, seed=cfg.seed)
     n_fit = int(0.9 * len(y))
     check = fit_ridge(x[:n_fit], y[:n_fit], ridge=cfg.size_ridge)
-    z = (x[n_fit:] - check.mean) / check.std
-    held_out = float(((z @ check.weight + check.bias - y[n_fit:]) ** 2).mean().sqrt())
+    held_out = float(((check.predict(x[n_fit:]) - y[n_fit:]) ** 2).mean().sqrt())
     fit = fit_ridge(x, y, ridge=cfg.size_ridge)
     assert model.size_head is not None
     model.size_head.set_fit(fit.mean, fit.std, fit.weight, fit.bias)
