@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
-from cellsam.data.normalize import normalize_channel, normalize_image, rgb_to_channel, to_cellsam_channels
+from cellsam.data.normalize import (
+    is_grey_rgb,
+    is_stained_brightfield,
+    normalize_channel,
+    normalize_image,
+    rgb_to_channel,
+    to_cellsam_channels,
+)
 
 
 def test_normalize_range_and_dtype(rng: np.random.Generator) -> None:
@@ -75,3 +84,46 @@ def test_rgb_rule() -> None:
     assert rgb_to_channel(fluo)[3, 3] > rgb_to_channel(fluo)[8, 8]
     with pytest.raises(ValueError):
         rgb_to_channel(np.zeros((10, 10)))
+
+
+def test_rgb_rule_decides_polarity_by_colour_not_brightness() -> None:
+    # A dense H&E tile: mostly purple nuclei and pink stroma, little white; median luminance is
+    # below half the range, which the old brightness rule left dark-on-bright.
+    dense = np.empty((20, 20, 3), np.uint8)
+    dense[:12] = (90, 40, 140)
+    dense[12:19] = (200, 120, 170)
+    dense[19] = (236, 234, 238)
+    assert np.median(dense.astype(float) @ np.array([0.299, 0.587, 0.114])) < 127
+    assert is_stained_brightfield(dense)
+    ch = rgb_to_channel(dense)
+    assert ch[3, 3] > ch[15, 3] > ch[19, 3]  # nuclei brightest, glass darkest
+    # Two-colour fluorescence on an autofluorescent (not black) background stays as it is,
+    # even where the background is brighter than half the signal.
+    comp = np.full((20, 20, 3), 60, np.uint8)
+    comp[2:6, 2:6] = (40, 230, 40)  # green nuclei
+    comp[10:14, 10:14] = (220, 40, 220)  # magenta cytoplasm
+    assert not is_stained_brightfield(comp)
+    assert rgb_to_channel(comp)[3, 3] > rgb_to_channel(comp)[18, 18]
+    # A dark-backgrounded image with near-white signal is fluorescence too.
+    white_signal = np.zeros((20, 20, 3), np.uint8)
+    white_signal[2:8, 2:8] = (250, 245, 240)
+    assert not is_stained_brightfield(white_signal)
+
+
+def test_rgb_rule_on_shared_stained_images(shared_data: Path) -> None:
+    """Every colour image in ../shared/data is stained bright-field: the rule must invert each one
+    so that its labelled objects come out brighter than the rest."""
+    from skimage.io import imread
+
+    paths = sorted((shared_data / "monuseg").glob("*_img.png"))
+    paths += sorted((shared_data / "dsb2018").glob("*_img.png"))[:200]
+    checked = 0
+    for path in paths:
+        rgb = imread(path)[..., :3]
+        if is_grey_rgb(rgb):
+            continue
+        ch = rgb_to_channel(rgb)
+        labels = imread(str(path).replace("_img.png", "_masks.png"))
+        assert ch[labels > 0].mean() > ch[labels == 0].mean(), path.name
+        checked += 1
+    assert checked >= 13
