@@ -1,10 +1,12 @@
 """One click per cell: mean IoU of the mask a click on each cell's innermost pixel gives, per source.
 
-    python scripts/click_study.py MODEL [MODEL ...] --data prepared --split val [--json out.json]
+    python scripts/click_study.py MODEL [MODEL ...] --data prepared --split val [--diameter auto] [--json out.json]
 
 Every ground-truth cell of every full validation image gets one positive click at its innermost pixel
 (the maximum of its distance transform: where a person clicks), decoded on the tile that holds the cell
-(:func:`cellsam.eval.prompts.click_ious`); each mask is compared with its own cell, alone. A maintainer
+(:func:`cellsam.eval.prompts.click_ious`); each mask is compared with its own cell, alone. With
+``--diameter auto`` each image's tiles are shown at the scale the size model picks (as ``segment``'s
+default does); without it, at the image's own scale. A maintainer
 script for benchmarks/detector_study.md, not part of the package.
 """
 
@@ -15,9 +17,13 @@ import json
 from collections import defaultdict
 
 import numpy as np
+import torch
 
+from cellsam.config import AUTO
 from cellsam.eval.harness import load_prepared
 from cellsam.eval.prompts import click_ious
+from cellsam.inference.scale import choose_scale
+from cellsam.models.protocol import model_tile_size
 from cellsam.weights import load_model
 
 
@@ -26,6 +32,8 @@ def main() -> None:
     ap.add_argument("models", nargs="+")
     ap.add_argument("--data", default="prepared")
     ap.add_argument("--split", default="val")
+    ap.add_argument("--diameter", choices=["none", "auto"], default="none",
+                    help="auto: decode each image at the scale the size model picks (segment's default)")
     ap.add_argument("--json")
     args = ap.parse_args()
     items = load_prepared(args.data, args.split)
@@ -35,12 +43,16 @@ def main() -> None:
         by: dict[str, list[float]] = defaultdict(list)
         for it in items:
             image, gt = it.load()
-            ious = list(click_ious(net, image, gt).values())
+            tile = None
+            if args.diameter == "auto":
+                native = model_tile_size(net)
+                tile, _ = choose_scale(net, image, native, AUTO, torch.device("cpu"))
+            ious = list(click_ious(net, image, gt, tile_size=tile).values())
             by[it.source].extend(ious)
             by["ALL"].extend(ious)
         summary = {k: {"cells": len(v), "mean_iou": float(np.mean(v)), "iou_ge_0.5": float(np.mean(np.array(v) >= 0.5))}
                    for k, v in sorted(by.items())}
-        results.append({"model": path, "by_source": summary})
+        results.append({"model": path, "diameter": args.diameter, "by_source": summary})
         print(path)
         for k, v in summary.items():
             print(f"  {k:10s} {v['cells']:5d} cells  mean IoU {v['mean_iou']:.3f}  IoU>=0.5 {v['iou_ge_0.5']:.3f}")
