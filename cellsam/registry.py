@@ -179,19 +179,19 @@ def get_weights(name: str) -> WeightsRecord:
         raise KeyError(f"unknown weights {name!r}; choose one of {list_weights()}") from None
 
 
-# The shipped default model: trained from random weights on the 2-core CPU with configs/cpu_v4.yaml and
-# bundled in the package (cellsam/pretrained/; model card cellsam_cpu_v4.md). v1-v3 are in the git history
-# (v3's card: benchmarks/training/v3/). Registering a record is pure data: nothing is read or downloaded
-# until load_model("default") is called.
+# The shipped default model: trained from random weights on the 2-core CPU with configs/cpu_v5.yaml and
+# bundled in the package (cellsam/pretrained/; model card cellsam_cpu_v5.md). v1-v4 are in the git history
+# (v3's and v4's cards: benchmarks/training/v3/, v4/). Registering a record is pure data: nothing is read
+# or downloaded until load_model("default") is called.
 register_weights(
     WeightsRecord(
-        name="cellsam_cpu.v4",
+        name="cellsam_cpu.v5",
         variant="conv_cpu",
-        url="package:pretrained/cellsam_cpu_v4.safetensors",
-        sha256="b2a90cd8e567f82f7c8d2d2e51883ec4f53ab780962c4fedc059522bcf4108dc",
-        version="v4",
+        url="package:pretrained/cellsam_cpu_v5.safetensors",
+        sha256="17e39f417d27618584abe6153e9c5b0b184086b185b9e986dbd35f0384324adc",
+        version="v5",
         description="conv_cpu (conv encoder + dense CellFinder + size model) trained from random weights on DSB "
-                    "2018, DeepCell 1.0 and MoNuSeg (2-core CPU, ~2.3 h)",
+                    "2018, DeepCell 1.0 and MoNuSeg (2-core CPU, ~2.5 h)",
         license="Apache-2.0 weights; trained on MoNuSeg (CC BY-NC-SA 4.0): non-commercial use",
     ),
     aliases=("default",),
