@@ -40,12 +40,12 @@ def main() -> None:
     results = []
     for path in args.models:
         net = load_model(path).eval()
+        native = model_tile_size(net)
         by: dict[str, list[float]] = defaultdict(list)
         for it in items:
             image, gt = it.load()
             tile = None
             if args.diameter == "auto":
-                native = model_tile_size(net)
                 tile, _ = choose_scale(net, image, native, AUTO, torch.device("cpu"))
             ious = list(click_ious(net, image, gt, tile_size=tile).values())
             by[it.source].extend(ious)

@@ -143,11 +143,26 @@ def is_stained_brightfield(rgb: np.ndarray) -> bool:
     darker than the rest) and fails for every two-channel composite made from DSB's fluorescence
     images; a dense H&E tile whose median luminance is below half the range still passes.
     """
-    x = np.asarray(rgb, dtype=np.float64)[..., :3]
-    lum = x @ _LUMA
-    top = float(np.iinfo(rgb.dtype).max) if np.issubdtype(rgb.dtype, np.integer) else max(float(lum.max()), 1.0)
+    rgb = np.asarray(rgb)[..., :3]
+    lum = _luminance(rgb)
+    return _stained(rgb, lum, _range_top(rgb, lum))
+
+
+def _luminance(rgb: np.ndarray) -> np.ndarray:
+    """(H, W, 3) -> (H, W) float32 luminance in the input's value scale."""
+    return (rgb.astype(np.float64) @ _LUMA).astype(np.float32)
+
+
+def _range_top(rgb: np.ndarray, lum: np.ndarray) -> float:
+    """The top of the value range: the dtype's maximum for integers, else the brightest value (>= 1)."""
+    return float(np.iinfo(rgb.dtype).max) if np.issubdtype(rgb.dtype, np.integer) else max(float(lum.max()), 1.0)
+
+
+def _stained(rgb: np.ndarray, lum: np.ndarray, top: float) -> bool:
+    """:func:`is_stained_brightfield` on an image whose luminance and range top are already known."""
     bright = lum >= np.quantile(lum, 1.0 - BRIGHT_FRACTION)
-    chroma = float((x.max(-1) - x.min(-1))[bright].mean())
+    px = rgb[bright].astype(np.float64)  # (K, 3): only the brightest pixels
+    chroma = float((px.max(-1) - px.min(-1)).mean())
     neutral = chroma < NEUTRAL_TINT * max(float(lum[bright].mean()), 1e-6)
     return bool(neutral and float(np.median(lum)) > DARK_MEDIAN * top)
 
@@ -169,12 +184,9 @@ def rgb_to_channel(rgb: np.ndarray, *, invert: bool | Literal["auto"] = "auto") 
     if np.issubdtype(rgb.dtype, np.floating) and not np.isfinite(rgb).all():
         raise ValueError("rgb_to_channel: contains NaN or infinite values")
     grey = is_grey_rgb(rgb)
-    lum = rgb[..., 0].astype(np.float32) if grey else (rgb.astype(np.float64) @ _LUMA).astype(np.float32)
-    if np.issubdtype(rgb.dtype, np.integer):
-        top = float(np.iinfo(rgb.dtype).max)
-    else:
-        top = max(float(lum.max()), 1.0)
-    do_invert = (not grey and is_stained_brightfield(rgb)) if invert == "auto" else bool(invert)
+    lum = rgb[..., 0].astype(np.float32) if grey else _luminance(rgb)
+    top = _range_top(rgb, lum)
+    do_invert = (not grey and _stained(rgb, lum, top)) if invert == "auto" else bool(invert)
     if do_invert:
         lum = (top - lum).astype(np.float32)
     return lum
