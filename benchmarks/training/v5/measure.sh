@@ -24,3 +24,21 @@ cellsam evaluate --data prepared --split val --model default --prompt-study --js
 cellsam evaluate --data prepared --split val --model none --baseline otsu --json benchmarks/accuracy_baselines_val.json --no-progress
 cellsam bench --model default --sizes 512 --cells 100 --real dense512 mosaic2048 --real-data ../shared/data/dsb2018 \
     --cellpose --cellpose-path /tmp/cp3 --repeats 2 --warmup 1 --no-parity --diameter none auto --out benchmarks/cpu_v5_real
+# the size model's estimate vs the true median diameter (numbers in the card, README and scale_study.md):
+# the dense512 bench crop (true 9.4 px; v4 20.9, v5 12.0) and the non-DSB val images (HeLa 58.3: v4 61.7 / v5 70.5,
+# E. coli 25.4: 25.4 / 33.3)
+python - <<'PY'
+import torch
+from cellsam.bench.real import real_scene
+from cellsam.eval.harness import load_prepared
+from cellsam.inference.scale import estimate_diameter, median_diameter
+from cellsam.inference.preprocess import prepare_image
+from cellsam.weights import load_model
+models = {k: load_model(p).eval() for k, p in [("v4", "/tmp/cellsam_cpu_v4.safetensors"), ("v5", "runs/ship_v5/cellsam_cpu_v5.safetensors")]}
+cpu = torch.device("cpu")
+scene = real_scene("dense512", "../shared/data/dsb2018")
+cases = [("dense512", prepare_image(scene.image), scene.labels)]
+cases += [(it.name, *it.load()) for it in load_prepared("prepared", "val") if it.source != "dsb2018"]
+for name, image, labels in cases:
+    print(name, "true", median_diameter(labels), {k: estimate_diameter(m, image, 256, cpu) for k, m in models.items()})
+PY
