@@ -5,8 +5,10 @@
 Every ground-truth cell of every full validation image gets one positive click at its innermost pixel
 (the maximum of its distance transform: where a person clicks), decoded on the tile that holds the cell
 (:func:`cellsam.eval.prompts.click_ious`); each mask is compared with its own cell, alone. With
-``--diameter auto`` each image's tiles are shown at the scale the size model picks (as ``segment``'s
-default does); without it, at the image's own scale. A maintainer
+``--diameter auto`` each image's tiles are shown at the scale the size model picks; with ``segment`` at the
+scale ``segment``'s default ends at (the size model's, or the one the cells of that pass ask for: what the
+web app's click tool uses after "Segment"); with ``true`` at the true median diameter's; without it, at
+the image's own scale. A maintainer
 script for benchmarks/detector_study.md, not part of the package.
 """
 
@@ -22,7 +24,8 @@ import torch
 from cellsam.config import AUTO
 from cellsam.eval.harness import load_prepared
 from cellsam.eval.prompts import click_ious
-from cellsam.inference.scale import choose_scale
+from cellsam.inference.scale import choose_scale, median_diameter
+from cellsam.inference.segment import segment
 from cellsam.models.protocol import model_tile_size
 from cellsam.weights import load_model
 
@@ -32,8 +35,9 @@ def main() -> None:
     ap.add_argument("models", nargs="+")
     ap.add_argument("--data", default="prepared")
     ap.add_argument("--split", default="val")
-    ap.add_argument("--diameter", choices=["none", "auto"], default="none",
-                    help="auto: decode each image at the scale the size model picks (segment's default)")
+    ap.add_argument("--diameter", choices=["none", "auto", "segment", "true"], default="none",
+                    help="auto: decode each image at the scale the size model picks; segment: at the scale "
+                         "segment(diameter='auto') ends at; true: at the true median diameter's")
     ap.add_argument("--json")
     args = ap.parse_args()
     items = load_prepared(args.data, args.split)
@@ -47,6 +51,10 @@ def main() -> None:
             tile = None
             if args.diameter == "auto":
                 tile, _ = choose_scale(net, image, native, AUTO, torch.device("cpu"))
+            elif args.diameter == "segment":
+                tile = segment(image, net, normalize=False, channel_axis=0, diameter=AUTO).tile_size
+            elif args.diameter == "true":
+                tile, _ = choose_scale(net, image, native, median_diameter(gt), torch.device("cpu"))
             ious = list(click_ious(net, image, gt, tile_size=tile).values())
             by[it.source].extend(ious)
             by["ALL"].extend(ious)

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from cellsam.eval.harness import load_prepared
 from cellsam.eval.metrics import evaluate_labels
-from cellsam.inference.scale import median_diameter
+from cellsam.inference.scale import choose_scale, median_diameter
 from cellsam.inference.segment import segment
 from cellsam.weights import load_model
 
@@ -57,7 +57,7 @@ def main() -> None:
     for scale in args.scales:
         pairs = [rescale_pair(*it.load(), scale) for it in items]
         for mode in args.modes:
-            preds, secs, diams = [], [], []
+            preds, secs, diams, tiles, first = [], [], [], [], []
             for img, gt in pairs:
                 diameter = {"none": None, "auto": "auto", "true": median_diameter(gt)}[mode]
                 t = time.perf_counter()
@@ -65,6 +65,10 @@ def main() -> None:
                 secs.append(time.perf_counter() - t)
                 preds.append(seg.labels)
                 diams.append(seg.diameter)
+                tiles.append(seg.tile_size)
+                if mode == "auto":
+                    with torch.inference_mode():
+                        first.append(choose_scale(model, img, model.cfg.tile_size, "auto", torch.device("cpu")))
             row = {"scale": scale, "diameter": mode, "seconds_per_image": round(float(np.mean(secs)), 3)}
             for src in sources:
                 idx = [i for i, it in enumerate(items) if it.source == src]
@@ -77,18 +81,29 @@ def main() -> None:
                 true = [median_diameter(g) for _, g in pairs]
                 ratios = [d / t for d, t in zip(diams, true, strict=True) if d and t]
                 row["auto/true diameter (median)"] = round(float(np.median(ratios)), 3) if ratios else None
+                row["auto diameter error (mean |log|)"] = round(float(np.mean(np.abs(np.log(ratios)))), 3)
+                sized = [abs(np.log(d / t)) for (_, d), t in zip(first, true, strict=True) if d and t]
+                row["size model error (mean |log|)"] = round(float(np.mean(sized)), 3)
+                found = [median_diameter(lab) for lab in preds]
+                row["cells' diameter error (mean |log|)"] = round(float(np.mean(
+                    [abs(np.log(d / t)) for d, t in zip(found, true, strict=True) if d and t])), 3)
+                row["second passes"] = sum(seg_tile != tile for seg_tile, (tile, _) in zip(tiles, first, strict=True))
             rows.append(row)
             print(json.dumps(row), flush=True)
     out = {"model": args.model, "split": args.split, "images": len(items), "sources": sources, "rows": rows,
            "command": "python scripts/scale_study.py " + " ".join(__import__("sys").argv[1:])}
     Path(args.json).write_text(json.dumps(out, indent=1))
     if args.markdown:
-        head = ["scale", "diameter", *sources, "all", "s/img", "auto/true"]
+        head = ["scale", "diameter", *sources, "all", "s/img", "auto/true", "size model error",
+                "cells' diameter error", "second passes"]
         lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for r in rows:
             lines.append("| " + " | ".join([f"{r['scale']}x", r["diameter"], *[f"{r[s]:.3f}" for s in sources],
                                              f"{r['all']:.3f}", f"{r['seconds_per_image']:.2f}",
-                                             str(r.get("auto/true diameter (median)", "-"))]) + " |")
+                                             *[str(r.get(k, "-")) for k in ("auto/true diameter (median)",
+                                                                           "size model error (mean |log|)",
+                                                                           "cells' diameter error (mean |log|)",
+                                                                           "second passes")]]) + " |")
         Path(args.markdown).write_text("\n".join(lines) + "\n")
 
 

@@ -10,7 +10,14 @@ from skimage.draw import disk
 from skimage.transform import rescale
 
 from cellsam.config import check_diameter
-from cellsam.inference.scale import MAX_SCALE, median_diameter, needs_rescale, tile_size_for
+from cellsam.inference.scale import (
+    MAX_SCALE,
+    MIN_MEASURED_CELLS,
+    median_diameter,
+    needs_rescale,
+    rescale_from_cells,
+    tile_size_for,
+)
 
 
 def disc_scene(diameter: float, n: int = 12, size: int = 256, seed: int = 0) -> np.ndarray:
@@ -45,6 +52,20 @@ def test_tile_size_for_scales_and_clamps() -> None:
         tile_size_for(256, 0.0, 10.0)
     assert not needs_rescale(22.0, 20.0) and needs_rescale(40.0, 20.0) and needs_rescale(10.0, 20.0)
     assert not needs_rescale(None, 20.0)
+
+
+def test_cells_of_a_pass_ask_for_their_scale() -> None:
+    """A pass's cells keep its tile when they are near its scale and ask for theirs when not."""
+    at_20, at_40 = disc_scene(20.0, n=16, size=512), disc_scene(40.0, n=16, size=512)
+    tile, measured = rescale_from_cells(at_20, 256, 20.0, 256)
+    assert tile == 256 and measured is not None and abs(measured - 20.0) < 2.0
+    assert rescale_from_cells(at_20, 256, 20.0, 280)[0] == 280  # 256 wanted: within the tolerance of 280
+    assert rescale_from_cells(at_20, 256, 20.0, 512)[0] == 256  # a pass at twice the scale: back to 256
+    tile, measured = rescale_from_cells(at_40, 256, 20.0, 256)
+    assert measured is not None and abs(measured - 40.0) < 3.0 and abs(tile - 512) <= 30
+    few = disc_scene(40.0, n=MIN_MEASURED_CELLS - 1, size=512)
+    assert rescale_from_cells(few, 256, 20.0, 256) == (256, None)
+    assert rescale_from_cells(np.zeros((64, 64), np.int32), 256, 20.0, 100) == (100, None)
 
 
 @pytest.mark.parametrize("bad", [0, -3, float("nan"), float("inf"), "big", True])
@@ -120,6 +141,25 @@ def test_auto_diameter_from_a_first_pass_follows_the_magnification(sized, sample
     assert small.labels.shape == small_image.shape[:2]
     assert native.tile_size is not None and small.tile_size is not None and small.tile_size < native.tile_size
     assert abs(small.n_cells - native.n_cells) <= max(4, 0.2 * native.n_cells), (small.n_cells, native.n_cells)
+
+
+@pytest.mark.parametrize("wrong", [0.4, 2.5])
+def test_auto_mends_a_wrong_size_estimate_with_its_cells(sized, sample: np.ndarray, wrong: float,  # type: ignore[no-untyped-def]
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """When the size model is off by 2.5x either way, the first pass's cells set the scale: the image is
+    segmented again near the scale of a right estimate, with about the same cells."""
+    import cellsam
+    import cellsam.inference.scale as scale
+
+    right = cellsam.segment(sample, sized, diameter="auto")
+    assert right.diameter is not None and right.tile_size is not None
+    true_estimate = scale.estimate_diameter
+    monkeypatch.setattr(scale, "estimate_diameter", lambda *a: wrong * true_estimate(*a))
+    mended = cellsam.segment(sample, sized, diameter="auto")
+    assert mended.tile_size is not None and mended.diameter is not None
+    assert max(mended.tile_size, right.tile_size) <= 1.3 * min(mended.tile_size, right.tile_size)
+    assert abs(mended.diameter / right.diameter - 1.0) < 0.3
+    assert abs(mended.n_cells - right.n_cells) <= max(3, 0.15 * right.n_cells), (mended.n_cells, right.n_cells)
 
 
 def test_command_line_diameter_and_tile_size_set_one_scale() -> None:

@@ -36,7 +36,7 @@ from cellsam.config import AUTO, DEFAULT_DECODE_WINDOW, DEFAULT_DIAMETER
 from cellsam.inference.params import DEFAULT_MIN_AREA, SegmentParams, params_or_keywords
 from cellsam.inference.preprocess import Channels, as_numpy, prepare_image
 from cellsam.inference.runtime import autocast_context, resolve_model
-from cellsam.inference.scale import choose_scale, has_size_model, median_diameter, needs_rescale, tile_size_for
+from cellsam.inference.scale import choose_scale, has_size_model, rescale_from_cells
 from cellsam.inference.tiling import Candidate, Tile, deduplicate, extract_tile, in_core, tile_cores, tile_grid
 from cellsam.inference.upscale import upscale_cells
 from cellsam.models.protocol import SegmentationModel, inference_defaults
@@ -194,21 +194,30 @@ def segment(
 
 def segment_at_scale(image: np.ndarray, net: SegmentationModel, dev: torch.device, p: SegmentParams) -> Segmentation:
     """Segment one prepared image at the scale ``p.diameter`` asks for (see :mod:`.scale`); ``p`` is filled
-    (:meth:`~.params.SegmentParams.for_model`), its ``tile_size`` the model's scale."""
+    (:meth:`~.params.SegmentParams.for_model`), its ``tile_size`` the model's scale.
+
+    With ``diameter="auto"`` the first pass is at the size model's scale (the model's own without one);
+    when that pass's cells ask for a scale more than ``RESCALE_TOLERANCE`` away, the image is segmented
+    once more at theirs (:func:`~.scale.rescale_from_cells`).
+    """
     native = p.model_values().tile_size
     model_diameter = inference_defaults(net).cell_diameter
     used: float | None
-    if p.diameter == AUTO and model_diameter and not has_size_model(net):  # measure a first pass's cells
-        first = segment_prepared(image, net, dev, p)
-        estimated = median_diameter(first.labels)
-        first.diameter, first.tile_size = estimated, native
-        if estimated is None or not needs_rescale(estimated, model_diameter):
-            return first
-        tile, used = tile_size_for(native, model_diameter, estimated), estimated
+    measure = p.diameter == AUTO and bool(model_diameter)
+    if measure and not has_size_model(net):
+        tile, used = native, None
     else:
         tile, used = choose_scale(net, image, native, p.diameter, dev)
     result = segment_prepared(image, net, dev, p.replace(tile_size=tile))
     result.diameter, result.tile_size = used, tile
+    if not measure or model_diameter is None:
+        return result
+    again, measured = rescale_from_cells(result.labels, native, model_diameter, tile)
+    if again != tile:
+        result = segment_prepared(image, net, dev, p.replace(tile_size=again))
+        result.diameter, result.tile_size = measured, again
+    elif used is None:
+        result.diameter = measured
     return result
 
 
