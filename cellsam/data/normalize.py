@@ -10,7 +10,11 @@ puts that channel in BLUE and leaves green empty, as the reference places a C-ch
 in the last C slots. Only when both a nuclear and a whole-cell channel exist is green used.
 
 RGB rule (:func:`rgb_to_channel`): an RGB(A) image becomes ONE grey channel.
-- Grey stored as RGB (R = G = B): that channel, unchanged.
+- Grey stored as RGB (R = G = B): that channel; inverted when its median is above half the range (a
+  bright-field picture, objects dark on a light background). On ``../shared/data`` the 513 grey DSB images
+  split cleanly: 499 fluorescence images with medians at most 0.17 of the range (objects brighter) and 14
+  bright-field ones at 0.88-0.91 (objects darker). A single-channel image is never inverted (phase
+  contrast, also on a mid-grey background, is learnt as it is).
 - Colour: luminance ``0.299 R + 0.587 G + 0.114 B``. A stained bright-field picture (H&E, IHC,
   other stains; :func:`is_stained_brightfield`) is inverted (``max - lum``), so that stained
   objects are bright on dark as in fluorescence; a colour fluorescence composite is not. The
@@ -131,6 +135,7 @@ def is_grey_rgb(rgb: np.ndarray) -> bool:
 BRIGHT_FRACTION = 0.05  # the brightest 5% of pixels are where bright-field shows its background
 NEUTRAL_TINT = 0.6  # their chroma / luminance: shared data's bright-field <= 0.30, composites >= 1.15
 DARK_MEDIAN = 0.2  # a median luminance below 20% of the range is a dark (fluorescence) background
+BRIGHT_GREY_MEDIAN = 0.5  # a grey RGB picture with its median above half the range is bright-field
 
 
 def is_stained_brightfield(rgb: np.ndarray) -> bool:
@@ -173,7 +178,8 @@ def rgb_to_channel(rgb: np.ndarray, *, invert: bool | Literal["auto"] = "auto") 
     Args:
         rgb: (H, W, 3) or (H, W, 4) numeric array, channels last (alpha ignored).
         invert: ``"auto"`` inverts stained bright-field colour images (H&E;
-            :func:`is_stained_brightfield`); True/False force it (grey-as-RGB images are then inverted too).
+            :func:`is_stained_brightfield`) and grey ones on a light background (median above
+            :data:`BRIGHT_GREY_MEDIAN` of the range); True/False force it.
     Returns:
         (H, W) float32 in the input's value scale (not normalised).
     """
@@ -186,7 +192,10 @@ def rgb_to_channel(rgb: np.ndarray, *, invert: bool | Literal["auto"] = "auto") 
     grey = is_grey_rgb(rgb)
     lum = rgb[..., 0].astype(np.float32) if grey else _luminance(rgb)
     top = _range_top(rgb, lum)
-    do_invert = (not grey and _stained(rgb, lum, top)) if invert == "auto" else bool(invert)
+    if invert == "auto":
+        do_invert = float(np.median(lum)) > BRIGHT_GREY_MEDIAN * top if grey else _stained(rgb, lum, top)
+    else:
+        do_invert = bool(invert)
     if do_invert:
         lum = (top - lum).astype(np.float32)
     return lum
