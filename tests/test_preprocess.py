@@ -67,9 +67,12 @@ def test_single_channel_3d_and_constant_channel(grey: np.ndarray, ref: np.ndarra
 
 def test_rgb_and_he() -> None:
     rng = np.random.default_rng(0)
-    grey_rgb = np.repeat((rng.random((32, 36)) * 255).astype(np.uint8)[..., None], 3, axis=2)
+    grey_rgb = np.repeat((rng.random((32, 36)) * 200).astype(np.uint8)[..., None], 3, axis=2)  # median ~100
     out = prepare_image(grey_rgb, channel_axis=-1)
     np.testing.assert_allclose(out[2], normalize_channel(grey_rgb[..., 0]), atol=1e-6)
+    light = 255 - grey_rgb  # grey bright-field (median ~155): inverted
+    np.testing.assert_allclose(prepare_image(light, channel_axis=-1)[2],
+                               normalize_channel(255 - light[..., 0].astype(np.float32)), atol=1e-6)
     he = np.full((32, 36, 3), (230, 200, 220), np.uint8)  # bright pink background
     he[8:20, 8:20] = (80, 40, 120)  # dark purple nucleus
     out = prepare_image(he, channel_axis=2)
