@@ -582,7 +582,7 @@ def test_detect_keeps_each_box_in_its_tiles_core_then_suppresses_overlaps(model:
         def detect(self, box_threshold: float | None) -> tuple[np.ndarray, np.ndarray]:
             return reported[self.i]
 
-    session._predictor = lambda key, img, tl, i: FakePredictor(i)  # type: ignore[method-assign]
+    session._predictor = lambda key, img, tl, i, size=None: FakePredictor(i)  # type: ignore[method-assign]
     boxes, scores = session.detect("k", image, box_threshold=None)
     # tile 0's two near-identical boxes: the better one; its box centred in tile 1's core: dropped there;
     # tile 1's copy of the first cell (centre in tile 0's core): dropped; tile 1's own cell: kept

@@ -35,3 +35,40 @@ def test_segment_all_takes_a_diameter(tmp_path: Path) -> None:
         np.testing.assert_array_equal(labels_of(client, image_id)[1], expect.labels)
         native = segment(img, model, box_threshold=0.0, iou_threshold=0.0, diameter=None)
         assert not np.array_equal(native.labels, expect.labels)
+
+
+def test_prompts_are_decoded_at_the_scale_of_their_image() -> None:
+    """The click tool shows each image's cells at the model's size: the size model's scale until a Segment
+    all sets one, that one after it, and a new estimate once the image is forgotten. A click on the same
+    cell of the sample at 1x and at 2x gives the same cell, four times the area."""
+    from skimage.transform import rescale
+
+    from cellsam.cli.segment import sample_path
+    from cellsam.inference.preprocess import prepare_image
+    from cellsam.io import load_image
+    from cellsam.server.session import ModelSession
+    from cellsam.weights import load_model
+
+    raw = load_image(sample_path()).data.astype(np.float32)
+    one = prepare_image(raw)
+    two = prepare_image(rescale(raw, 2.0, order=1, channel_axis=-1 if raw.ndim == 3 else None, preserve_range=True))
+    session = ModelSession(load_model("default"))
+    s1, s2 = session.scale((1,), one), session.scale((2,), two)
+    assert 1.6 <= s2 / s1 <= 2.4, (s1, s2)
+    assert (2,) in session.scales and session.scales[(2,)] == s2
+    seg = session.segment_all(one, (1,))
+    assert seg.n_cells > 5 and session.scale((1,), one) == seg.tile_size
+    # a click at the innermost pixel of the 1x segmentation's largest cell, and at the same place at 2x
+    from scipy.ndimage import distance_transform_edt
+
+    cell = int(np.argmax(np.bincount(seg.labels.ravel())[1:])) + 1
+    dist = distance_transform_edt(seg.labels == cell)
+    y, x = np.unravel_index(int(np.argmax(dist)), dist.shape)
+    a = session.predict((1,), one, points=[(float(x), float(y))], point_labels=[1])
+    b = session.predict((2,), two, points=[(2.0 * x + 0.5, 2.0 * y + 0.5)], point_labels=[1])
+    area1, area2 = int(a.mask.sum()), int(b.mask.sum())
+    assert 2.5 <= area2 / area1 <= 6.0, (area1, area2)
+    session.segment_all(two, (2,), diameter=None)  # the user's own choice of scale sticks
+    assert session.scale((2,), two) == session.tile_size
+    session.forget(2)
+    assert (2,) not in session.scales and session.scale((2,), two) == s2

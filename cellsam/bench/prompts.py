@@ -167,7 +167,8 @@ def time_prompts(model: Any, image_path: Path, *, repeats: int, warmup: int, mod
             url = f"/api/images/{info['id']}"
             rec = ctx.record(info["id"])
             img, key, session = ctx.prepared(rec), channel_key(rec), ctx.session
-            tiles = session.tiles((rec.height, rec.width))
+            size = session.scale(key, img)  # the tiles prompts on this image use (its scale)
+            tiles = session.tiles((rec.height, rec.width), size)
             for t in tiles:  # warm the cache: one encoder pass per tile
                 client.post(f"{url}/embed", json={"x": (t.x0 + t.x1) / 2, "y": (t.y0 + t.y1) / 2}).raise_for_status()
             warm_calls = calls[0]
@@ -202,7 +203,7 @@ def time_prompts(model: Any, image_path: Path, *, repeats: int, warmup: int, mod
                     region = (*point, *point) if q == "point" else tuple(box)
                     ti = session.best_tile(tiles, region)
                     t = tiles[ti]
-                    p = session._predictor(key, img, tiles, ti)  # the cached cellsam.Predictor of that tile
+                    p = session._predictor(key, img, tiles, ti, size)  # the cached cellsam.Predictor of that tile
                     off = np.array([t.x0, t.y0], np.float32)
                     if q == "point":
                         kw = {"point_coords": pts[i : i + 1] - off, "point_labels": np.ones(1, np.int64),
@@ -226,7 +227,7 @@ def time_prompts(model: Any, image_path: Path, *, repeats: int, warmup: int, mod
                          f"{repeats}: {', '.join(bad)}; an untrained model does this")
     return {
         "image": {"name": image_path.name, "shape": [int(rec.height), int(rec.width)], "channels": rec.n_channels,
-                  "tiles": len(tiles), "tile_size": int(session.tile_size)},
+                  "tiles": len(tiles), "tile_size": int(size)},
         "encoder_calls": {"warm": warm_calls, "timed": timed_calls},
         "runs": runs,
         "notes": notes,

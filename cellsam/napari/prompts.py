@@ -149,6 +149,7 @@ class PromptTool:
             points=None if pts is None else [tuple(np.asarray(q, np.float32) - shift) for q in pts],
             point_labels=labs,
             box=None if box is None else tuple(np.asarray(box, np.float32) - np.tile(shift, 2)),
+            tile_size=self.session.tile_size,  # the window is one tile of the lazy grid, at the model's scale
         )
         return Cell(prop.y0 + t.y0, prop.x0 + t.x0, prop.mask, prop.score)
 

@@ -55,10 +55,11 @@ def router(ctx: ServerContext) -> APIRouter:
         x = rec.width / 2 if body is None or body.x is None else body.x
         y = rec.height / 2 if body is None or body.y is None else body.y
         with session.lock:
-            tiles = session.tiles((rec.height, rec.width))
+            size = session.scale(channel_key(rec), img)
+            tiles = session.tiles((rec.height, rec.width), size)
             before = session.embeddings.misses
             i = session.best_tile(tiles, (x, y, x, y))
-            session._predictor(channel_key(rec), img, tiles, i)
+            session._predictor(channel_key(rec), img, tiles, i, size)
             calls = session.embeddings.misses - before
         return EmbedResponse(tiles=len(tiles), encoder_calls=calls, cached_embeddings=len(session.embeddings))
 
@@ -66,10 +67,11 @@ def router(ctx: ServerContext) -> APIRouter:
     def segment_all(image_id: int, body: SegmentRequest | None = None) -> EditResponse:
         """Run CellFinder + SAM on the whole image and replace its labels (one undoable edit)."""
         body = body or SegmentRequest()
-        _, img = image(image_id)
+        rec, img = image(image_id)
         try:
-            seg = session.segment_all(img, box_threshold=body.box_threshold, iou_threshold=body.iou_threshold,
-                                      min_area=body.min_area, diameter=body.diameter)
+            seg = session.segment_all(img, channel_key(rec), box_threshold=body.box_threshold,
+                                      iou_threshold=body.iou_threshold, min_area=body.min_area,
+                                      diameter=body.diameter)
         except ValueError as e:  # e.g. a diameter for a model without a size reference
             raise HTTPException(422, str(e)) from None
         return edit_response(project.set_labels(image_id, seg.labels, action="segment all"))

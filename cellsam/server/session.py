@@ -1,9 +1,12 @@
 """The model, loaded once, and the per-image caches that make prompts fast.
 
-An image is split into the model's tiles (``cfg.tile_size`` pixels, 25 % overlap, zero-padded like
-:func:`cellsam.segment`); each tile is embedded once, on first use, by a
+An image is split into tiles (25 % overlap, zero-padded like :func:`cellsam.segment`) at the image's
+scale (:meth:`ModelSession.scale`): the tile side its last Segment all ended at, else the one the
+model's size model picks (``diameter="auto"``), else the model's own ``cfg.tile_size``; each tile is
+resized to the model's input and embedded once, on first use, by a
 :class:`~cellsam.inference.predictor.Predictor` kept in an LRU cache bounded by count and bytes.
-A prompt then runs only the prompt encoder and mask decoder on the tile that holds it best.
+A prompt then runs only the prompt encoder and mask decoder on the tile that holds it best, so a click
+on a cell is decoded with the cell at about the size the model was trained on.
 Normalised images ((3, H, W) in [0, 1]) are cached the same way. All model calls hold one lock.
 """
 
@@ -113,6 +116,7 @@ class ModelSession:
         self.images: LRUCache[tuple[Hashable, ...]] = LRUCache(
             max_items=12, max_bytes=max(cache_bytes // 2, 1), size_of=lambda a: a.nbytes
         )
+        self.scales: dict[tuple[Hashable, ...], int] = {}  # image key -> tile side of its prompts
         self.generation = 0
         self.set_model(model, name=name)
 
@@ -124,6 +128,7 @@ class ModelSession:
             self.tile_size = int(getattr(model.cfg, "tile_size", model.img_size))
             self.generation += 1
             self.embeddings.clear()
+            self.scales.clear()
 
     # ------------------------------------------------------------------ images and tiles
     def prepared(self, key: tuple[Hashable, ...], load: Callable[[], np.ndarray]) -> np.ndarray:
@@ -140,16 +145,36 @@ class ModelSession:
         with self.lock:
             self.images.drop(lambda k: k[0] == image_id)
             self.embeddings.drop(lambda k: k[0] == image_id)
+            for k in [k for k in self.scales if k[0] == image_id]:
+                del self.scales[k]
 
-    def tiles(self, shape: tuple[int, int]) -> list[Tile]:
-        return tile_grid(shape, tile_size=self.tile_size, overlap=TILE_OVERLAP)
+    def scale(self, key: Hashable, image: np.ndarray) -> int:
+        """The tile side (input pixels) that prompts on ``image`` use: the one its last
+        :meth:`segment_all` ended at, else the size model's choice (``diameter="auto"``; the model's own
+        tile without a size model). Remembered per image key."""
+        k = _as_tuple(key)
+        with self.lock:
+            tile = self.scales.get(k)
+            if tile is None:
+                from cellsam.config import AUTO
+                from cellsam.inference.scale import choose_scale
 
-    def _predictor(self, key: Hashable, image: np.ndarray, tiles: list[Tile], i: int) -> Predictor:
-        full = (*key, i, self.generation) if isinstance(key, tuple) else (key, i, self.generation)
+                tile, _ = choose_scale(self.model, image, self.tile_size, AUTO, self.model.pixel_mean.device)
+                self.scales[k] = tile
+            return tile
+
+    def tiles(self, shape: tuple[int, int], tile_size: int | None = None) -> list[Tile]:
+        """The tiles of an image of ``shape`` at ``tile_size`` (None: the model's own)."""
+        return tile_grid(shape, tile_size=tile_size or self.tile_size, overlap=TILE_OVERLAP)
+
+    def _predictor(self, key: Hashable, image: np.ndarray, tiles: list[Tile], i: int,
+                   tile_size: int | None = None) -> Predictor:
+        size = tile_size or self.tile_size
+        full = (*_as_tuple(key), i, size, self.generation)
         p = self.embeddings.get(full)
         if p is None:
             p = Predictor(self.model)
-            p.set_image(extract_tile(image, tiles[i], self.tile_size), channel_axis=0, normalize=False)
+            p.set_image(extract_tile(image, tiles[i], size), channel_axis=0, normalize=False)
             self.embeddings.put(full, p)
         return p
 
@@ -168,12 +193,13 @@ class ModelSession:
         points: list[tuple[float, float]] | None = None,
         point_labels: list[int] | None = None,
         box: tuple[float, float, float, float] | None = None,
+        tile_size: int | None = None,
     ) -> CellProposal:
         """One cell from point and / or box prompts (x, y pixels of the whole image).
 
         Args:
             image: (3, H, W) normalised image. points: (P, 2) xy; point_labels: (P,) 1 = inside,
-            0 = outside. box: xyxy.
+            0 = outside. box: xyxy. tile_size: the scale (None: :meth:`scale` of ``key``).
         Returns:
             the cleaned mask (largest island, holes filled) on its tile window.
         Raises:
@@ -196,10 +222,11 @@ class ModelSession:
             if not -1 <= v <= side + 1:
                 raise ValueError(f"prompt coordinate {v:g} lies outside the {w}x{h} image")
         with self.lock:
-            tiles = self.tiles((h, w))
+            size = tile_size or self.scale(key, image)
+            tiles = self.tiles((h, w), size)
             i = self.best_tile(tiles, region)
             t = tiles[i]
-            p = self._predictor(key, image, tiles, i)
+            p = self._predictor(key, image, tiles, i, size)
             off = np.array([t.x0, t.y0], np.float32)
             kw: dict[str, Any] = {}
             if pts.shape[0]:
@@ -226,10 +253,11 @@ class ModelSession:
         h, w = image.shape[1:]
         all_boxes, all_scores = [], []
         with self.lock:
-            tiles = self.tiles((h, w))
-            cores = tile_cores(tiles, self.tile_size)
+            size = self.scale(key, image)
+            tiles = self.tiles((h, w), size)
+            cores = tile_cores(tiles, size)
             for i, t in enumerate(tiles):
-                boxes, scores = self._predictor(key, image, tiles, i).detect(box_threshold)
+                boxes, scores = self._predictor(key, image, tiles, i, size).detect(box_threshold)
                 boxes = boxes + np.array([t.x0, t.y0, t.x0, t.y0], np.float32)
                 boxes[:, 0::2] = boxes[:, 0::2].clip(0, w)
                 boxes[:, 1::2] = boxes[:, 1::2].clip(0, h)
@@ -250,13 +278,14 @@ class ModelSession:
         h, w = image.shape[1:]
         out: list[CellProposal] = []
         with self.lock:
-            tiles = self.tiles((h, w))
+            size = self.scale(key, image)
+            tiles = self.tiles((h, w), size)
             groups: dict[int, list[int]] = {}
             for j, b in enumerate(np.asarray(boxes, np.float32).reshape(-1, 4)):
                 groups.setdefault(self.best_tile(tiles, tuple(b)), []).append(j)
             for i, idx in groups.items():
                 t = tiles[i]
-                p = self._predictor(key, image, tiles, i)
+                p = self._predictor(key, image, tiles, i, size)
                 local = boxes[idx] - np.array([t.x0, t.y0, t.x0, t.y0], np.float32)
                 logits, scores, _ = p.predict(box=local, multimask_output=False, return_logits=True)
                 for n in range(len(idx)):
@@ -266,12 +295,21 @@ class ModelSession:
                         out.append(CellProposal(t.y0, t.x0, mask, lo, float(scores[n, 0])))
         return out
 
-    def segment_all(self, image: np.ndarray, **kwargs: Any) -> Any:
-        """:func:`cellsam.segment` on a normalised (3, H, W) image with this session's model."""
+    def segment_all(self, image: np.ndarray, key: Hashable | None = None, **kwargs: Any) -> Any:
+        """:func:`cellsam.segment` on a normalised (3, H, W) image with this session's model; with ``key``,
+        later prompts on that image use the scale the segmentation ended at (:meth:`scale`)."""
         from cellsam.inference.segment import segment
 
         with self.lock:
-            return segment(image, self.model, channel_axis=0, normalize=False, **kwargs)
+            seg = segment(image, self.model, channel_axis=0, normalize=False, **kwargs)
+            if key is not None and not isinstance(seg, list) and seg.tile_size:
+                self.scales[_as_tuple(key)] = int(seg.tile_size)
+            return seg
+
+
+def _as_tuple(key: Hashable) -> tuple[Hashable, ...]:
+    """Cache keys are tuples whose first item is the image's id (see :meth:`ModelSession.forget`)."""
+    return tuple(key) if isinstance(key, tuple) else (key,)
 
 
 def proposals_to_labels(props: list[CellProposal], shape: tuple[int, int]) -> np.ndarray:
