@@ -217,3 +217,37 @@ def test_widget_segmentation_takes_the_diameter_as_the_library_does() -> None:
         assert seg.tile_size == expect.tile_size and seg.diameter == pytest.approx(expect.diameter)
         np.testing.assert_array_equal(seg.labels, expect.labels)
     assert seg.tile_size != model.cfg.tile_size  # the sample's ~41 px nuclei are rescaled to the model's 27.7
+
+
+def test_widget_segmentation_mends_a_wrong_size_estimate_as_the_library_does(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With the size model off by 2.5x, the widget's blockwise "auto" measures its first pass's cells and
+    segments again at their scale, as cellsam.segment does: the same labels, the same final scale."""
+    import cellsam
+    import cellsam.inference.scale as scale
+    from cellsam.cli.segment import sample_path
+    from cellsam.io import load_image
+
+    im = load_image(sample_path()).data
+    model = cellsam.load_model("default")
+    right = cellsam.segment(im, model)
+    true_estimate = scale.estimate_diameter
+    monkeypatch.setattr(scale, "estimate_diameter", lambda *a: 2.5 * true_estimate(*a))
+    steps, seg = drain(iter_segment(im, model, options=SegmentOptions()))
+    expect = cellsam.segment(im, model)
+    assert seg.tile_size == expect.tile_size and seg.diameter == pytest.approx(expect.diameter)
+    np.testing.assert_array_equal(seg.labels, expect.labels)
+    assert right.tile_size is not None and seg.tile_size is not None
+    assert max(seg.tile_size, right.tile_size) <= 1.3 * min(seg.tile_size, right.tile_size)
+    assert sum(p.done == 0 for p in steps) == 2  # two passes over the tiles
+
+
+def test_prompt_tool_keeps_the_scale_a_segmentation_set(tiny) -> None:
+    img, _ = blobs()
+    tool = PromptTool(tiny)
+    tool.use_scale("a", 96)
+    tool.set_image("a", img, ImageSpec())
+    assert tool.session.known_scale("a") == 96
+    tool.cell("a", box=(10, 10, 40, 40))
+    assert {k[2] for k in tool.session.embeddings._d} == {96}  # the tile embedded at that scale
+    tool.forget("a")
+    assert tool.session.known_scale("a") is None and len(tool.session.embeddings) == 0

@@ -333,6 +333,8 @@ class CellSAMWidget(Container):
             if result.n_cells:
                 self.viewer.add_shapes(box_rectangles(result.boxes), **bkw)
         self.status.value = f"{image_layer.name}: {result.n_cells} cell(s)"
+        if result.tile_size:  # later prompts on this image: at the scale this segmentation ended at
+            self.prompt_tool().use_scale(_prompt_key(image_layer, spec), result.tile_size)
         self._click_label = self._click_rect = None
         if result.n_cells == 0:
             show_warning(f"cellsam: {result.message or 'no cells found'}")
@@ -372,7 +374,7 @@ class CellSAMWidget(Container):
             layer = self._image_layer()
             spec = self.image_spec(layer)
             tool = self.prompt_tool()
-            key = f"{layer.name}|{id(level0(layer.data))}|{spec.channel_axis}|{spec.channels}"
+            key = _prompt_key(layer, spec)
             if not tool.has_image(key):
                 tool.set_image(key, layer.data, spec)
             cell = tool.cell(key, box=box, points=points, point_labels=point_labels)
@@ -544,3 +546,8 @@ def _call(fn: Any) -> Any:
     """A generator that returns ``fn()`` without yielding (for ``yield from _guarded(...)``)."""
     return fn()
     yield  # pragma: no cover - makes this a generator
+
+
+def _prompt_key(layer: Any, spec: ImageSpec) -> str:
+    """The prompt tool's key of an image layer read with ``spec``."""
+    return f"{layer.name}|{id(level0(layer.data))}|{spec.channel_axis}|{spec.channels}"

@@ -71,8 +71,13 @@ class PromptTool:
         return key in self._images
 
     def set_image(self, key: Hashable, data: Any, spec: ImageSpec, *, lazy: bool | None = None) -> None:
-        """Register (or replace) the image ``key``; raises ValueError / TypeError for a bad image."""
-        self.forget(key)
+        """Register (or replace) the image ``key``; raises ValueError / TypeError for a bad image. A scale
+        set for ``key`` (:meth:`use_scale`) is kept."""
+        with self.session.lock:
+            scale = self.session.known_scale(key)
+            self.forget(key)
+            if scale is not None:
+                self.session.set_scale(key, scale)
         data = level0(data)
         lazy = is_lazy(data) if lazy is None else lazy
         source, norm = open_image(data, spec, lazy=lazy)
@@ -83,10 +88,14 @@ class PromptTool:
             self._images[key] = _Image(source.shape, np.asarray(prepared))
 
     def forget(self, key: Hashable) -> None:
-        if self._images.pop(key, None) is not None:
-            with self.session.lock:
-                self.session.embeddings.drop(lambda k: k[0] == key)
-                self.session.images.drop(lambda k: k[0] == key)
+        """Drop the image ``key``, its cached embeddings and its scale."""
+        self._images.pop(key, None)
+        self.session.forget(key)
+
+    def use_scale(self, key: Hashable, tile_size: int) -> None:
+        """Decode prompts on ``key`` at ``tile_size`` (the scale its segmentation ended at); without it, an
+        in-memory image's prompts use the size model's scale and a lazy image's the model's own."""
+        self.session.set_scale(key, tile_size)
 
     def cell(
         self,

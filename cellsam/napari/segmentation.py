@@ -148,6 +148,10 @@ def iter_segment(
 ) -> Generator[Progress, None, Any]:
     """Segment ``data`` with ``model``, yielding :class:`Progress` after each block of tiles.
 
+    At the scale ``options.diameter`` asks for, as :func:`cellsam.segment`: with "auto" on an in-memory
+    image, the size model's, then once more at the scale of the cells found when they ask for another
+    (:func:`~cellsam.inference.scale.rescale_from_cells`); a lazy image keeps its own scale with "auto".
+
     Args:
         data: (H, W) or 3-D array (numpy, dask, zarr) or a multiscale list (its first level is used).
         model: a loaded CellSAM model (see :func:`cellsam.weights.load_model`).
@@ -155,27 +159,49 @@ def iter_segment(
     Returns:
         a :class:`~cellsam.inference.segment.Segmentation` (labels int32 1..N by descending score).
     """
-    import torch
-
-    from cellsam.distributed.blocks import GridTiles, block_cells, plan_blocks
+    from cellsam.config import AUTO, check_diameter
     from cellsam.inference.runtime import resolve_model
+    from cellsam.inference.scale import rescale_from_cells
+    from cellsam.models.protocol import inference_defaults
 
     net, dev = resolve_model(model)
     p = segment_params(net, options)
     source, norm = open_image(data, spec, lazy=lazy)
-    h, w = source.shape
     in_memory = not (is_lazy(level0(data)) if lazy is None else lazy)
     p, estimated = at_scale(net, dev, source if in_memory else None, p, options)
+    if hasattr(net, "eval"):
+        net.eval()
+    seg = yield from _segment_blocks(net, dev, source, norm, p, int(options.block_tiles))
+    seg.diameter = estimated
+    model_diameter = inference_defaults(net).cell_diameter
+    if in_memory and options.tile_size is None and check_diameter(options.diameter) == AUTO and model_diameter:
+        native = segment_params(net, options).model_values().tile_size
+        again, measured = rescale_from_cells(seg.labels, native, model_diameter, int(seg.tile_size or native))
+        if again != seg.tile_size:  # the cells ask for another scale: once more at theirs, as cellsam.segment
+            seg = yield from _segment_blocks(net, dev, source, norm, p.replace(tile_size=again),
+                                             int(options.block_tiles))
+            seg.diameter = measured
+        elif estimated is None:
+            seg.diameter = measured
+    return seg
+
+
+def _segment_blocks(net: Any, dev: Any, source: Any, norm: Any, p: SegmentParams, block_tiles: int
+                    ) -> Generator[Progress, None, Any]:
+    """One pass over the image's tiles at ``p.tile_size``, block by block, yielding :class:`Progress`."""
+    import torch
+
+    from cellsam.distributed.blocks import GridTiles, block_cells, plan_blocks
+
+    h, w = source.shape
     tile_size = p.model_values().tile_size
     grid = GridTiles((h, w), tile_size=tile_size, overlap=p.tile_overlap)
-    blocks = plan_blocks(grid, int(options.block_tiles))
+    blocks = plan_blocks(grid, block_tiles)
     total = len(blocks) + 1
     yield Progress(0, total, f"{len(grid)} tile(s) of {tile_size} px in {len(blocks)} block(s)")
     stats = {"tiles": len(grid), "boxes": 0, "decoded": 0, "iou_passed": 0, "masks": 0}
     gids: list[np.ndarray] = []
     cells: list[Any] = []
-    if hasattr(net, "eval"):
-        net.eval()
     for k, block in enumerate(blocks):
         with torch.inference_mode():
             found = block_cells(net, dev, source, norm, block, grid, p)
@@ -185,7 +211,7 @@ def iter_segment(
             stats[key] += int(found.stats.get(key, 0))
         yield Progress(k + 1, total, f"block {k + 1}/{len(blocks)}: {len(cells)} candidate cell(s)")
     seg = stitch(cells, np.concatenate(gids) if gids else np.zeros(0, np.int64), grid, p, stats)
-    seg.diameter, seg.tile_size = estimated, tile_size
+    seg.tile_size = tile_size
     yield Progress(total, total, f"{seg.n_cells} cell(s)")
     return seg
 

@@ -140,8 +140,8 @@ class ModelSession:
                 self.images.put(key, img)
             return img
 
-    def forget(self, image_id: int) -> None:
-        """Drop cached images and embeddings of one image (channels changed, image deleted)."""
+    def forget(self, image_id: Hashable) -> None:
+        """Drop cached images, embeddings and the scale of one image (channels changed, image deleted)."""
         with self.lock:
             self.images.drop(lambda k: k[0] == image_id)
             self.embeddings.drop(lambda k: k[0] == image_id)
@@ -162,6 +162,18 @@ class ModelSession:
                 tile, _ = choose_scale(self.model, image, self.tile_size, AUTO, self.model.pixel_mean.device)
                 self.scales[k] = tile
             return tile
+
+    def known_scale(self, key: Hashable) -> int | None:
+        """The scale remembered for the image ``key`` (:meth:`scale`, :meth:`set_scale`), or None."""
+        with self.lock:
+            return self.scales.get(_as_tuple(key))
+
+    def set_scale(self, key: Hashable, tile_size: int) -> None:
+        """Decode later prompts on the image ``key`` at ``tile_size`` (e.g. where its segmentation ended)."""
+        if tile_size < 1:
+            raise ValueError(f"tile_size must be >= 1, got {tile_size}")
+        with self.lock:
+            self.scales[_as_tuple(key)] = int(tile_size)
 
     def tiles(self, shape: tuple[int, int], tile_size: int | None = None) -> list[Tile]:
         """The tiles of an image of ``shape`` at ``tile_size`` (None: the model's own)."""
@@ -303,7 +315,7 @@ class ModelSession:
         with self.lock:
             seg = segment(image, self.model, channel_axis=0, normalize=False, **kwargs)
             if key is not None and not isinstance(seg, list) and seg.tile_size:
-                self.scales[_as_tuple(key)] = int(seg.tile_size)
+                self.set_scale(key, seg.tile_size)
             return seg
 
 
