@@ -34,6 +34,8 @@ class AugmentConfig:
     blur_sigma_max: float = 1.2
     blur_p: float = 0.2
     invert_p: float = 0.0  # swap dark/bright cells (helps bright-field / H&E generalise)
+    stretch_max: float = 1.0  # area-preserving stretch by up to this factor along a random direction
+    stretch_p: float = 0.0  # (round nuclei become rods and long thin nuclei; off by default)
 
 
 def augment(image: Tensor, labels: Tensor, cfg: AugmentConfig, generator: torch.Generator) -> tuple[Tensor, Tensor]:
@@ -66,6 +68,8 @@ def augment(image: Tensor, labels: Tensor, cfg: AugmentConfig, generator: torch.
     if coin(cfg.scale_p):
         s = math.exp(uniform(math.log(cfg.scale_range[0]), math.log(cfg.scale_range[1])))
         image, labels = _rescale_crop(image, labels, s, generator)
+    if cfg.stretch_max > 1.0 and coin(cfg.stretch_p):
+        image, labels = stretch(image, labels, uniform(1.0, cfg.stretch_max), uniform(0.0, math.pi))
     image = _intensity(image, cfg, coin, uniform, generator)
     return image.contiguous(), labels.contiguous()
 
@@ -88,6 +92,35 @@ def _rescale_crop(image: Tensor, labels: Tensor, scale: float, generator: torch.
     out_img[:, y0 : y0 + ch, x0 : x0 + cw] = img[:, :ch, :cw]
     out_lab[y0 : y0 + ch, x0 : x0 + cw] = lab[:ch, :cw]
     return out_img, out_lab
+
+
+def stretch(image: Tensor, labels: Tensor, factor: float, angle: float) -> tuple[Tensor, Tensor]:
+    """Stretch by ``factor`` along the direction ``angle`` (radians from +x) about the centre, keeping areas.
+
+    Lengths along ``angle`` grow by ``sqrt(factor)`` and across it shrink by ``sqrt(factor)``, so a disc
+    becomes an ellipse of aspect ratio ``factor``. Image bilinear, labels nearest; what leaves the frame is
+    cut and what enters is zero (background).
+
+    Args:
+        image: (C, H, W) float; labels: (H, W) int64.
+    Returns:
+        image (C, H, W) and labels (H, W) of the same size.
+    """
+    if factor < 1.0:
+        raise ValueError(f"stretch factor must be >= 1, got {factor}")
+    h, w = labels.shape
+    c, s = math.cos(angle), math.sin(angle)
+    rot = torch.tensor([[c, -s], [s, c]], dtype=torch.float64)
+    inv_scale = torch.diag(torch.tensor([factor ** -0.5, factor ** 0.5], dtype=torch.float64))
+    # output pixel -> input pixel, in pixel units about the centre (grid_sample's normalised axes differ by w/h)
+    m = rot @ inv_scale @ rot.T
+    to_norm = torch.diag(torch.tensor([2.0 / w, 2.0 / h], dtype=torch.float64))
+    theta = (to_norm @ m @ torch.linalg.inv(to_norm)).to(torch.float32)
+    grid = F.affine_grid(torch.cat([theta, theta.new_zeros(2, 1)], 1)[None], [1, 1, h, w], align_corners=False)
+    img = F.grid_sample(image[None].float(), grid, mode="bilinear", padding_mode="zeros", align_corners=False)[0]
+    lab = F.grid_sample(labels[None, None].double(), grid.double(), mode="nearest", padding_mode="zeros",
+                        align_corners=False)[0, 0]
+    return img.clamp(0, 1).to(image.dtype), lab.round().to(labels.dtype)
 
 
 def _intensity(
