@@ -168,6 +168,7 @@ def iter_segment(
     p = segment_params(net, options)
     source, norm = open_image(data, spec, lazy=lazy)
     in_memory = not (is_lazy(level0(data)) if lazy is None else lazy)
+    native = p.model_values().tile_size
     p, estimated = at_scale(net, dev, source if in_memory else None, p, options)
     if hasattr(net, "eval"):
         net.eval()
@@ -175,7 +176,6 @@ def iter_segment(
     seg.diameter = estimated
     model_diameter = inference_defaults(net).cell_diameter
     if in_memory and options.tile_size is None and check_diameter(options.diameter) == AUTO and model_diameter:
-        native = segment_params(net, options).model_values().tile_size
         again, measured = rescale_from_cells(seg.labels, native, model_diameter, int(seg.tile_size or native))
         if again != seg.tile_size:  # the cells ask for another scale: once more at theirs, as cellsam.segment
             seg = yield from _segment_blocks(net, dev, source, norm, p.replace(tile_size=again),
