@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import filecmp
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -119,6 +120,23 @@ def test_whole_image_window_normalises_like_prepare_image() -> None:
     )
     with pytest.raises(ValueError, match="normalize=False"):
         fit_normalizer([], 1, normalize=False)
+
+
+def test_inverted_float_rgb_windows_share_the_whole_images_range_top() -> None:
+    """A float grey bright-field RGB picture (dark cells on a light background, 0..255) whose brightest
+    pixels all lie in its left half: every window is inverted from the whole image's top, so a window
+    normalises like the same pixels of the whole image (without CLAHE, which is per window)."""
+    rng = np.random.default_rng(0)
+    grey = 200.0 - 150.0 * make_blobs((64, 128), n=8)[0] + rng.normal(0, 2, (64, 128))
+    grey[:, :64] += 50.0  # the left half is brighter: the right half's own top is ~200, the image's ~250
+    rgb = np.repeat(np.clip(grey, 0, 255)[..., None], 3, axis=-1).astype(np.float32)
+    src = open_source(rgb, channel_axis=-1)
+    norm = replace(fit_normalizer([src.read((0, 0, 64, 128))], 3), clahe=False)
+    assert norm.invert and norm.top == pytest.approx(float(rgb.max()))
+    whole = prepare_window(src, norm, (0, 0, 64, 128))
+    np.testing.assert_allclose(prepare_window(src, norm, (0, 64, 64, 128)), whole[:, :, 64:], atol=1e-6)
+    own_top = replace(norm, top=None)  # each window inverted from its own top: shifted by ~50 grey levels
+    assert float(np.abs(prepare_window(src, own_top, (0, 64, 64, 128)) - whole[:, :, 64:]).mean()) > 0.05
 
 
 # ------------------------------------------------------------------------------------ on a LocalCluster

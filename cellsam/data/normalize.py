@@ -172,17 +172,9 @@ def _stained(rgb: np.ndarray, lum: np.ndarray, top: float) -> bool:
     return bool(neutral and float(np.median(lum)) > DARK_MEDIAN * top)
 
 
-def rgb_to_channel(rgb: np.ndarray, *, invert: bool | Literal["auto"] = "auto") -> np.ndarray:
-    """One grey channel from an RGB(A) image, by the module's documented RGB rule.
-
-    Args:
-        rgb: (H, W, 3) or (H, W, 4) numeric array, channels last (alpha ignored).
-        invert: ``"auto"`` inverts stained bright-field colour images (H&E;
-            :func:`is_stained_brightfield`) and grey ones on a light background (median above
-            :data:`BRIGHT_GREY_MEDIAN` of the range); True/False force it.
-    Returns:
-        (H, W) float32 in the input's value scale (not normalised).
-    """
+def _grey_of(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray, bool]:
+    """The validated (H, W, 3) colour part of an RGB(A) array, its grey (the red channel of a grey
+    picture, else the luminance) and whether it is a grey picture."""
     rgb = np.asarray(rgb)
     if rgb.ndim != 3 or rgb.shape[-1] not in (3, 4):
         raise ValueError(f"rgb_to_channel: expected (H, W, 3) or (H, W, 4), got shape {rgb.shape}")
@@ -190,8 +182,33 @@ def rgb_to_channel(rgb: np.ndarray, *, invert: bool | Literal["auto"] = "auto") 
     if np.issubdtype(rgb.dtype, np.floating) and not np.isfinite(rgb).all():
         raise ValueError("rgb_to_channel: contains NaN or infinite values")
     grey = is_grey_rgb(rgb)
-    lum = rgb[..., 0].astype(np.float32) if grey else _luminance(rgb)
-    top = _range_top(rgb, lum)
+    return rgb, (rgb[..., 0].astype(np.float32) if grey else _luminance(rgb)), grey
+
+
+def rgb_range_top(rgb: np.ndarray) -> float:
+    """The value an inverted RGB(A) image's grey is subtracted from (see :func:`rgb_to_channel`): the
+    dtype's maximum for integers, else the brightest grey value (at least 1). Measure it once on the
+    whole image (or a sample of it) to convert the image window by window."""
+    rgb, lum, _ = _grey_of(rgb)
+    return _range_top(rgb, lum)
+
+
+def rgb_to_channel(rgb: np.ndarray, *, invert: bool | Literal["auto"] = "auto",
+                   top: float | None = None) -> np.ndarray:
+    """One grey channel from an RGB(A) image, by the module's documented RGB rule.
+
+    Args:
+        rgb: (H, W, 3) or (H, W, 4) numeric array, channels last (alpha ignored).
+        invert: ``"auto"`` inverts stained bright-field colour images (H&E;
+            :func:`is_stained_brightfield`) and grey ones on a light background (median above
+            :data:`BRIGHT_GREY_MEDIAN` of the range); True/False force it.
+        top: the top of the value range (:func:`rgb_range_top`); default: this array's. A window of a
+            larger float image needs the whole image's, or windows are inverted by different amounts.
+    Returns:
+        (H, W) float32 in the input's value scale (not normalised).
+    """
+    rgb, lum, grey = _grey_of(rgb)
+    top = _range_top(rgb, lum) if top is None else float(top)
     if invert == "auto":
         do_invert = float(np.median(lum)) > BRIGHT_GREY_MEDIAN * top if grey else _stained(rgb, lum, top)
     else:

@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from cellsam.data.normalize import CLAHE_KERNEL, CLIP_PERCENTILE, rgb_to_channel
+from cellsam.data.normalize import CLAHE_KERNEL, CLIP_PERCENTILE, rgb_range_top, rgb_to_channel
 
 SAMPLE_PIXELS = 4_000_000
 Rect = tuple[int, int, int, int]  # (y0, x0, y1, x1), exclusive ends
@@ -181,6 +181,8 @@ class Normalizer:
         picks: for (green = nuclear, blue = whole-cell): a channel index, -1 for the grey of an RGB(A)
             picture, or None (empty channel).
         invert: invert the RGB grey (bright-field background), decided on the global sample.
+        top: the RGB grey's range top measured on the global sample (what inversion subtracts from, the
+            same in every window); None: each window's own (integer images: the dtype's maximum anyway).
         lo, hi: per pick, the global rescale range after the percentile clip (hi <= lo: all zeros).
         clahe: apply CLAHE per window.
     """
@@ -188,13 +190,14 @@ class Normalizer:
     prepared: bool
     picks: tuple[int | None, int | None] = (None, None)
     invert: bool = False
+    top: float | None = None
     lo: tuple[float, float] = (0.0, 0.0)
     hi: tuple[float, float] = (0.0, 0.0)
     clahe: bool = True
 
     def _raw(self, window: np.ndarray, pick: int) -> np.ndarray:
         if pick == -1:
-            return rgb_to_channel(window, invert=self.invert).astype(np.float64)
+            return rgb_to_channel(window, invert=self.invert, top=self.top).astype(np.float64)
         return window[..., pick].astype(np.float64)
 
     def apply(self, window: np.ndarray) -> np.ndarray:
@@ -258,11 +261,12 @@ def fit_normalizer(
         return Normalizer(prepared=True)
     picks = channel_picks(n_channels, channels)
     flat = np.concatenate([s.reshape(-1, 1, s.shape[-1]) for s in samples], axis=0)
-    invert = False
+    invert, range_top = False, None
     if -1 in picks:
         invert = not np.array_equal(rgb_to_channel(flat, invert="auto"), rgb_to_channel(flat, invert=False))
+        range_top = rgb_range_top(flat)
     lo, hi = [0.0, 0.0], [0.0, 0.0]
-    probe = Normalizer(prepared=False, picks=picks, invert=invert)
+    probe = Normalizer(prepared=False, picks=picks, invert=invert, top=range_top)
     for k, pick in enumerate(picks):
         if pick is None:
             continue
@@ -272,7 +276,8 @@ def fit_normalizer(
             continue
         top = float(np.percentile(nonzero, CLIP_PERCENTILE))
         lo[k], hi[k] = float(min(x.min(), top)), top
-    return Normalizer(prepared=False, picks=picks, invert=invert, lo=(lo[0], lo[1]), hi=(hi[0], hi[1]))
+    return Normalizer(prepared=False, picks=picks, invert=invert, top=range_top, lo=(lo[0], lo[1]),
+                      hi=(hi[0], hi[1]))
 
 
 def prepare_window(source: ImageSource, norm: Normalizer, rect: Rect) -> np.ndarray:
