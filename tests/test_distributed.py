@@ -285,3 +285,26 @@ def test_blank_regions_of_a_tiff_get_no_encoder_pass(tmp_path: Path, checkpoint:
     assert res.stats["blank_tiles"] == sum(t.y0 >= patch or t.x0 >= patch for t in grid) > 100
     labels = zarr.open_array(str(tmp_path / "corner.ome.zarr" / "0"), mode="r")[:]
     assert labels[: patch + tile, : patch + tile].any() and not labels[patch + tile :].any()
+
+
+def test_auto_diameter_is_measured_on_windows_of_a_large_image(tmp_path: Path, client) -> None:
+    """segment_dask's default diameter="auto": the default model on the sample at 0.4x (nuclei ~18 px)
+    pasted twice into a dark 1200 x 900 TIFF segments it at the small sample's own auto scale (smaller
+    tiles than the model's), with about the cells cellsam.segment finds on the two pieces."""
+    from skimage.transform import rescale
+
+    from cellsam.cli.segment import sample_path
+
+    small = rescale(io.load_image(sample_path()).data.astype(np.float32), 0.4, order=1, preserve_range=True)
+    big = np.zeros((1200, 900), np.float32)
+    big[100:244, 600:744] = small
+    big[900:1044, 100:244] = small[::-1]
+    tifffile.imwrite(tmp_path / "small_nuclei.tif", big)
+    model = load_model("default")
+    own = segment(small, model)
+    res = P.segment_dask(tmp_path / "small_nuclei.tif", "default", output=tmp_path / "auto.ome.zarr",
+                         client=client)
+    assert own.tile_size is not None and own.diameter is not None and res.diameter is not None
+    assert res.tile_size < model.cfg.tile_size / 1.3
+    assert max(res.tile_size, own.tile_size) <= 1.3 * min(res.tile_size, own.tile_size)
+    assert abs(res.n_cells - 2 * own.n_cells) <= max(4, 0.2 * own.n_cells), (res.n_cells, own.n_cells)

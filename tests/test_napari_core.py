@@ -65,11 +65,17 @@ def test_lazy_path_reads_dask_arrays_by_blocks() -> None:
 
     im = load_image(sample_path()).data
     model = __import__("cellsam").load_model("default")
-    # both at the image's own scale: diameter "auto" (the default) needs the whole image, so lazy keeps its scale
+    # both at the image's own scale, then both with diameter "auto" (the default): the lazy image measures
+    # it on its windows (here one window: the whole sample), in memory by the size model and a second pass
     _, mem = drain(iter_segment(im, model, options=SegmentOptions(diameter=None)))
-    steps, lazy = drain(iter_segment(da.from_array(im, chunks=100), model, options=SegmentOptions(block_tiles=1)))
+    steps, lazy = drain(iter_segment(da.from_array(im, chunks=100), model,
+                                     options=SegmentOptions(block_tiles=1, diameter=None)))
     assert lazy.diameter is None and lazy.tile_size == model.cfg.tile_size
     assert len(steps) == 2 * 2 + 2  # four blocks of one tile
+    _, mem_auto = drain(iter_segment(im, model))
+    _, lazy_auto = drain(iter_segment(da.from_array(im, chunks=100), model, options=SegmentOptions(block_tiles=1)))
+    assert lazy_auto.tile_size == mem_auto.tile_size and lazy_auto.diameter is not None
+    assert abs(lazy_auto.n_cells - mem_auto.n_cells) <= 2
     assert lazy.n_cells == mem.n_cells >= 20
     a, b = mem.labels > 0, lazy.labels > 0
     assert (a & b).sum() / (a | b).sum() > 0.95

@@ -166,20 +166,18 @@ def test_command_line_diameter_and_tile_size_set_one_scale() -> None:
     import argparse
 
     from cellsam.cli import build_parser
-    from cellsam.cli.segment import block_diameter, diameter_of
+    from cellsam.cli.segment import diameter_of
     from cellsam.config import DEFAULT_DIAMETER
 
     parser = build_parser()
     args = parser.parse_args(["segment", "x.tif", "--diameter", "30"])
-    assert diameter_of(args) == 30.0 and block_diameter(args) == 30.0
+    assert diameter_of(args) == 30.0
     assert diameter_of(parser.parse_args(["segment", "x.tif", "--diameter", "auto"])) == "auto"
     assert diameter_of(parser.parse_args(["segment", "x.tif", "--diameter", "none"])) is None
     assert diameter_of(parser.parse_args(["segment", "x.tif"])) == DEFAULT_DIAMETER
     assert diameter_of(parser.parse_args(["segment", "x.tif", "--tile-size", "512"])) is None
     with pytest.raises(ValueError, match="both set the scale"):
         diameter_of(parser.parse_args(["segment", "x.tif", "--tile-size", "512", "--diameter", "20"]))
-    with pytest.raises(ValueError, match="whole image"):
-        block_diameter(parser.parse_args(["segment", "x.tif", "--diameter", "auto"]))
     with pytest.raises(SystemExit):
         parser.parse_args(["segment", "x.tif", "--diameter", "-4"])
     assert isinstance(args, argparse.Namespace)

@@ -222,16 +222,6 @@ def diameter_of(args: argparse.Namespace) -> float | str | None:
     return given
 
 
-def block_diameter(args: argparse.Namespace) -> float | None:
-    """The diameter for the block path: a number, or None (auto needs the whole image, see segment_dask)."""
-    d = diameter_of(args)
-    if d == "auto":
-        if getattr(args, "diameter", None) == "auto":  # asked for explicitly
-            raise ValueError("--diameter auto needs the whole image: with --dask give the diameter in pixels")
-        return None
-    return None if d is None else float(d)
-
-
 def params_of(args: argparse.Namespace) -> SegmentParams:
     """The segmentation parameters the options ask for (``ValueError`` for invalid ones)."""
     return SegmentParams(
@@ -360,8 +350,7 @@ def run_dask(args: argparse.Namespace, paths: list[Path], n_missing: int, outdir
             done, failed = done + d, failed + f
         for i in (i for i, big in enumerate(large) if big):
             try:
-                block_params = params.replace(diameter=block_diameter(args), progress=False)
-                done.append((paths[i], F.segment_large_file(paths[i], names[i], outdir, block_params, options,
+                done.append((paths[i], F.segment_large_file(paths[i], names[i], outdir, params, options,
                                                             args.model, args.device, client)))
             except (BlockFailure, ValueError, TypeError, OSError, MemoryError) as e:
                 failed.append((paths[i], failure_reason(paths[i], e)))

@@ -117,7 +117,7 @@ def segment_files(
 def segment_large_file(path: Path, name: str, outdir: Path, params: SegmentParams, options: FileOptions,
                        model: Any, device: str | None, client: Any) -> int:
     """One large file through the block pipeline (``<name>_labels.ome.zarr``, ``<name>_cells.csv``); returns
-    the number of cells. ``params.diameter``: a number of pixels or None (see :func:`.pipeline.segment_dask`)."""
+    the number of cells. ``params.diameter``: pixels, "auto" or None (see :func:`.pipeline.segment_dask`)."""
     from cellsam import io
     from cellsam.distributed.pipeline import segment_dask
 
@@ -132,5 +132,7 @@ def segment_large_file(path: Path, name: str, outdir: Path, params: SegmentParam
         params=params,
     )
     rows = [{k: r[k] for k in io.CSV_COLUMNS} for r in res.rows]
+    if res.diameter is not None:
+        log.info("%s: cells of %.1f px, segmented in tiles of %d px", path, res.diameter, res.tile_size)
     io.write_cells_csv(outdir / f"{name}_cells.csv", rows)
     return res.n_cells

@@ -24,6 +24,7 @@ from cellsam.config import AUTO, DEFAULT_DECODE_WINDOW, DEFAULT_DIAMETER, Infere
 from cellsam.distributed import blocks as B
 from cellsam.distributed import omezarr
 from cellsam.distributed.cluster import BlockFailure, close_client, get_client, wait_all, worker_model
+from cellsam.distributed.sample_scale import measure_scale
 from cellsam.distributed.source import ImageSource, Normalizer, fit_normalizer, open_source, sample_step
 from cellsam.inference.params import DEFAULT_MIN_AREA, SegmentParams, params_or_keywords
 from cellsam.inference.scale import tile_size_for
@@ -55,6 +56,13 @@ def _model_defaults_task(model: Any, device: Any) -> tuple[int, InferenceConfig]
     """The model's own tile size and inference defaults (``cfg.tile_size``, ``cfg.inference``)."""
     net, _ = worker_model(model, device)
     return model_tile_size(net), inference_defaults(net)
+
+
+def _scale_task(model: Any, device: Any, source: ImageSource, norm: Normalizer, params: SegmentParams
+                ) -> tuple[int, float | None]:
+    """diameter="auto": the tile side and diameter measured on a few windows (:mod:`.sample_scale`)."""
+    net, dev = worker_model(model, device)
+    return measure_scale(net, dev, source, norm, params)
 
 
 def _sample_task(source: ImageSource, rect: B.Rect, step: int) -> np.ndarray:
@@ -108,6 +116,8 @@ class LargeResult:
     rows: list[dict[str, Any]] = field(default_factory=list)
     stats: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
+    diameter: float | None = None  # the cell diameter that set the scale (given, or measured by auto)
+    tile_size: int = 0  # the input tile side the image was segmented at (the model's own: its scale)
 
 
 BLOCK_SIDE = 2048
@@ -174,9 +184,10 @@ def segment_dask(
         region_chunks: level-0 regions written per task, in chunks per side.
         retries: Dask retries per task. The other arguments are those of :func:`cellsam.segment`
             (``None`` thresholds and tile size: the model's own; ``params``: all of them as one
-            :class:`~cellsam.inference.params.SegmentParams`); ``diameter`` is a number of pixels
-            here: "auto" (the default) needs the whole image, so blocks keep the image's own scale
-            (estimate the diameter with :func:`cellsam.segment` on a crop and pass it).
+            :class:`~cellsam.inference.params.SegmentParams`); ``diameter="auto"`` (the default) is
+            measured on a few windows of the image with the most signal (:mod:`.sample_scale`), each
+            segmented as :func:`cellsam.segment` would, and the whole image is then segmented at the
+            scale their cells ask for.
     Raises:
         BlockFailure: a block / region failed after all retries (positions in the message).
     """
@@ -186,11 +197,8 @@ def segment_dask(
         min_area=min_area, tile_size=tile_size, tile_overlap=tile_overlap, diameter=diameter,
         batch_size=batch_size, decode_chunk=decode_chunk, decode_copies=decode_copies, decode_window=decode_window,
     )
-    if params.diameter == AUTO:  # the default: the size model needs the whole image
-        log.info("diameter='auto' is not available block by block: the image's own scale is used (give the "
-                 "diameter in pixels; cellsam.segment(crop, diameter='auto').diameter estimates it on a crop)")
-        params = params.replace(diameter=None)
-    params = params.replace(return_masks=False, progress=False)
+    auto = params.diameter == AUTO  # the default: measured on a few windows once the image is normalised
+    params = params.replace(diameter=None if auto else params.diameter, return_masks=False, progress=False)
     source = open_source(image, channel_axis=channel_axis)
     client, owned = get_client(client, n_workers=n_workers)
     submit = _Tasks(client, retries)
@@ -199,6 +207,10 @@ def segment_dask(
         net = model if isinstance(model, (str, os.PathLike)) else client.scatter(model, broadcast=True)
         params = _fill_params(submit, net, device, params)
         norm = _normalizer(submit, src, source, channels=channels, normalize=normalize)
+        used: float | None = params.diameter if isinstance(params.diameter, float) else None
+        if auto:
+            tile, used = submit(_scale_task, net, device, src, norm, params, key="scale").result()
+            params = params.replace(tile_size=tile)
         h, w = source.shape
         grid = B.GridTiles((h, w), tile_size=params.model_values().tile_size, overlap=params.tile_overlap)
         blocks = B.plan_blocks(grid, auto_block_tiles(grid) if block_tiles is None else block_tiles)
@@ -224,7 +236,8 @@ def segment_dask(
             "kept": int(sum(k.size for k in kept)),
             "cells": len(rows),
         }
-        return LargeResult(Path(output), (h, w), len(rows), len(arrays), rows, stats, time.perf_counter() - t0)
+        return LargeResult(Path(output), (h, w), len(rows), len(arrays), rows, stats, time.perf_counter() - t0,
+                           diameter=used, tile_size=params.model_values().tile_size)
     finally:
         if owned:
             close_client(client)

@@ -150,7 +150,8 @@ def iter_segment(
 
     At the scale ``options.diameter`` asks for, as :func:`cellsam.segment`: with "auto" on an in-memory
     image, the size model's, then once more at the scale of the cells found when they ask for another
-    (:func:`~cellsam.inference.scale.rescale_from_cells`); a lazy image keeps its own scale with "auto".
+    (:func:`~cellsam.inference.scale.rescale_from_cells`); on a lazy image "auto" is measured on a few
+    windows of it (:func:`cellsam.distributed.sample_scale.measure_scale`, as ``segment_dask``).
 
     Args:
         data: (H, W) or 3-D array (numpy, dask, zarr) or a multiscale list (its first level is used).
@@ -160,6 +161,7 @@ def iter_segment(
         a :class:`~cellsam.inference.segment.Segmentation` (labels int32 1..N by descending score).
     """
     from cellsam.config import AUTO, check_diameter
+    from cellsam.distributed.sample_scale import measure_scale
     from cellsam.inference.runtime import resolve_model
     from cellsam.inference.scale import rescale_from_cells
     from cellsam.models.protocol import inference_defaults
@@ -169,7 +171,11 @@ def iter_segment(
     source, norm = open_image(data, spec, lazy=lazy)
     in_memory = not (is_lazy(level0(data)) if lazy is None else lazy)
     native = p.model_values().tile_size
-    p, estimated = at_scale(net, dev, source if in_memory else None, p, options)
+    if in_memory or options.tile_size is not None or check_diameter(options.diameter) != AUTO:
+        p, estimated = at_scale(net, dev, source if in_memory else None, p, options)
+    else:  # a lazy image with "auto": the scale its cells ask for in a few windows of it
+        tile, estimated = measure_scale(net, dev, source, norm, p)
+        p = p.replace(tile_size=tile)
     if hasattr(net, "eval"):
         net.eval()
     seg = yield from _segment_blocks(net, dev, source, norm, p, int(options.block_tiles))
