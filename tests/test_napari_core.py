@@ -145,6 +145,12 @@ def test_prompts_on_a_lazy_image_use_one_tile_in_image_coordinates(tiny) -> None
     assert (a.y0, a.x0) == (b.y0, b.x0)  # the same tile, in image coordinates
     np.testing.assert_array_equal(a.mask, b.mask)  # the window normalised alone = the whole image here
     assert len(lazy.session.embeddings) == 1  # one tile embedded
+    # after a Segment that ended at another scale: the lazy prompt is decoded on a tile of that side
+    for tool in (lazy, mem):
+        tool.use_scale("a", 96)
+    a, b = lazy.cell("a", box=box), mem.cell("a", box=box)
+    assert len(lazy.session.embeddings) == 2  # a tile of the new side embedded
+    assert (a.y0, a.x0) == (b.y0, b.x0)  # the same 96 px tile as the in-memory image's prompt
 
 
 # ----------------------------------------------------------------------------------- fine-tuning, layers, reader

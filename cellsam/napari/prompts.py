@@ -94,7 +94,8 @@ class PromptTool:
 
     def use_scale(self, key: Hashable, tile_size: int) -> None:
         """Decode prompts on ``key`` at ``tile_size`` (the scale its segmentation ended at); without it, an
-        in-memory image's prompts use the size model's scale and a lazy image's the model's own."""
+        in-memory image's prompts use the size model's scale and a lazy image's the model's own (a lazy
+        image's prompt is decoded on the one tile of that side that holds it best)."""
         self.session.set_scale(key, tile_size)
 
     def cell(
@@ -145,20 +146,21 @@ class PromptTool:
             if pos.shape[0] == 0:
                 raise ValueError("give a box or at least one positive point (inside the cell)")
             region = (float(pos[:, 0].min()), float(pos[:, 1].min()), float(pos[:, 0].max()), float(pos[:, 1].max()))
-        grid = GridTiles(img.shape, tile_size=self.session.tile_size, overlap=TILE_OVERLAP)
+        side = self.session.known_scale(key) or self.session.tile_size  # where its Segment ended, else the model's
+        grid = GridTiles(img.shape, tile_size=side, overlap=TILE_OVERLAP)
         i = ModelSession.best_tile(grid, region)
         t = grid[i]
         window = self.session.prepared(
-            (key, "window", i), lambda: prepare_window(img.source, img.norm, (t.y0, t.x0, t.y1, t.x1))
+            (key, "window", side, i), lambda: prepare_window(img.source, img.norm, (t.y0, t.x0, t.y1, t.x1))
         )
         shift = np.array([t.x0, t.y0], np.float32)
         prop = self.session.predict(
-            (key, i),
+            (key, side, i),
             window,
             points=None if pts is None else [tuple(np.asarray(q, np.float32) - shift) for q in pts],
             point_labels=labs,
             box=None if box is None else tuple(np.asarray(box, np.float32) - np.tile(shift, 2)),
-            tile_size=self.session.tile_size,  # the window is one tile of the lazy grid, at the model's scale
+            tile_size=side,  # the window is one tile of the lazy grid
         )
         return Cell(prop.y0 + t.y0, prop.x0 + t.x0, prop.mask, prop.score)
 
