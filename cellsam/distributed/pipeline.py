@@ -9,7 +9,6 @@ edges) comes back to the client; masks stay on the workers.
 
 from __future__ import annotations
 
-import logging
 import os
 import time
 import uuid
@@ -31,8 +30,6 @@ from cellsam.inference.scale import tile_size_for
 from cellsam.models.protocol import inference_defaults, model_tile_size
 
 __all__ = ["BlockFailure", "LargeResult", "segment_dask"]
-
-log = logging.getLogger(__name__)
 
 
 # ----------------------------------------------------------------------------------- worker tasks

@@ -12,12 +12,15 @@ ask for another). The image takes the scale at which half of the windows' cells 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from cellsam.config import AUTO
 from cellsam.distributed.source import ImageSource, Normalizer, Rect, prepare_window, sample_step
+
+if TYPE_CHECKING:
+    from cellsam.inference.params import SegmentParams
 
 __all__ = ["SAMPLE_WINDOWS", "WINDOW_SIDE", "measure_scale", "signal_windows", "weighted_median_scale"]
 
@@ -62,7 +65,7 @@ def signal_windows(signal: np.ndarray, step: int, shape: tuple[int, int], *, sid
     return chosen
 
 
-def measure_scale(net: Any, device: Any, source: ImageSource, norm: Normalizer, params: Any, *,
+def measure_scale(net: Any, device: Any, source: ImageSource, norm: Normalizer, params: SegmentParams, *,
                   side: int = WINDOW_SIDE, count: int = SAMPLE_WINDOWS) -> tuple[int, float | None]:
     """The tile side to segment a large image at with ``diameter="auto"``, and its cells' diameter.
 

@@ -171,13 +171,13 @@ def iter_segment(
     source, norm = open_image(data, spec, lazy=lazy)
     in_memory = not (is_lazy(level0(data)) if lazy is None else lazy)
     native = p.model_values().tile_size
+    if hasattr(net, "eval"):  # before the scale is chosen: measure_scale segments windows with it
+        net.eval()
     if in_memory or options.tile_size is not None or check_diameter(options.diameter) != AUTO:
         p, estimated = at_scale(net, dev, source if in_memory else None, p, options)
     else:  # a lazy image with "auto": the scale its cells ask for in a few windows of it
         tile, estimated = measure_scale(net, dev, source, norm, p)
         p = p.replace(tile_size=tile)
-    if hasattr(net, "eval"):
-        net.eval()
     seg = yield from _segment_blocks(net, dev, source, norm, p, int(options.block_tiles))
     seg.diameter = estimated
     model_diameter = inference_defaults(net).cell_diameter
