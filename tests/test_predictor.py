@@ -80,7 +80,10 @@ def test_shapes(tiny, image):
     assert masks.shape == (3, 3, h, w)
 
 
-def test_detect_uses_cached_features_and_original_pixels(tiny, image, monkeypatch):
+@pytest.mark.parametrize("variant", ["vit_tiny", "conv_tiny"])  # Anchor DETR and the dense CellFinder
+def test_detect_uses_cached_features_and_original_pixels(variant, image, monkeypatch):
+    torch.manual_seed(0)
+    tiny = build_model(variant).eval()
     p = Predictor(tiny)
     calls = {"encode": 0}
     real_encode = tiny.encode

@@ -282,6 +282,19 @@ def test_segment_all_matches_library(client: TestClient, image_id: int, model: t
         assert 0 <= x0 < x1 <= SHAPE[1] and 0 <= y0 < y1 <= SHAPE[0]
 
 
+def test_detect_route_with_the_dense_cellfinder(tmp_path: Path) -> None:
+    """The shipped default's architecture (conv encoder + dense CellFinder) through ``POST /detect``."""
+    torch.manual_seed(0)
+    client = client_for(tmp_path / "p", build_model("conv_tiny").eval())
+    image_id = upload(client, tif_bytes(blob_image()[0]))["id"]
+    r = client.post(f"/api/images/{image_id}/detect", json={"box_threshold": 0.0})
+    assert r.status_code == 200, r.text
+    det = r.json()
+    assert 0 < len(det["boxes"]) == len(det["scores"]) and det["scores"] == sorted(det["scores"], reverse=True)
+    for x0, y0, x1, y1 in det["boxes"]:
+        assert 0 <= x0 < x1 <= SHAPE[1] and 0 <= y0 < y1 <= SHAPE[0]
+
+
 def test_embedding_cache_runs_encoder_once_per_tile(tmp_path: Path, model: torch.nn.Module) -> None:
     calls = []
     original = model.encode

@@ -246,8 +246,8 @@ class Predictor:
         if not 0.0 <= float(box_threshold) < 1.0:
             raise ValueError(f"box_threshold must be in [0, 1), got {box_threshold}")
         if self._detections is None:
-            out = self.model.detect(self._features, self._input)
-            self._detections = {"pred_logits": out["pred_logits"], "pred_boxes": out["pred_boxes"]}
+            out = self.model.detect(self._features, self._input)  # DETR's logits and boxes or the dense maps
+            self._detections = {k: v for k, v in out.items() if k != "aux_outputs"}
         det = self.model.postprocess_detections(self._detections, box_threshold=float(box_threshold))[0]
         (h, w) = self.original_size  # type: ignore[misc]
         sx, sy = self._scale_xy()
