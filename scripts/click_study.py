@@ -38,6 +38,7 @@ def main() -> None:
     ap.add_argument("--diameter", choices=["none", "auto", "segment", "true"], default="none",
                     help="auto: decode each image at the scale the size model picks; segment: at the scale "
                          "segment(diameter='auto') ends at; true: at the true median diameter's")
+    ap.add_argument("--mask-threshold", type=float, default=0.5, help="mask probability threshold")
     ap.add_argument("--json")
     args = ap.parse_args()
     items = load_prepared(args.data, args.split)
@@ -55,12 +56,13 @@ def main() -> None:
                 tile = segment(image, net, normalize=False, channel_axis=0, diameter=AUTO).tile_size
             elif args.diameter == "true":
                 tile, _ = choose_scale(net, image, native, median_diameter(gt), torch.device("cpu"))
-            ious = list(click_ious(net, image, gt, tile_size=tile).values())
+            ious = list(click_ious(net, image, gt, tile_size=tile, mask_threshold=args.mask_threshold).values())
             by[it.source].extend(ious)
             by["ALL"].extend(ious)
         summary = {k: {"cells": len(v), "mean_iou": float(np.mean(v)), "iou_ge_0.5": float(np.mean(np.array(v) >= 0.5))}
                    for k, v in sorted(by.items())}
-        results.append({"model": path, "diameter": args.diameter, "by_source": summary})
+        results.append({"model": path, "diameter": args.diameter, "mask_threshold": args.mask_threshold,
+                        "by_source": summary})
         print(path)
         for k, v in summary.items():
             print(f"  {k:10s} {v['cells']:5d} cells  mean IoU {v['mean_iou']:.3f}  IoU>=0.5 {v['iou_ge_0.5']:.3f}")
