@@ -12,6 +12,8 @@ from cellsam.data.normalize import (
     is_stained_brightfield,
     normalize_channel,
     normalize_image,
+    rgb_inverts,
+    rgb_range_top,
     rgb_to_channel,
     to_cellsam_channels,
 )
@@ -88,6 +90,11 @@ def test_rgb_rule() -> None:
     assert rgb_to_channel(fluo)[3, 3] > rgb_to_channel(fluo)[8, 8]
     with pytest.raises(ValueError):
         rgb_to_channel(np.zeros((10, 10)))
+    # rgb_inverts is the decision rgb_to_channel takes: inverted exactly for the bright-field pictures
+    assert [rgb_inverts(x) for x in (grey, brightfield, he, fluo)] == [False, True, True, False]
+    for x in (grey, brightfield, he, fluo):
+        top = rgb_range_top(x)
+        assert np.array_equal(rgb_to_channel(x), rgb_to_channel(x, invert=rgb_inverts(x, top=top), top=top))
 
 
 def test_rgb_rule_decides_polarity_by_colour_not_brightness() -> None:

@@ -209,10 +209,18 @@ def rgb_to_channel(rgb: np.ndarray, *, invert: bool | Literal["auto"] = "auto",
     """
     rgb, lum, grey = _grey_of(rgb)
     top = _range_top(rgb, lum) if top is None else float(top)
-    if invert == "auto":
-        do_invert = float(np.median(lum)) > BRIGHT_GREY_MEDIAN * top if grey else _stained(rgb, lum, top)
-    else:
-        do_invert = bool(invert)
+    do_invert = _inverts(rgb, lum, grey, top) if invert == "auto" else bool(invert)
     if do_invert:
         lum = (top - lum).astype(np.float32)
     return lum
+
+
+def rgb_inverts(rgb: np.ndarray, *, top: float | None = None) -> bool:
+    """Whether :func:`rgb_to_channel` with ``invert="auto"`` inverts this RGB(A) image (``top`` as there)."""
+    rgb, lum, grey = _grey_of(rgb)
+    return _inverts(rgb, lum, grey, _range_top(rgb, lum) if top is None else float(top))
+
+
+def _inverts(rgb: np.ndarray, lum: np.ndarray, grey: bool, top: float) -> bool:
+    """The RGB rule's decision: a grey picture on a light background, or a stained bright-field one."""
+    return float(np.median(lum)) > BRIGHT_GREY_MEDIAN * top if grey else _stained(rgb, lum, top)

@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from cellsam.data.normalize import CLAHE_KERNEL, CLIP_PERCENTILE, rgb_range_top, rgb_to_channel
+from cellsam.data.normalize import CLAHE_KERNEL, CLIP_PERCENTILE, rgb_inverts, rgb_range_top, rgb_to_channel
 
 SAMPLE_PIXELS = 4_000_000
 Rect = tuple[int, int, int, int]  # (y0, x0, y1, x1), exclusive ends
@@ -263,8 +263,8 @@ def fit_normalizer(
     flat = np.concatenate([s.reshape(-1, 1, s.shape[-1]) for s in samples], axis=0)
     invert, range_top = False, None
     if -1 in picks:
-        invert = not np.array_equal(rgb_to_channel(flat, invert="auto"), rgb_to_channel(flat, invert=False))
         range_top = rgb_range_top(flat)
+        invert = rgb_inverts(flat, top=range_top)
     lo, hi = [0.0, 0.0], [0.0, 0.0]
     probe = Normalizer(prepared=False, picks=picks, invert=invert, top=range_top)
     for k, pick in enumerate(picks):
