@@ -127,6 +127,11 @@ class InferenceConfig:
     """
 
     box_threshold: float = 0.4
+    # Relative box threshold: of the cells an image's boxes give, keep those scoring at least this times
+    # the 90th percentile of their scores (0: off). A detector's scores are calibrated per image: where
+    # its cells are clear a doubtful peak is usually debris or a fragment; where all cells are faint the
+    # absolute threshold alone decides (``cellsam.inference.tiling.confident``).
+    box_threshold_rel: float = 0.0
     iou_threshold: float = 0.5
     mask_threshold: float = 0.5
     # Box refinement rounds: each replaces every box prompt by the bounding box of its decoded mask

@@ -28,6 +28,9 @@ from tests.conftest import make_blobs
         (dict(decode_window=-1.0), "decode_window must be"),
         (dict(diameter="big"), "diameter must be"),
         (dict(diameter=20, tile_size=256), "not both"),
+        (dict(box_threshold_rel=1.0), "box_threshold_rel must be in"),
+        (dict(box_threshold_rel=-0.1), "box_threshold_rel must be in"),
+        (dict(box_threshold_rel=float("nan")), "box_threshold_rel must be in"),
     ],
 )
 def test_invalid_values_raise_when_made(bad: dict, message: str) -> None:
@@ -44,13 +47,18 @@ def test_frozen_normalised_and_filled_from_the_model_in_one_place() -> None:
         p.model_values()
     inf = InferenceConfig(box_threshold=0.3, iou_threshold=0.6, mask_threshold=0.4, cell_diameter=15.0)
     f = p.filled_from(256, inf)
-    assert f.filled and tuple(f.model_values()) == (256, 0.3, 0.6, 0.4) and f.diameter == 30.0
+    assert f.filled and tuple(f.model_values()) == (256, 0.3, 0.6, 0.4, 0.0) and f.diameter == 30.0
+    rel = dataclasses.replace(inf, box_threshold_rel=0.5)
+    assert p.filled_from(256, rel).model_values().box_threshold_rel == 0.5  # the model's own
+    assert p.replace(box_threshold_rel=0.0).filled_from(256, rel).box_threshold_rel == 0.0  # the user's: off
     assert SegmentParams(box_threshold=0.9).filled_from(128, inf).box_threshold == 0.9  # the user's value wins
     with pytest.raises(ValueError, match="has no cell diameter"):
         p.filled_from(256, InferenceConfig())
     net = build_model("vit_tiny")
     got = SegmentParams().for_model(net)
-    assert got.model_values() == (net.cfg.tile_size, *dataclasses.astuple(net.cfg.inference)[:3])
+    inf = net.cfg.inference
+    assert got.model_values() == (net.cfg.tile_size, inf.box_threshold, inf.iou_threshold, inf.mask_threshold,
+                                  inf.box_threshold_rel)
 
 
 def test_params_argument_equals_the_keywords() -> None:

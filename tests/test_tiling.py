@@ -20,11 +20,13 @@ from cellsam.inference.segment import segment
 from cellsam.inference.tiling import (
     Candidate,
     Tile,
+    confident,
     deduplicate,
     extract_tile,
     holding_tiles,
     in_core,
     inner_margin,
+    score_floor,
     tile_cores,
     tile_grid,
 )
@@ -214,6 +216,35 @@ def test_same_tile_duplicates_keep_the_best_score() -> None:
     m2[0, 0] = False
     cells = [_cand(0, 5, 5, m, score=0.5), _cand(0, 5, 5, m2, score=0.8), _cand(0, 50, 50, m, score=0.3)]
     assert deduplicate(cells, tiles, (100, 100)) == [1, 2]
+
+
+def test_relative_box_threshold_keeps_the_cells_near_the_images_confident_ones() -> None:
+    m = np.ones((4, 4), bool)
+    scores = [0.9, 0.8, 0.8, 0.7, 0.5, 0.45, 0.35, 0.31, 0.9, 0.85]
+    cells = [_cand(0, 10 * k, 0, m, score=s) for k, s in enumerate(scores)]
+    q90 = float(np.quantile(scores, 0.9))  # 0.9
+    assert score_floor(np.array(scores), 0.5) == pytest.approx(0.5 * q90)
+    assert [c.score for c in confident(cells, 0.5)] == [s for s in scores if s >= 0.45]
+    assert confident(cells, 0.0) == cells and confident([], 0.5) == [] and score_floor(np.zeros(0), 0.5) == 0.0
+    faint = [_cand(0, 10 * k, 0, m, score=s) for k, s in enumerate([0.34, 0.32, 0.31, 0.3])]
+    assert len(confident(faint, 0.5)) == 4  # an image whose cells all score low keeps them
+
+
+def test_segment_drops_cells_under_the_relative_box_threshold() -> None:
+    truth = random_cells((300, 350), n=60, radius=(5, 14), seed=5)
+    ids = np.unique(truth[truth > 0])
+    score = {int(i): (0.3 if i % 3 == 0 else 0.8) for i in ids}  # every third cell doubtful
+    model = FakeModel(truth, img_size=128, score=lambda lab: score[int(lab)])
+    image = coord_image(truth)
+    kw = dict(channel_axis=0, normalize=False, tile_size=128, box_threshold=0.2)
+    every = segment(image, model, box_threshold_rel=0.0, **kw)
+    sure = segment(image, model, box_threshold_rel=0.5, **kw)  # floor 0.4: the 0.3 cells go
+    doubtful = sum(s == 0.3 for s in score.values())
+    assert int(np.sum(np.isclose(every.scores, 0.3))) >= doubtful - 2 > 10  # they are there without it
+    assert np.all(sure.scores == np.float32(0.8)) and sure.n_cells == sum(s == 0.8 for s in score.values())
+    assert sure.stats["confident"] < sure.stats["masks"] and every.stats["confident"] == every.stats["masks"]
+    kept = np.unique(truth[sure.labels > 0])
+    assert all(score[int(i)] == 0.8 for i in kept if i)
 
 
 # ---------------------------------------------------------------- the proof

@@ -292,7 +292,7 @@ def _segment_params(net: Any, *, batch_size: int, decode_chunk: int | None,
                     decode_window: float | None) -> SegmentParams:
     """Fixed thresholds that keep every decoded mask (the lowest finite IoU threshold), the model's tile size."""
     return SegmentParams(
-        box_threshold=0.4, iou_threshold=IOU_KEEP_ALL, mask_threshold=0.5, min_area=15,
+        box_threshold=0.4, box_threshold_rel=0.0, iou_threshold=IOU_KEEP_ALL, mask_threshold=0.5, min_area=15,
         tile_size=model_tile_size(net), tile_overlap=0.25, batch_size=batch_size, decode_chunk=decode_chunk,
         decode_window=decode_window, filled=True,
     )

@@ -59,6 +59,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="CellSAM autocast precision")
     p.add_argument("--box-threshold", type=float, default=None,
                    help="minimum detector score (default: the model's own, 0.4 in the paper)")
+    p.add_argument("--box-threshold-rel", type=float, default=None,
+                   help="relative detector score: drop cells under this x the 90th percentile of the image's "
+                        "(default: the model's own; 0: off)")
     p.add_argument("--iou-threshold", type=float, default=None, help="minimum predicted mask IoU (default: model's)")
     p.add_argument("--mask-threshold", type=float, default=None, help="mask probability threshold (default: model's)")
     p.add_argument("--tile-size", type=int, default=None, help="tile side (default: the model's own)")
@@ -76,7 +79,8 @@ def data_options(args: argparse.Namespace) -> dict[str, Any]:
     """The :func:`cellsam.eval.runner.evaluate_data` keyword arguments of parsed ``evaluate --data`` options."""
     return dict(sources=args.sources, limit=args.limit, progress=not args.no_progress, model=args.model,
                 baselines=args.baseline, prompt_study=args.prompt_study, device=args.device, precision=args.precision,
-                box_threshold=args.box_threshold, iou_threshold=args.iou_threshold,
+                box_threshold=args.box_threshold, box_threshold_rel=args.box_threshold_rel,
+                iou_threshold=args.iou_threshold,
                 mask_threshold=args.mask_threshold, tile_size=args.tile_size, decode_copies=args.decode_copies,
                 decode_window=args.decode_window)
 

@@ -95,6 +95,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     p.add_argument("--box-threshold", type=float, default=None,
                    help="minimum detector score (default: the model's own, 0.4 in the paper)")
+    p.add_argument("--box-threshold-rel", type=float, default=None,
+                   help="relative detector score: drop cells scoring under this x the 90th percentile of the "
+                        "image's cells (default: the model's own; 0: off)")
     p.add_argument(
         "--iou-threshold", type=float, default=None, help="minimum predicted mask IoU (default: the model's own)"
     )
@@ -226,6 +229,7 @@ def params_of(args: argparse.Namespace) -> SegmentParams:
     """The segmentation parameters the options ask for (``ValueError`` for invalid ones)."""
     return SegmentParams(
         box_threshold=args.box_threshold,
+        box_threshold_rel=args.box_threshold_rel,
         iou_threshold=args.iou_threshold,
         mask_threshold=args.mask_threshold,
         min_area=DEFAULT_MIN_AREA if args.min_area is None else args.min_area,

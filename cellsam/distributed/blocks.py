@@ -223,6 +223,21 @@ def select(cells: BlockCells, rect: Rect, gids: np.ndarray | None = None) -> Blo
     return cells.subset(keep)
 
 
+def scores(cells: BlockCells) -> np.ndarray:
+    """(N,) float64 box scores of the block's cells."""
+    return np.array([c.score for c in cells.cells], np.float64)
+
+
+def above(cells: BlockCells, floor: float) -> BlockCells:
+    """The cells scoring at least ``floor`` (the image's relative box threshold,
+    :func:`~cellsam.inference.tiling.score_floor` of every block's scores), with the copy edges among them:
+    whether two cells are copies does not depend on the others, so this is the single-process rule."""
+    out = cells.subset(scores(cells) >= floor)
+    out.edges = cells.edges[np.isin(cells.edges, out.gids).all(axis=1)]
+    out.stats = dict(cells.stats, confident=len(out.cells))
+    return out
+
+
 def pick(cells: BlockCells, gids: np.ndarray) -> BlockCells:
     """The cells with the given gids."""
     return cells.subset(np.isin(cells.gids, gids))

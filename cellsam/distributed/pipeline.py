@@ -27,6 +27,7 @@ from cellsam.distributed.sample_scale import measure_scale
 from cellsam.distributed.source import ImageSource, Normalizer, fit_normalizer, open_source, sample_step
 from cellsam.inference.params import DEFAULT_MIN_AREA, SegmentParams, params_or_keywords
 from cellsam.inference.scale import tile_size_for
+from cellsam.inference.tiling import score_floor
 from cellsam.models.protocol import inference_defaults, model_tile_size
 
 __all__ = ["BlockFailure", "LargeResult", "segment_dask"]
@@ -150,6 +151,7 @@ def segment_dask(
     channels: tuple[int | None, int | None] | None = None,
     normalize: bool = True,
     box_threshold: float | None = None,
+    box_threshold_rel: float | None = None,
     iou_threshold: float | None = None,
     mask_threshold: float | None = None,
     min_area: int = DEFAULT_MIN_AREA,
@@ -190,9 +192,10 @@ def segment_dask(
     """
     t0 = time.perf_counter()
     params = params_or_keywords(
-        params, box_threshold=box_threshold, iou_threshold=iou_threshold, mask_threshold=mask_threshold,
-        min_area=min_area, tile_size=tile_size, tile_overlap=tile_overlap, diameter=diameter,
-        batch_size=batch_size, decode_chunk=decode_chunk, decode_copies=decode_copies, decode_window=decode_window,
+        params, box_threshold=box_threshold, box_threshold_rel=box_threshold_rel, iou_threshold=iou_threshold,
+        mask_threshold=mask_threshold, min_area=min_area, tile_size=tile_size, tile_overlap=tile_overlap,
+        diameter=diameter, batch_size=batch_size, decode_chunk=decode_chunk, decode_copies=decode_copies,
+        decode_window=decode_window,
     )
     auto = params.diameter == AUTO  # the default: measured on a few windows once the image is normalised
     params = params.replace(diameter=None if auto else params.diameter, return_masks=False, progress=False)
@@ -212,6 +215,7 @@ def segment_dask(
         grid = B.GridTiles((h, w), tile_size=params.model_values().tile_size, overlap=params.tile_overlap)
         blocks = B.plan_blocks(grid, auto_block_tiles(grid) if block_tiles is None else block_tiles)
         cells = _segment_blocks(submit, net, device, src, norm, blocks, grid, params)
+        cells = _confident(submit, cells, params.model_values().box_threshold_rel)
         pairs = _touching_pairs(blocks)
         ids, edges = _copy_edges(submit, cells, pairs, grid)
         kept = _resolve(submit, cells, blocks, grid, np.concatenate([g for g, _, _ in ids]), edges)
@@ -243,8 +247,8 @@ def segment_dask(
 # ------------------------------------------------------------------------------------ the stages
 def _fill_params(submit: _Tasks, net: Any, device: Any, params: SegmentParams) -> SegmentParams:
     """``params`` filled from the model (read on a worker), the tile size scaled for a ``diameter``."""
-    if params.tile_size is not None and None not in (params.box_threshold, params.iou_threshold,
-                                                     params.mask_threshold):
+    if params.tile_size is not None and None not in (params.box_threshold, params.box_threshold_rel,
+                                                     params.iou_threshold, params.mask_threshold):
         return params.replace(filled=True)
     tile, inference = submit(_model_defaults_task, net, device, key="model-defaults").result()
     filled = params.filled_from(tile, inference)
@@ -276,6 +280,16 @@ def _segment_blocks(submit: _Tasks, net: Any, device: Any, src: Any, norm: Norma
     futs = {b.describe(): submit(_block_task, net, device, src, norm, b, grid, params, key=f"block-{b.index}")
             for b in blocks}
     return list(wait_all("segment", futs).values())
+
+
+def _confident(submit: _Tasks, cells: list[Any], rel: float) -> list[Any]:
+    """2b. The relative box threshold over the whole image: every block's scores gathered, then each block
+    keeps its cells above the one floor (futures, in block order)."""
+    if rel <= 0:
+        return cells
+    floor = score_floor(np.concatenate([np.zeros(0), *_gather(submit, "scores", B.scores, cells)]), rel)
+    futs = {str(i): submit(B.above, c, floor, key=f"confident-{i}") for i, c in enumerate(cells)}
+    return list(wait_all("confident", futs).values())
 
 
 def _touching_pairs(blocks: list[B.Block]) -> list[tuple[B.Block, B.Block]]:

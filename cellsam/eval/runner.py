@@ -37,8 +37,8 @@ def baseline_spec(spec: str) -> tuple[str, str, str]:
 
 def build_methods(*, model: str | None = None, baselines: Sequence[str] = (), prompt_study: bool = False,
                   device: str = "auto", precision: str = "fp32", box_threshold: float | None = None,
-                  iou_threshold: float | None = None, mask_threshold: float | None = None,
-                  tile_size: int | None = None, decode_copies: bool = False,
+                  box_threshold_rel: float | None = None, iou_threshold: float | None = None,
+                  mask_threshold: float | None = None, tile_size: int | None = None, decode_copies: bool = False,
                   decode_window: float = DEFAULT_DECODE_WINDOW) -> tuple[dict[str, Method], dict[str, Any]]:
     """The methods of one run and their settings (for the report).
 
@@ -46,7 +46,7 @@ def build_methods(*, model: str | None = None, baselines: Sequence[str] = (), pr
         model: weights name or checkpoint (None: ``"default"``; ``"none"``: no model).
         baselines: ``[NAME=]otsu`` or ``[NAME=]cellpose:MODEL_FILE`` specs.
         prompt_study: also the model's masks from ground-truth box and point prompts.
-        box_threshold, iou_threshold, mask_threshold: None = the model's own.
+        box_threshold, box_threshold_rel, iou_threshold, mask_threshold: None = the model's own.
     Raises:
         InputError: an unknown or repeated baseline, a prompt study without a model, or no method at all.
     """
@@ -62,6 +62,7 @@ def build_methods(*, model: str | None = None, baselines: Sequence[str] = (), pr
         net, _ = resolve_model(model_name, device)
         inf = net.cfg.inference  # the model's own thresholds unless given
         kw = dict(box_threshold=inf.box_threshold if box_threshold is None else box_threshold,
+                  box_threshold_rel=inf.box_threshold_rel if box_threshold_rel is None else box_threshold_rel,
                   iou_threshold=inf.iou_threshold if iou_threshold is None else iou_threshold,
                   mask_threshold=inf.mask_threshold if mask_threshold is None else mask_threshold,
                   tile_size=tile_size, precision=precision, decode_copies=decode_copies,

@@ -35,13 +35,15 @@ class ModelValues(NamedTuple):
     box_threshold: float
     iou_threshold: float
     mask_threshold: float
+    box_threshold_rel: float
 
 
 @dataclass(frozen=True)
 class SegmentParams:
     """How to segment (see :func:`cellsam.segment` for each parameter's meaning).
 
-    ``box_threshold``, ``iou_threshold``, ``mask_threshold`` and ``tile_size`` left None are the model's own
+    ``box_threshold``, ``box_threshold_rel``, ``iou_threshold``, ``mask_threshold`` and ``tile_size`` left
+    None are the model's own
     (:meth:`for_model`); ``diameter`` (None, ``"auto"`` or pixels > 0) sets the scale through the tile size
     (:mod:`cellsam.inference.scale`), so a user gives one of ``diameter`` and ``tile_size`` (with a
     ``tile_size``, the default ``"auto"`` becomes None; a number is an error). ``filled``: the
@@ -50,6 +52,7 @@ class SegmentParams:
     """
 
     box_threshold: float | None = None
+    box_threshold_rel: float | None = None
     iou_threshold: float | None = None
     mask_threshold: float | None = None
     min_area: int = DEFAULT_MIN_AREA
@@ -73,6 +76,9 @@ class SegmentParams:
             v = getattr(self, name)
             if v is not None and not math.isfinite(v):
                 raise ValueError(f"{name} must be a finite number, got {v}")
+        rel = self.box_threshold_rel
+        if rel is not None and not (math.isfinite(rel) and 0.0 <= rel < 1.0):
+            raise ValueError(f"box_threshold_rel must be in [0, 1) (0: off), got {rel}")
         if self.mask_threshold is not None:
             logit_threshold(self.mask_threshold)  # (0, 1), with the library's message
         if self.precision not in PRECISIONS:
@@ -113,6 +119,8 @@ class SegmentParams:
                              "tile_size instead of diameter")
         return self.replace(
             box_threshold=inference.box_threshold if self.box_threshold is None else self.box_threshold,
+            box_threshold_rel=(inference.box_threshold_rel if self.box_threshold_rel is None
+                               else self.box_threshold_rel),
             iou_threshold=inference.iou_threshold if self.iou_threshold is None else self.iou_threshold,
             mask_threshold=inference.mask_threshold if self.mask_threshold is None else self.mask_threshold,
             tile_size=int(tile_size) if self.tile_size is None else self.tile_size,
@@ -128,10 +136,11 @@ class SegmentParams:
     def model_values(self) -> ModelValues:
         """Tile size and thresholds of a filled object (``ValueError`` if one is still None)."""
         t, b, i, m = self.tile_size, self.box_threshold, self.iou_threshold, self.mask_threshold
-        if t is None or b is None or i is None or m is None:
+        r = self.box_threshold_rel
+        if t is None or b is None or i is None or m is None or r is None:
             raise ValueError("segmentation parameters without a tile size or thresholds: fill them from the "
                              "model first (SegmentParams.for_model)")
-        return ModelValues(t, b, i, m)
+        return ModelValues(t, b, i, m, r)
 
 
 def params_or_keywords(params: SegmentParams | None, **keywords: Any) -> SegmentParams:

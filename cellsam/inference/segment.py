@@ -14,7 +14,9 @@ Pipeline per image (all sizes in pixels of the input image unless said otherwise
    predicted IoU < ``iou_threshold`` dropped; each cell's logits upscaled to tile pixels on its own
    window only (:mod:`.upscale`).
 4. Per cell: binarise at sigmoid(logit) > ``mask_threshold``, keep the largest island, fill holes.
-5. Stitching: copies of one cell that remain (boxes near a core's edge) are removed (see :mod:`.tiling`).
+5. Stitching: cells scoring under ``box_threshold_rel`` x the 90th percentile of the image's cell scores
+   are dropped (:func:`~.tiling.confident`); copies of one cell that remain (boxes near a core's edge)
+   are removed (see :mod:`.tiling`).
 6. One label image by arg-max over the cells' logits (a pixel goes to the cell with the highest
    logit among those whose mask contains it); each label keeps its largest component; cells under
    ``min_area`` pixels (default 15) are dropped; labels renumbered 1..N by descending box score.
@@ -37,7 +39,16 @@ from cellsam.inference.params import DEFAULT_MIN_AREA, SegmentParams, params_or_
 from cellsam.inference.preprocess import Channels, as_numpy, prepare_image
 from cellsam.inference.runtime import autocast_context, resolve_model
 from cellsam.inference.scale import choose_scale, has_size_model, rescale_from_cells
-from cellsam.inference.tiling import Candidate, Tile, deduplicate, extract_tile, in_core, tile_cores, tile_grid
+from cellsam.inference.tiling import (
+    Candidate,
+    Tile,
+    confident,
+    deduplicate,
+    extract_tile,
+    in_core,
+    tile_cores,
+    tile_grid,
+)
 from cellsam.inference.upscale import upscale_cells
 from cellsam.models.protocol import SegmentationModel, inference_defaults
 from cellsam.ops.boxes import masks_to_boxes
@@ -109,6 +120,7 @@ def segment(
     channels: Channels | None = None,
     normalize: bool = True,
     box_threshold: float | None = None,
+    box_threshold_rel: float | None = None,
     iou_threshold: float | None = None,
     mask_threshold: float | None = None,
     min_area: int = DEFAULT_MIN_AREA,
@@ -136,10 +148,12 @@ def segment(
         channels: ``(nuclear_idx, wholecell_idx)``, either may be None.
         normalize: False for images already normalised to CellSAM's (3, H, W) [0, 1] layout.
         box_threshold: minimum CellFinder box score.
+        box_threshold_rel: also drop cells scoring under this times the 90th percentile of the image's
+            cell scores (0: off; see :func:`~.tiling.confident`).
         iou_threshold: minimum predicted mask IoU (an uncalibrated regression output).
         mask_threshold: probability (after sigmoid) above which a pixel belongs to a cell.
-            ``None`` (the default for all three) takes the model's own ``cfg.inference`` values
-            (0.4 / 0.5 / 0.5, the paper's, unless the model was shipped with others).
+            ``None`` (the default for these four) takes the model's own ``cfg.inference`` values
+            (0.4 / 0 / 0.5 / 0.5, the paper's, unless the model was shipped with others).
         min_area: cells with fewer pixels in the final label image are dropped.
         tile_size, tile_overlap: tiling in input pixels; each tile is resized to the model's input side.
             ``tile_size=None`` uses the model's own ``cfg.tile_size`` (the scale it was trained at).
@@ -169,7 +183,8 @@ def segment(
         a :class:`Segmentation` for a single image, else a list of them.
     """
     params = params_or_keywords(
-        params, box_threshold=box_threshold, iou_threshold=iou_threshold, mask_threshold=mask_threshold,
+        params, box_threshold=box_threshold, box_threshold_rel=box_threshold_rel, iou_threshold=iou_threshold,
+        mask_threshold=mask_threshold,
         min_area=min_area, tile_size=tile_size, tile_overlap=tile_overlap, diameter=diameter,
         batch_size=batch_size, decode_chunk=decode_chunk, decode_copies=decode_copies,
         decode_window=decode_window, precision=precision, return_masks=return_masks, progress=progress,
@@ -371,8 +386,11 @@ def segment_prepared(image: np.ndarray, net: SegmentationModel, dev: torch.devic
 
 def stitch_candidates(cands: Sequence[Candidate], tiles: Sequence[Tile], shape: tuple[int, int],
                       p: SegmentParams, stats: dict[str, int]) -> Segmentation:
-    """Every tile's cells -> one :class:`Segmentation`: copies across tiles removed, one label image by
-    arg-max, small cells dropped, labels 1..N by descending score (``stats`` gains ``stitched``)."""
+    """Every tile's cells -> one :class:`Segmentation`: the doubtful ones dropped (``p.box_threshold_rel``),
+    copies across tiles removed, one label image by arg-max, small cells dropped, labels 1..N by
+    descending score (``stats`` gains ``confident`` and ``stitched``)."""
+    cands = confident(cands, p.model_values().box_threshold_rel)
+    stats["confident"] = len(cands)
     keep = deduplicate(list(cands), tiles, shape)
     kept = sorted((cands[i] for i in keep), key=lambda c: -c.score)
     stats["stitched"] = len(kept)

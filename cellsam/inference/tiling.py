@@ -36,6 +36,7 @@ import numpy as np
 MATCH_IOU = 0.3
 CONTAINMENT = 0.5
 SAME_TILE_IOU = 0.8
+SCORE_QUANTILE = 0.9
 
 
 @dataclass(frozen=True)
@@ -79,6 +80,20 @@ class Candidate:
             self.y0 + int(ys[-1]) + 1,
             self.x0 + int(xs[-1]) + 1,
         )
+
+
+def score_floor(scores: np.ndarray, rel: float) -> float:
+    """The relative box threshold: ``rel`` times the :data:`SCORE_QUANTILE` quantile of ``scores`` (N,),
+    the box scores of all the cells one image's tiles found (0 when ``rel`` is 0 or there are none)."""
+    scores = np.asarray(scores, np.float64).reshape(-1)
+    return rel * float(np.quantile(scores, SCORE_QUANTILE)) if rel > 0 and scores.size else 0.0
+
+
+def confident(cands: Sequence[Candidate], rel: float) -> list[Candidate]:
+    """The candidates whose box score is at least :func:`score_floor` of all their scores (``rel`` in
+    [0, 1); 0 keeps every one). ``cands``: the cells of one whole image, before stitching."""
+    floor = score_floor(np.array([c.score for c in cands]), rel)
+    return [c for c in cands if c.score >= floor]
 
 
 def _starts(length: int, tile_size: int, stride: int) -> list[int]:
