@@ -43,6 +43,10 @@ _LAZY = {
 __all__ = sorted(_LAZY) + ["__version__"]
 
 
+def __dir__() -> list[str]:
+    return list(__all__)
+
+
 def __getattr__(name: str) -> Any:
     if name in _LAZY:
         return getattr(importlib.import_module(_LAZY[name]), name)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal, TypeAlias
 
@@ -182,8 +183,8 @@ def check_diameter(diameter: float | str | None) -> Diameter:
             diameter = float(diameter)
         except ValueError:
             raise ValueError(f"diameter must be 'auto', a number of pixels > 0 or None, got {diameter!r}") from None
-    if isinstance(diameter, bool) or not isinstance(diameter, (int, float)) or not math.isfinite(diameter) \
-            or diameter <= 0:
+    if isinstance(diameter, bool) or not isinstance(diameter, numbers.Real) \
+            or not math.isfinite(diameter) or diameter <= 0:  # numpy scalars are Real numbers too
         raise ValueError(f"diameter must be 'auto', a number of pixels > 0 or None, got {diameter!r}")
     return float(diameter)
 

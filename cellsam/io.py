@@ -107,7 +107,7 @@ def _read_tiff(path: Path) -> LoadedImage:
 def _read_pil(path: Path) -> LoadedImage:
     from PIL import Image
 
-    with Image.open(path) as opened:
+    with _pil_any_size(), Image.open(path) as opened:  # the size limit is max_pixels, checked before
         opened.load()
         im: Image.Image = opened
         if im.mode in ("P", "PA", "CMYK", "YCbCr", "LAB", "HSV"):
@@ -275,8 +275,9 @@ def _probe_tiff(path: Path) -> ImageInfo:
 
 @contextlib.contextmanager
 def _pil_any_size() -> Iterator[None]:
-    """PIL refuses to open images above 2 x ``MAX_IMAGE_PIXELS`` (a "decompression bomb"); the header is
-    all :func:`probe_image` reads, so it lifts that check while it opens the file."""
+    """PIL refuses to open images above 2 x ``MAX_IMAGE_PIXELS`` (a "decompression bomb", about 179 MP);
+    cellsam's own limit is ``max_pixels`` (checked from the header before decoding, :func:`load_image`), so
+    PIL's check is lifted while :func:`probe_image` and the reader open the file."""
     from PIL import Image
 
     saved = Image.MAX_IMAGE_PIXELS

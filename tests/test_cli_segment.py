@@ -210,6 +210,22 @@ def test_cli_usage_errors(tmp_path: Path, checkpoint: Path) -> None:
     assert main(["segment", str(img), "-o", str(tmp_path / "o"), "--model", str(tmp_path / "no.safetensors")]) == 1
     with pytest.raises(SystemExit):
         main(["segment", str(img), "--channels", "0", "green"])
+    # an output "folder" that is a file: a clear message and exit 2, not a traceback
+    assert main(["segment", str(img), "-o", str(img), "--model", str(checkpoint)]) == 2
+    # --dask with a wrong model: refused once, before any cluster starts
+    assert main(["segment", str(img), "-o", str(tmp_path / "o"), "--dask", "--model", str(tmp_path / "no.st")]) == 1
+
+
+def test_png_above_pils_bomb_limit_reads_when_max_pixels_allows(tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """PIL refuses images above 2 x MAX_IMAGE_PIXELS (~179 MP by default); cellsam's own limit is max_pixels."""
+    path = tmp_path / "big.png"
+    Image.fromarray(np.arange(60 * 50, dtype=np.uint16).reshape(60, 50).astype(np.uint8)).save(path)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 3,000 px is a "bomb" to PIL now
+    assert io.load_image(path).data.shape == (60, 50)
+    assert Image.MAX_IMAGE_PIXELS == 1000  # PIL's own setting is restored
+    with pytest.raises(io.ImageTooLarge):
+        io.load_image(path, max_pixels=2000)
 
 
 def test_cli_words_library_errors_as_flags(tmp_path: Path, checkpoint: Path, capsys) -> None:

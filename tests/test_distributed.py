@@ -77,6 +77,25 @@ def test_grid_and_blocks_cover_the_single_process_tiles() -> None:
         plan_blocks(grid, 0)
 
 
+def test_nan_in_a_large_image_is_an_error_not_an_empty_region() -> None:
+    from cellsam.distributed.source import Normalizer, fit_normalizer
+
+    x = np.random.default_rng(0).random((64, 64, 1)).astype(np.float32)
+    bad = x.copy()
+    bad[:5] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        fit_normalizer([bad], 1)  # the strided sample saw it
+    norm = fit_normalizer([x], 1)
+    assert norm.apply(x).shape == (3, 64, 64)
+    for v in (np.nan, np.inf):
+        w = x.copy()
+        w[3, 3] = v
+        with pytest.raises(ValueError, match="NaN or infinite"):
+            norm.apply(w)  # a block the sample missed fails with the same message
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        Normalizer(prepared=True).apply(np.full((4, 4, 3), np.nan, np.float32))
+
+
 def test_sources_read_windows_lazily(tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
     img = rng.integers(0, 60000, (2, 90, 70), dtype=np.uint16)

@@ -46,6 +46,8 @@ def test_bad_prompts(tiny, image):
         p.predict()
     with pytest.raises(ValueError, match="together"):
         p.predict(point_coords=np.array([[1.0, 2.0]]))
+    with pytest.raises(ValueError, match="P >= 1"):  # no point at all: a clear message, not a reshape error
+        p.predict(point_coords=np.zeros((0, 2)), point_labels=np.zeros(0))
     with pytest.raises(ValueError, match="box must be"):
         p.predict(box=np.array([1.0, 2.0, 3.0]))
     with pytest.raises(ValueError, match="mask_input must be"):
@@ -180,3 +182,16 @@ def test_parity_with_sam_predictor_vit_b(tmp_path):
     sam = _random_sam(encoder_embed_dim=768, encoder_depth=12, encoder_num_heads=12,
                       encoder_global_attn_indexes=[2, 5, 8, 11])
     _check_parity(sam, tmp_path, _rgb(120, 90))
+
+
+def test_set_image_warns_when_the_image_shrinks_far_below_the_models_scale(tiny, image, caplog):
+    from cellsam.models.protocol import model_tile_size
+
+    p = Predictor(tiny)
+    with caplog.at_level("WARNING", logger="cellsam.inference.predictor"):
+        p.set_image(image)  # smaller than a tile: shown at least at the model's scale
+        assert not caplog.records
+        side = 3 * model_tile_size(tiny)
+        big, _ = make_blobs((side, side), n=20, radius=(4, 7))
+        p.set_image(big)
+    assert len(caplog.records) == 1 and "0.33x the scale" in caplog.text and "cellsam.segment" in caplog.text

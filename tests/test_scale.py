@@ -68,11 +68,14 @@ def test_cells_of_a_pass_ask_for_their_scale() -> None:
     assert rescale_from_cells(np.zeros((64, 64), np.int32), 256, 20.0, 100) == (100, None)
 
 
-@pytest.mark.parametrize("bad", [0, -3, float("nan"), float("inf"), "big", True])
+@pytest.mark.parametrize("bad", [0, -3, float("nan"), float("inf"), "big", True, np.bool_(True), np.float32(-2)])
 def test_check_diameter_rejects_what_is_not_a_size(bad: object) -> None:
     with pytest.raises(ValueError, match="diameter"):
         check_diameter(bad)  # type: ignore[arg-type]
     assert check_diameter("auto") == "auto" and check_diameter(None) is None and check_diameter("12") == 12.0
+    # numpy scalars (a diameter measured with numpy) are numbers too
+    assert check_diameter(np.float32(30.5)) == 30.5 and check_diameter(np.int64(30)) == 30.0
+    assert type(check_diameter(np.float32(30.5))) is float
 
 
 @pytest.fixture(scope="module")

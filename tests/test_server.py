@@ -163,6 +163,51 @@ def test_errors_are_json(client: TestClient, image_id: int) -> None:
     assert r.status_code == 422 and r.json()["error"].startswith("invalid request")
     r = client.post(f"/api/images/{image_id}/cells", json={"box": [0, 0, 10, 10], "cell": 77})
     assert r.status_code == 400 and "no cell 77" in r.json()["error"]
+    r = client.post(f"/api/images/{2**70}/segment")  # beyond SQLite's integers: missing, not a crash
+    assert r.status_code == 404 and "no image" in r.json()["error"]
+    r = client.post("/api/images/1/nothing-here")  # FastAPI's own errors carry "error" too (the page reads it)
+    assert r.status_code in (404, 405) and r.json()["error"]
+    bad = np.full(SHAPE, -3, np.int32)
+    r = client.post(f"/api/images/{image_id}/labels", files={"file": ("l.tif", tif_bytes(bad))})
+    assert r.status_code in (400, 422) and r.json()["error"]  # the request's fault, not a conflict (409)
+
+
+def test_boxes_past_the_edge_are_clipped_and_degenerate_ones_refused(client: TestClient, image_id: int) -> None:
+    from cellsam.server.session import clip_box
+
+    h, w = SHAPE
+    assert clip_box((w - 20, 10, w + 30, 40), (h, w)) == (w - 20, 10, w, 40)
+    assert clip_box((10, 10, 10, 40), (h, w)) is None and clip_box((50, 50, 10, 10), (h, w)) is None
+    assert clip_box((w + 5, 0, w + 50, 9), (h, w)) is None and clip_box((0, 0, np.nan, 9), (h, w)) is None
+    r = client.post(f"/api/images/{image_id}/cells", json={"box": [w - 30, 5, w + 40, 45]})  # dragged past the edge
+    assert r.status_code == 200, r.text
+    for box in ([100, 10, 100, 40], [60, 60, 20, 20], [w + 10, 0, w + 60, 20]):
+        r = client.post(f"/api/images/{image_id}/cells", json={"box": box})
+        assert r.status_code == 400 and "box" in r.json()["error"], box
+    before = labels_of(client, image_id)[1].max()
+    r = client.post(f"/api/images/{image_id}/decode", json={"boxes": [[w + 100, 0, w + 200, 50]], "replace": False})
+    assert r.status_code == 200 and labels_of(client, image_id)[1].max() == before  # wholly outside: no cell
+
+
+def test_a_click_beside_the_mask_found_is_no_cell(model: torch.nn.Module) -> None:
+    """A click must lie in the mask it returns: a neighbour's mask is refused, not added as the clicked cell."""
+    from cellsam.server.session import ModelSession
+
+    session = ModelSession(model)
+    image = np.zeros((3, 64, 64), np.float32)
+    blob = np.full((64, 64), -8.0, np.float32)
+    blob[10:20, 40:50] = 8.0  # the only cell the fake decoder ever returns
+
+    class FakePredictor:
+        def predict(self, **kw: object) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+            return blob[None], np.ones(1, np.float32), blob[None]
+
+    session._predictor = lambda key, img, tl, i, size=None: FakePredictor()  # type: ignore[method-assign]
+    got = session.predict("k", image, points=[(45.0, 15.0)], point_labels=[1])  # on the cell
+    assert got.mask.sum() == 100
+    with pytest.raises(ValueError, match="found no cell there"):
+        session.predict("k", image, points=[(10.0, 50.0)], point_labels=[1])  # on background
+    assert session.predict("k", image, box=(38, 8, 52, 22)).mask.sum() == 100  # a box decides by itself
 
 
 def test_answers_carry_server_timing(client: TestClient, image_id: int) -> None:
@@ -198,7 +243,9 @@ def test_token_required_off_localhost(tmp_path: Path, model: torch.nn.Module) ->
 
 
 # ----------------------------------------------------------------------------------- edits
-def test_every_edit_endpoint(client: TestClient, image_id: int) -> None:
+def test_every_edit_endpoint(client: TestClient, image_id: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    # the random model's click masks need not hold the click; that rule has its own test
+    monkeypatch.setattr("cellsam.server.session._holds_a_click", lambda mask, clicks: True)
     url = f"/api/images/{image_id}"
     _, labels = labels_of(client, image_id)
     # add by box, add by point (model prompts), refine with a negative point

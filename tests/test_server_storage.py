@@ -93,7 +93,7 @@ def test_project_history_is_bounded_and_paths_confined(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="boom"):
         p.edit(rec.id, "bad", lambda old: (_ for _ in ()).throw(ValueError("boom")))
     assert p.labels(rec.id)[0] == MAX_HISTORY + 5  # the failed edit was rolled back
-    with pytest.raises(ProjectError, match="do not fit"):
+    with pytest.raises(ValueError, match="do not fit"):
         p.edit(rec.id, "bad shape", lambda old: (np.zeros((3, 3), np.int32), None))
 
 

@@ -25,6 +25,19 @@ COMMANDS: dict[str, str] = {
 }
 
 
+def help_text(doc: str) -> str:
+    """A sub-command module's docstring, less its first paragraph, as ``--help`` prints it: reST roles
+    (:func:`~a.b.name`) become their name and double back-quotes plain quotes."""
+    import re
+
+    body = doc.split("\n\n", 1)[1]
+    def role(m: re.Match[str]) -> str:
+        return m.group(2).rsplit(".", 1)[-1] if m.group(1) else m.group(2)
+
+    body = re.sub(r":\w+:`(~?)([^`]+)`", role, body)
+    return body.replace("``", "'")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The full argument parser (all sub-commands)."""
     from cellsam import __version__

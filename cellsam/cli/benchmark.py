@@ -20,12 +20,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from cellsam.cli import help_text
+
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Register ``benchmark`` on the ``cellsam`` command."""
     p = subparsers.add_parser(
         "benchmark", help="accuracy of our model vs Cellpose vs Otsu on a split, written to accuracy.md",
-        description=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=help_text(__doc__), formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--data", type=Path, default=Path("prepared"), help="prepared dataset or annotated folder")
     p.add_argument("--split", default="val")

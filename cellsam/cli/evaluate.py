@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from cellsam.cli import help_text
 from cellsam.config import DEFAULT_DECODE_WINDOW
 
 
@@ -34,7 +35,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Register ``evaluate`` on the ``cellsam`` command."""
     p = subparsers.add_parser(
         "evaluate", help="score segmentations with every metric (F1, AP, mSA, AJI, COCO)",
-        description=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=help_text(__doc__), formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--pred", type=Path, help="folder of predicted label images")
     p.add_argument("--gt", type=Path, help="folder of ground-truth label images")

@@ -21,7 +21,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="turn annotated images into training tiles (npy + COCO) with leak-free splits",
         description=(
             "Read annotated sources (folders or .npz/.json files), normalise them to CellSAM's channels "
-            "(R empty, G nuclear, B whole-cell; CLAHE), tile to 512x512 with 25%% overlap, split 80/10/10 "
+            "(R empty, G nuclear, B whole-cell; CLAHE), tile to 512x512 with 25% overlap, split 80/10/10 "
             "by source image (or the source's own split), and write OUT/<split>/{images,labels}.npy, "
             "tiles.json, coco.json, images.json and OUT/dataset.json."
         ),

@@ -284,14 +284,20 @@ def run(args: argparse.Namespace) -> int:
     if not paths:
         return 1
     outdir = args.output or Path("cellsam_output")
-    outdir.mkdir(parents=True, exist_ok=True)
-    if getattr(args, "dask", None) is not None:
-        return run_dask(args, paths, len(missing), outdir)
     try:
-        model = load_model(args.model, args.device)
+        outdir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # a file of that name, no permission, ...
+        log.error("cannot use %s as the output folder: %s", outdir, e)
+        return 2
+    on_dask = getattr(args, "dask", None) is not None
+    try:  # also before --dask: a wrong model fails here once, not on every worker
+        model = load_model(args.model, "cpu" if on_dask else args.device)
     except (KeyError, ValueError, OSError) as e:
         log.error("cannot load model %r: %s", args.model, e)
         return 1
+    if on_dask:
+        del model
+        return run_dask(args, paths, len(missing), outdir)
     t0 = time.perf_counter()
     used: set[str] = set()
     done: list[tuple[Path, int]] = []
@@ -330,6 +336,7 @@ def run_dask(args: argparse.Namespace, paths: list[Path], n_missing: int, outdir
     from cellsam.distributed.cluster import BlockFailure, close_client, get_client
 
     t0 = time.perf_counter()
+    logging.getLogger("distributed").setLevel(logging.WARNING)  # ~30 INFO lines of cluster start-up otherwise
     address = None if args.dask in (None, "", "local") else args.dask
     try:
         client, owned = get_client(address)
@@ -362,6 +369,8 @@ def run_dask(args: argparse.Namespace, paths: list[Path], n_missing: int, outdir
     finally:
         if owned:
             close_client(client)
+    for path, n in done:
+        print(f"{path}: {n} cell(s)")
     total = sum(n for _, n in done)
     print(
         f"cellsam segment (dask): {len(done)} image(s) segmented, {total} cell(s), {len(failed) + n_missing} "

@@ -90,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
     limits = Limits(max_bytes=args.max_upload_mb << 20, max_pixels=int(args.max_megapixels * 1e6))
     app = create_app(project, model, model_name=str(model_name), token=access.token, allowed_hosts=access.hosts,
                      limits=limits, cache_bytes=args.cache_mb << 20)
-    print(f"cellsam serve: project {project.root} ({len(project.images())} images), model {model_name}")
+    print(f"cellsam serve: project {project.root} ({len(project.images())} image(s)), model {model_name}")
     print(f"open {address(args.host, args.port, access.token)}", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0

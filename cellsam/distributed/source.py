@@ -201,7 +201,11 @@ class Normalizer:
         return window[..., pick].astype(np.float64)
 
     def apply(self, window: np.ndarray) -> np.ndarray:
-        """(h, w, C) raw window -> (3, h, w) float32 in [0, 1] (CLAHE over the whole window)."""
+        """(h, w, C) raw window -> (3, h, w) float32 in [0, 1] (CLAHE over the whole window).
+
+        Raises ``ValueError`` for NaN or infinite values (as :func:`cellsam.segment` does for an image in
+        memory): a block of them would otherwise come out empty and look like a region without cells."""
+        check_finite(window)
         if self.prepared:
             x = window.astype(np.float32)
             if x.size and (float(x.min()) < 0.0 or float(x.max()) > 1.0):
@@ -244,6 +248,12 @@ def sample_step(shape: tuple[int, int], max_pixels: int = SAMPLE_PIXELS) -> int:
     return max(1, math.ceil(math.sqrt(shape[0] * shape[1] / max_pixels)))
 
 
+def check_finite(x: np.ndarray) -> None:
+    """``ValueError`` when a floating-point window or sample holds NaN or infinite values."""
+    if np.issubdtype(x.dtype, np.floating) and not np.isfinite(x).all():
+        raise ValueError("the image contains NaN or infinite values; replace them (e.g. np.nan_to_num) first")
+
+
 def fit_normalizer(
     samples: list[np.ndarray],
     n_channels: int,
@@ -259,6 +269,8 @@ def fit_normalizer(
                 f"got {n_channels} channel(s), channels={channels!r}"
             )
         return Normalizer(prepared=True)
+    for s in samples:
+        check_finite(s)
     picks = channel_picks(n_channels, channels)
     flat = np.concatenate([s.reshape(-1, 1, s.shape[-1]) for s in samples], axis=0)
     invert, range_top = False, None

@@ -18,11 +18,12 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from cellsam.inference.preprocess import prepare_image, to_channels_last
-from cellsam.models.protocol import PromptableModel, check_model
+from cellsam.models.protocol import PromptableModel, check_model, model_tile_size
 
 logger = logging.getLogger(__name__)
 
 MASK_THRESHOLD = 0.0  # on logits, as SAM
+SHRINK_WARNING = 0.6  # set_image warns when the image's cells shrink below this share of the model's scale
 
 
 def resized_shape(h: int, w: int, long_side: int) -> tuple[int, int]:
@@ -95,6 +96,14 @@ class Predictor:
         self._features = self.model.encode(x)
         self._input = x if getattr(self.model, "detector_trunk", None) is not None else None
         self.original_size, self.input_size = (h, w), (int(hr), int(wr))
+        shrink = model_tile_size(self.model) / max(h, w)
+        if shrink < SHRINK_WARNING:
+            logger.warning(
+                "Predictor shows the whole %dx%d image to the model at %d px (SAM's resize): its cells are at "
+                "%.2fx the scale the model was trained at, too small to find or outline well. Use "
+                "cellsam.segment for whole images, a crop of about %d px around the cells for prompts, or the "
+                "click tools of `cellsam serve` / napari, which prompt each tile at the model's scale",
+                h, w, s, shrink, model_tile_size(self.model))
 
     def _to_resized_255(
         self, image: Any, channel_axis: int | None, channels: tuple | None, normalize: bool, s: int
@@ -182,9 +191,10 @@ class Predictor:
         if point_coords is not None:
             coords = self._as_tensor(point_coords, "point_coords")
             labels = self._as_tensor(point_labels, "point_labels", dtype=torch.int64)
-            if coords.ndim not in (2, 3) or coords.shape[-1] != 2 or labels.shape != coords.shape[:-1]:
+            if coords.ndim not in (2, 3) or coords.shape[-1] != 2 or labels.shape != coords.shape[:-1] \
+                    or coords.shape[-2] == 0:
                 raise ValueError(
-                    f"point_coords must be (P, 2) or (N, P, 2) with point_labels (P,) or (N, P); got "
+                    f"point_coords must be (P, 2) or (N, P, 2) with P >= 1 and point_labels (P,) or (N, P); got "
                     f"{tuple(coords.shape)} and {tuple(labels.shape)}"
                 )
             batched |= coords.ndim == 3

@@ -23,6 +23,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.gzip import GZipMiddleware
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cellsam.server.access import Access, check_request, cookie_name, token_matches
 from cellsam.server.context import ServerContext
@@ -158,6 +159,11 @@ def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ProjectError)
     async def conflict(request: Request, exc: ProjectError) -> JSONResponse:
         return JSONResponse({"error": str(exc)}, status_code=409)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        """Every error body is ``{"error": ...}``, the key the page reads (FastAPI's own is ``detail``)."""
+        return JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code, headers=exc.headers)
 
     @app.exception_handler(ValueError)
     async def bad_value(request: Request, exc: ValueError) -> JSONResponse:

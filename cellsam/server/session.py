@@ -31,6 +31,18 @@ TILE_OVERLAP = 0.25
 NMS_IOU = 0.7  # detect(): boxes overlapping a better one by more than this are dropped
 
 
+def clip_box(box: Sequence[float] | np.ndarray, shape: tuple[int, int]) -> tuple[float, float, float, float] | None:
+    """An xyxy box clipped to an image of ``shape`` (H, W): a box dragged past the edge keeps its part in
+    the image. None when it is not finite, not x1 > x0 and y1 > y0, or less than a pixel stays inside."""
+    x0, y0, x1, y1 = (float(v) for v in box)
+    h, w = shape
+    if not np.isfinite([x0, y0, x1, y1]).all() or x1 <= x0 or y1 <= y0:
+        return None
+    x0, x1 = min(max(x0, 0.0), w), min(max(x1, 0.0), w)
+    y0, y1 = min(max(y0, 0.0), h), min(max(y1, 0.0), h)
+    return (x0, y0, x1, y1) if x1 - x0 >= 1 and y1 - y0 >= 1 else None
+
+
 K = TypeVar("K", bound=Hashable)
 
 
@@ -224,15 +236,18 @@ class ModelSession:
         if box is None and not (lab == 1).any():
             raise ValueError("give a box or at least one positive point (inside the cell)")
         h, w = image.shape[1:]
+        for x, y in pts:
+            if not (-1 <= x <= w + 1 and -1 <= y <= h + 1):
+                raise ValueError(f"point ({x:g}, {y:g}) lies outside the {w}x{h} image")
         if box is not None:
-            x0, y0, x1, y1 = box
-            region = (float(x0), float(y0), float(x1), float(y1))
+            clipped = clip_box(box, (h, w))
+            if clipped is None:
+                raise ValueError(f"the box {tuple(box)} needs x1 > x0, y1 > y0 and at least a pixel inside the "
+                                 f"{w}x{h} image")
+            region = clipped
         else:
             pos = pts[lab == 1]
             region = (float(pos[:, 0].min()), float(pos[:, 1].min()), float(pos[:, 0].max()), float(pos[:, 1].max()))
-        for v, side in zip(region, (w, h, w, h), strict=True):
-            if not -1 <= v <= side + 1:
-                raise ValueError(f"prompt coordinate {v:g} lies outside the {w}x{h} image")
         with self.lock:
             size = tile_size or self.scale(key, image)
             tiles = self.tiles((h, w), size)
@@ -250,7 +265,7 @@ class ModelSession:
         k = int(np.argmax(scores))
         lo = logits[k][: t.y1 - t.y0, : t.x1 - t.x0].astype(np.float32)
         mask = clean_cell_mask(lo)
-        if not mask.any():
+        if not mask.any() or (box is None and not _holds_a_click(mask, pts[lab == 1] - off)):
             raise ValueError("the model found no cell there; add a box or more points")
         return CellProposal(t.y0, t.x0, mask, lo, float(scores[k]))
 
@@ -286,14 +301,17 @@ class ModelSession:
 
     @torch.no_grad()
     def decode_boxes(self, key: Hashable, image: np.ndarray, boxes: np.ndarray) -> list[CellProposal]:
-        """One proposal per box (N, 4) xyxy; boxes whose mask comes out empty are skipped."""
+        """One proposal per box (N, 4) xyxy, each clipped to the image (:func:`clip_box`); boxes wholly
+        outside it, degenerate ones and those whose mask comes out empty are skipped."""
         h, w = image.shape[1:]
         out: list[CellProposal] = []
         with self.lock:
             size = self.scale(key, image)
             tiles = self.tiles((h, w), size)
+            clipped = [clip_box(b, (h, w)) for b in np.asarray(boxes, np.float32).reshape(-1, 4)]
+            boxes = np.array([b for b in clipped if b is not None], np.float32).reshape(-1, 4)  # in the image
             groups: dict[int, list[int]] = {}
-            for j, b in enumerate(np.asarray(boxes, np.float32).reshape(-1, 4)):
+            for j, b in enumerate(boxes):
                 groups.setdefault(self.best_tile(tiles, tuple(b)), []).append(j)
             for i, idx in groups.items():
                 t = tiles[i]
@@ -329,3 +347,13 @@ def proposals_to_labels(props: list[CellProposal], shape: tuple[int, int]) -> np
     cells = [(p.y0, p.x0, p.mask, np.where(p.mask, p.logits, -np.inf).astype(np.float32)) for p in props]
     return merge_by_argmax(cells, shape)
 
+
+def _holds_a_click(mask: np.ndarray, clicks: np.ndarray) -> bool:
+    """Whether the (h, w) ``mask`` covers one of the (P, 2) xy ``clicks`` (pixels of its window): a mask
+    beside the clicked point is a neighbour's, not the clicked cell."""
+    h, w = mask.shape
+    for x, y in np.asarray(clicks, np.float64).reshape(-1, 2):
+        ix, iy = int(np.floor(x)), int(np.floor(y))
+        if 0 <= iy < h and 0 <= ix < w and mask[iy, ix]:
+            return True
+    return False

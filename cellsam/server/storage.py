@@ -201,6 +201,8 @@ class Project:
         return [record_from_row(r) for r in rows]
 
     def image(self, image_id: int) -> ImageRecord:
+        if not 0 < int(image_id) < 2**63:  # SQLite's integers: a larger id would overflow, not be missing
+            raise NotFoundError(f"no image with id {image_id} in this project")
         with self._lock:
             row = self._conn.execute(IMAGE_QUERY + " WHERE i.id=?", (int(image_id),)).fetchone()
         if row is None:
@@ -286,7 +288,7 @@ class Project:
             new, cell = fn(labels)
             new = np.asarray(new)
             if new.shape != labels.shape:
-                raise ProjectError(f"labels of shape {new.shape} do not fit the image {labels.shape}")
+                raise ValueError(f"labels of shape {new.shape} do not fit the image {labels.shape}")
             new = new.astype(np.int32, copy=False)
             win = changed_window(labels, new)
             if win is None:
@@ -315,7 +317,7 @@ class Project:
         try:
             lab = check_labels(np.asarray(labels), Path(action))
         except SampleError as e:
-            raise ProjectError(f"bad label image: {e.message}") from None
+            raise ValueError(f"bad label image: {e.message}") from None  # the request's fault: 400
         return self.edit(image_id, action, lambda _old: (lab, None))
 
     def _write_labels(self, image_id: int, base: int, new: np.ndarray, now: float) -> int:
