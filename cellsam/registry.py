@@ -188,7 +188,7 @@ register_weights(
         name="cellsam_cpu.v5",
         variant="conv_cpu",
         url="package:pretrained/cellsam_cpu_v5.safetensors",
-        sha256="17e39f417d27618584abe6153e9c5b0b184086b185b9e986dbd35f0384324adc",
+        sha256="3cbd240f7ccfdc7ca3d9821de9aae8e1be4057355bd87eb4a6338d32dcfdcd30",
         version="v5",
         description="conv_cpu (conv encoder + dense CellFinder + size model) trained from random weights on DSB "
                     "2018, DeepCell 1.0 and MoNuSeg (2-core CPU, ~2.5 h)",
