@@ -54,6 +54,10 @@ def test_frozen_normalised_and_filled_from_the_model_in_one_place() -> None:
     assert SegmentParams(box_threshold=0.9).filled_from(128, inf).box_threshold == 0.9  # the user's value wins
     with pytest.raises(ValueError, match="has no cell diameter"):
         p.filled_from(256, InferenceConfig())
+    # a tile far above the model's would shrink the image beyond the scales auto allows (and pad to huge arrays)
+    assert SegmentParams(tile_size=1024).filled_from(256, inf).tile_size == 1024
+    with pytest.raises(ValueError, match="at most 1024"):
+        SegmentParams(tile_size=100_000).filled_from(256, inf)
     net = build_model("vit_tiny")
     got = SegmentParams().for_model(net)
     inf = net.cfg.inference

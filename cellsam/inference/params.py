@@ -112,8 +112,15 @@ class SegmentParams:
         """The None thresholds and tile size filled from a model's ``cfg.tile_size`` and ``cfg.inference``.
 
         Raises ``ValueError`` for a diameter in pixels when the model has no ``cell_diameter`` (no size
-        reference); ``"auto"`` then keeps the image's own scale.
+        reference; ``"auto"`` then keeps the image's own scale), and for a ``tile_size`` above
+        ``MAX_SCALE`` times the model's (the scale ``diameter`` is clamped to as well).
         """
+        from cellsam.inference.scale import MAX_SCALE
+
+        if self.tile_size is not None and self.tile_size > MAX_SCALE * tile_size:
+            raise ValueError(f"tile_size {self.tile_size} would shrink the image more than {MAX_SCALE:g}x below the "
+                             f"model's scale (its tile is {tile_size} px): at most {int(MAX_SCALE * tile_size)}, or "
+                             "give the cells' diameter instead")
         if self.diameter not in (None, AUTO) and not inference.cell_diameter:
             raise ValueError("this model has no cell diameter (cfg.inference.cell_diameter): segment it with "
                              "tile_size instead of diameter")
