@@ -234,6 +234,8 @@ def test_cli_words_library_errors_as_flags(tmp_path: Path, checkpoint: Path, cap
     assert main(["segment", str(stack), "-o", str(tmp_path / "o"), "--model", str(checkpoint), *OPEN]) == 1
     printed = capsys.readouterr().out
     assert "--channel-axis 0" in printed and "channel_axis=" not in printed
+    assert cli_segment.cli_wording("CUDA is not available (use device='cpu' or 'auto')") == \
+        "CUDA is not available (use --device cpu or auto)"
     assert cli_segment.cli_wording("needs channels=(nuclear_idx, wholecell_idx) (None for a missing one)") == \
         "needs --channels nuclear_idx wholecell_idx (none for a missing one)"
 

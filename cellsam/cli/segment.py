@@ -142,11 +142,13 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 def cli_wording(message: str) -> str:
     """A library error message in the command line's terms: ``channel_axis=0`` -> ``--channel-axis 0``,
-    ``channels=(a, b)`` -> ``--channels a b`` (``None`` -> ``none``), a bare ``channels=`` -> ``--channels``."""
+    ``channels=(a, b)`` -> ``--channels a b`` (``None`` -> ``none``), a bare ``channels=`` -> ``--channels``,
+    ``device='cpu' or 'auto'`` -> ``--device cpu or auto``."""
     message = re.sub(r"\bchannel_axis=(-?\d+)", r"--channel-axis \1", message)
     message = re.sub(r"\bchannels=\(([^,()]*), ([^()]*)\)",
                      lambda m: "--channels " + " ".join(v.strip().replace("None", "none") for v in m.groups()), message)
     message = message.replace("(None for a missing one)", "(none for a missing one)")
+    message = re.sub(r"\bdevice='(\w+)' or '(\w+)'", r"--device \1 or \2", message)
     return re.sub(r"\bchannels=", "--channels ", message)
 
 

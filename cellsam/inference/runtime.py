@@ -36,9 +36,9 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
         return torch.device("cpu")
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' requested but CUDA is not available (use --device cpu or auto)")
+        raise ValueError("device 'cuda' requested but CUDA is not available (use device='cpu' or 'auto')")
     if dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise ValueError("device 'mps' requested but MPS is not available (use --device cpu or auto)")
+        raise ValueError("device 'mps' requested but MPS is not available (use device='cpu' or 'auto')")
     return dev
 
 

@@ -406,7 +406,7 @@ def stitch_candidates(cands: Sequence[Candidate], tiles: Sequence[Tile], shape: 
             f"{stats.get('masks', 0)} mask(s) had >= min_area={p.min_area} px above "
             f"mask_threshold={p.mask_threshold}"
         )
-        log.info(message)
+        log.debug(message)  # the result carries it; callers that report (files, CLI, napari) show it once
     return Segmentation(
         labels=labels,
         boxes=np.array([c.box for c in final], np.float32).reshape(n, 4),
