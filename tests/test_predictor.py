@@ -195,3 +195,21 @@ def test_set_image_warns_when_the_image_shrinks_far_below_the_models_scale(tiny,
         big, _ = make_blobs((side, side), n=20, radius=(4, 7))
         p.set_image(big)
     assert len(caplog.records) == 1 and "0.33x the scale" in caplog.text and "cellsam.segment" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="cellsam.inference.predictor"):
+        p.set_image(big, check_scale=False)  # a caller that cut the image at a chosen scale
+    assert not caplog.records
+
+
+def test_session_tiles_at_a_large_scale_do_not_warn(tiny, caplog):
+    """The web app's tiles are cut at the image's scale: their shrink to the model input is the rescaling."""
+    from cellsam.models.protocol import model_tile_size
+    from cellsam.server.session import ModelSession
+
+    side = 3 * model_tile_size(tiny)
+    big, _ = make_blobs((side, side), n=20, radius=(12, 20))
+    image = np.stack([np.zeros_like(big), big, big]).astype(np.float32)
+    session = ModelSession(tiny)
+    with caplog.at_level("WARNING", logger="cellsam.inference.predictor"):
+        session.predict("k", image, box=(10, 10, 60, 60), tile_size=side)
+    assert not caplog.records

@@ -76,6 +76,7 @@ class Predictor:
         channel_axis: int | None = None,
         channels: tuple | None = None,
         normalize: bool = True,
+        check_scale: bool = True,
     ) -> None:
         """Embed ``image`` once (a new image replaces the old one).
 
@@ -86,6 +87,9 @@ class Predictor:
             normalize: True (default): CellSAM's normalisation and channel layout. False: the image
                 is used as-is: a 3-channel uint8 image (e.g. RGB, exactly as ``SamPredictor`` takes
                 it, resized with PIL like SAM) or a 3-channel float image already in [0, 1].
+            check_scale: warn when the image is so much larger than the model's tile that its cells shrink
+                below :data:`SHRINK_WARNING` of the model's scale. False for a caller that cut the image
+                at a chosen scale (the web app's and napari's tiles: there the shrink is the rescaling).
         """
         self.reset_image()
         s = int(self.model.img_size)
@@ -97,7 +101,7 @@ class Predictor:
         self._input = x if getattr(self.model, "detector_trunk", None) is not None else None
         self.original_size, self.input_size = (h, w), (int(hr), int(wr))
         shrink = model_tile_size(self.model) / max(h, w)
-        if shrink < SHRINK_WARNING:
+        if check_scale and shrink < SHRINK_WARNING:
             logger.warning(
                 "Predictor shows the whole %dx%d image to the model at %d px (SAM's resize): its cells are at "
                 "%.2fx the scale the model was trained at, too small to find or outline well. Use "

@@ -198,7 +198,8 @@ class ModelSession:
         p = self.embeddings.get(full)
         if p is None:
             p = Predictor(self.model)
-            p.set_image(extract_tile(image, tiles[i], size), channel_axis=0, normalize=False)
+            # the tile side is the scale (the size model's, or the one Segment all ended at): no warning
+            p.set_image(extract_tile(image, tiles[i], size), channel_axis=0, normalize=False, check_scale=False)
             self.embeddings.put(full, p)
         return p
 
