@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from cellsam.data.normalize import CLAHE_KERNEL, CLIP_PERCENTILE, rgb_inverts, rgb_range_top, rgb_to_channel
+from cellsam.inference.preprocess import check_finite
 
 SAMPLE_PIXELS = 4_000_000
 Rect = tuple[int, int, int, int]  # (y0, x0, y1, x1), exclusive ends
@@ -246,12 +247,6 @@ def channel_picks(
 def sample_step(shape: tuple[int, int], max_pixels: int = SAMPLE_PIXELS) -> int:
     """Stride of the global statistics sample: at most about ``max_pixels`` pixels."""
     return max(1, math.ceil(math.sqrt(shape[0] * shape[1] / max_pixels)))
-
-
-def check_finite(x: np.ndarray) -> None:
-    """``ValueError`` when a floating-point window or sample holds NaN or infinite values."""
-    if np.issubdtype(x.dtype, np.floating) and not np.isfinite(x).all():
-        raise ValueError("the image contains NaN or infinite values; replace them (e.g. np.nan_to_num) first")
 
 
 def fit_normalizer(

@@ -100,14 +100,14 @@ class Predictor:
         self._features = self.model.encode(x)
         self._input = x if getattr(self.model, "detector_trunk", None) is not None else None
         self.original_size, self.input_size = (h, w), (int(hr), int(wr))
-        shrink = model_tile_size(self.model) / max(h, w)
-        if check_scale and shrink < SHRINK_WARNING:
+        tile = model_tile_size(self.model)
+        if check_scale and tile / max(h, w) < SHRINK_WARNING:
             logger.warning(
                 "Predictor shows the whole %dx%d image to the model at %d px (SAM's resize): its cells are at "
                 "%.2fx the scale the model was trained at, too small to find or outline well. Use "
                 "cellsam.segment for whole images, a crop of about %d px around the cells for prompts, or the "
                 "click tools of `cellsam serve` / napari, which prompt each tile at the model's scale",
-                h, w, s, shrink, model_tile_size(self.model))
+                h, w, s, tile / max(h, w), tile)
 
     def _to_resized_255(
         self, image: Any, channel_axis: int | None, channels: tuple | None, normalize: bool, s: int

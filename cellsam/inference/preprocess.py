@@ -44,9 +44,14 @@ def _check_dtype(x: np.ndarray) -> np.ndarray:
         raise TypeError("complex images are not supported")
     if not np.issubdtype(x.dtype, np.number):
         raise TypeError(f"expected a numeric image, got dtype {x.dtype}")
+    check_finite(x)
+    return x
+
+
+def check_finite(x: np.ndarray) -> None:
+    """``ValueError`` when a floating-point image (or a window or sample of one) holds NaN or inf values."""
     if np.issubdtype(x.dtype, np.floating) and not np.isfinite(x).all():
         raise ValueError("the image contains NaN or infinite values; replace them (e.g. np.nan_to_num) first")
-    return x
 
 
 def to_channels_last(image: Any, *, channel_axis: int | None = None) -> np.ndarray:

@@ -118,11 +118,12 @@ class PromptTool:
         pts = None if points is None else [(float(x), float(y)) for x, y in points]
         labs = None if point_labels is None else [int(v) for v in point_labels]
         bx = None
-        if box is not None:  # a box drawn past the image's edge ends at the edge
+        if box is not None:  # a box drawn past the image's edge ends at the edge, as in the web app
+            from cellsam.server.session import clip_box
+
             h, w = img.shape
-            x0, y0, x1, y1 = (float(v) for v in box)
-            bx = (min(max(x0, 0.0), w), min(max(y0, 0.0), h), min(max(x1, 0.0), w), min(max(y1, 0.0), h))
-            if bx[2] - bx[0] < 1 or bx[3] - bx[1] < 1:
+            bx = clip_box(box, (h, w))
+            if bx is None:
                 raise ValueError(f"the box lies outside the {w}x{h} image (or is less than a pixel wide)")
         if img.prepared is not None:
             prop = self.session.predict(key, img.prepared, points=pts, point_labels=labs, box=bx)
