@@ -36,15 +36,16 @@ def scene(seed: int = 0) -> torch.Tensor:
     return torch.tensor(boxes, dtype=torch.float32)
 
 
-def perfect_outputs(boxes: torch.Tensor) -> dict[str, torch.Tensor]:
-    t = dense_targets(boxes, map_size=(SIDE // STRIDE, SIDE // STRIDE), stride=STRIDE)
+def perfect_outputs(boxes: torch.Tensor, ttf_alpha: float = 0.0) -> dict[str, torch.Tensor]:
+    t = dense_targets(boxes, map_size=(SIDE // STRIDE, SIDE // STRIDE), stride=STRIDE, ttf_alpha=ttf_alpha)
     heat = torch.where(t.heatmap >= 1, torch.tensor(20.0), torch.logit(t.heatmap.clamp(1e-6, 0.99)))
     return {"heatmap": heat[None, None], "size": t.size[None], "offset": t.offset[None]}
 
 
-def test_targets_decode_to_the_same_boxes() -> None:
+@pytest.mark.parametrize("ttf_alpha", [0.0, 0.54])
+def test_targets_decode_to_the_same_boxes(ttf_alpha: float) -> None:
     boxes = scene()
-    out = perfect_outputs(boxes)
+    out = perfect_outputs(boxes, ttf_alpha)
     det = decode_dense(out, image_size=SIDE, box_threshold=0.99, stride=STRIDE)[0]
     assert det["boxes"].shape == boxes.shape
     clipped = boxes.clamp(0, SIDE)
@@ -65,6 +66,26 @@ def test_peaks_sit_at_the_centre_location_and_heatmap_is_one_only_there() -> Non
     for y, x in peaks:
         assert t.weight[y, x] == 1.0
         assert 0 <= float(t.offset[0, y, x]) < 1 and 0 <= float(t.offset[1, y, x]) < 1
+
+
+def test_ttf_gaussians_spread_with_the_box_and_weigh_each_cell_once() -> None:
+    """TTFNet's targets: a 28 px cell at stride 4 (7 locations) has one positive location and a 3x3 window
+    of size / offset supervision (CenterNet's radius gives it one location); a 200 x 48 px cell a 27 x 7
+    window; the weights of each cell sum to 1 and the heatmap is the cell's Gaussian inside its window."""
+    boxes = torch.tensor([[100.0, 100.0, 128.0, 128.0], [10.0, 180.0, 210.0, 228.0]])
+    old = dense_targets(boxes[:1], map_size=(64, 64), stride=STRIDE)
+    assert int((old.weight > 0).sum()) == 1 and int((old.heatmap > 0).sum()) == 1
+    t = dense_targets(boxes, map_size=(64, 64), stride=STRIDE, ttf_alpha=0.54)
+    small, big = torch.zeros(64, 64, dtype=torch.bool), torch.zeros(64, 64, dtype=torch.bool)
+    small[27:30, 27:30] = True  # peak (28, 28), radius floor(0.54 * 7 / 2) = 1
+    big[48:55, 14:41] = True  # peak (51, 27), radii floor(0.54 * 50 / 2) = 13 and floor(0.54 * 12 / 2) = 3
+    assert torch.equal(t.weight > 0, small | big) and torch.equal(t.heatmap > 0, small | big)
+    assert float(t.weight[small].sum()) == pytest.approx(1.0) and float(t.weight[big].sum()) == pytest.approx(1.0)
+    assert float(t.heatmap[28, 28]) == 1.0 and float(t.heatmap[51, 27]) == 1.0 and t.num_cells == 2
+    assert float(t.heatmap[28, 29]) == pytest.approx(math.exp(-1 / (2 * 0.5**2)), rel=1e-5)  # sigma (2 + 1) / 6
+    assert float(t.heatmap[51, 30]) == pytest.approx(math.exp(-9 / (2 * (27 / 6) ** 2)), rel=1e-5)
+    assert torch.allclose(t.size[:, 51, 40], torch.log(torch.tensor([50.0, 12.0])))  # the owner's box everywhere
+    assert float(t.offset[0, 51, 40]) == pytest.approx(27.5 - 40)
 
 
 def test_empty_image_has_empty_targets_and_no_detections() -> None:
@@ -96,16 +117,17 @@ def test_centernet_focal_loss_hand_values() -> None:
     assert float(centernet_focal_loss(torch.tensor([-9.0, 9.0]), torch.tensor([1.0, 0.0]))) > 10
 
 
-def test_dense_criterion_zero_for_perfect_outputs_and_hand_value_for_a_size_error() -> None:
+@pytest.mark.parametrize("ttf_alpha", [0.0, 0.54])
+def test_dense_criterion_zero_for_perfect_outputs_and_hand_value_for_a_size_error(ttf_alpha: float) -> None:
     boxes = scene(2)
-    out = perfect_outputs(boxes)
+    out = perfect_outputs(boxes, ttf_alpha)
     crit = DenseCriterion(stride=STRIDE, weight_dict={"loss_heatmap": 1, "loss_size": 1, "loss_offset": 1,
-                                                      "loss_giou": 1})
+                                                      "loss_giou": 1}, ttf_alpha=ttf_alpha)
     tgt = [{"boxes": box_xyxy_to_cxcywh(boxes) / SIDE, "labels": torch.zeros(len(boxes), dtype=torch.long)}]
     losses = crit(out, tgt)
     for k in ("loss_size", "loss_offset", "loss_giou"):
         assert float(losses[k]) < 1e-4, k
-    t = dense_targets(boxes, map_size=(64, 64), stride=STRIDE)
+    t = dense_targets(boxes, map_size=(64, 64), stride=STRIDE, ttf_alpha=ttf_alpha)
     bad = dict(out, size=out["size"] + 0.1)  # log-size off by 0.1 everywhere
     expected = 0.2 * float(t.weight.sum()) / t.num_cells  # two channels, weighted, per cell
     assert math.isclose(float(crit(bad, tgt)["loss_size"]), expected, rel_tol=1e-4)

@@ -35,6 +35,8 @@ class LossConfig:
     dense_size: float = 1.0
     dense_offset: float = 1.0
     dense_giou: float = 1.0
+    # > 0: TTFNet's size-spread Gaussians and regression area (TTFNet's 0.54); 0: CenterNet's
+    dense_ttf_alpha: float = 0.0
     mask_focal: float = 20.0
     mask_dice: float = 1.0
     iou: float = 1.0

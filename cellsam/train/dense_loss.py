@@ -46,19 +46,23 @@ class DenseCriterion(nn.Module):
 
     Args:
         stride: input pixels per map location; weight_dict: weights of ``loss_heatmap``,
-            ``loss_size``, ``loss_offset``, ``loss_giou`` for :meth:`total`.
+            ``loss_size``, ``loss_offset``, ``loss_giou`` for :meth:`total`; ttf_alpha: > 0 for
+            TTFNet's Gaussians (see :func:`~cellsam.train.dense_targets.dense_targets`).
     """
 
-    def __init__(self, *, stride: int, weight_dict: dict[str, float]) -> None:
+    def __init__(self, *, stride: int, weight_dict: dict[str, float], ttf_alpha: float = 0.0) -> None:
         super().__init__()
+        if ttf_alpha < 0:
+            raise ValueError(f"ttf_alpha must be >= 0, got {ttf_alpha}")
         self.stride = stride
+        self.ttf_alpha = ttf_alpha
         self.weight_dict = dict(weight_dict)
 
     def targets(self, targets: list[dict[str, Tensor]], map_size: tuple[int, int]) -> list[DenseTargets]:
         """Per image: :func:`dense_targets` of its ``boxes`` (cxcywh in [0, 1] of the model input)."""
         side = torch.tensor([map_size[1], map_size[0]] * 2, dtype=torch.float32) * self.stride
         return [dense_targets(box_cxcywh_to_xyxy(t["boxes"].float().reshape(-1, 4)) * side.to(t["boxes"].device),
-                              map_size=map_size, stride=self.stride) for t in targets]
+                              map_size=map_size, stride=self.stride, ttf_alpha=self.ttf_alpha) for t in targets]
 
     def forward(self, outputs: dict[str, Tensor], targets: list[dict[str, Tensor]]) -> dict[str, Tensor]:
         """Unweighted losses of a batch: outputs ``heatmap`` (B,1,h,w), ``size`` / ``offset`` (B,2,h,w)."""

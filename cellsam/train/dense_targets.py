@@ -5,6 +5,14 @@ the heatmap is 1 there and a Gaussian around it whose radius follows the box siz
 ``gaussian_radius``); the heatmap is the maximum over cells. Size and offset are supervised where a
 cell owns the heatmap (its Gaussian is the largest there) and its Gaussian is at least ``min_weight``;
 always at its peak.
+
+With ``ttf_alpha > 0`` the Gaussians follow TTFNet (Liu et al., "Training-Time-Friendly Network for
+Real-Time Object Detection", 2020) instead: each cell's heatmap Gaussian is elliptical and spans
+``ttf_alpha`` x its box on each axis (radius ``floor(alpha * w / 2)``, sigma ``(2 r + 1) / 6``), and
+size, offset and box are supervised at every location of that window the cell owns, weighted by its
+Gaussian normalised to sum 1 per cell. CenterNet's radius keeps IoU >= 0.7 under a shift, which for a
+cell under ~60 px wide at stride 4 is zero: one positive location, every neighbour a full negative, and
+one location that learns its size. TTFNet's spread gives each cell several locations that learn its box.
 :func:`~cellsam.models.dense_finder.decode_dense` inverts this exactly at the peaks.
 """
 
@@ -55,7 +63,7 @@ def gaussian_radius(w: Tensor, h: Tensor, min_overlap: float = 0.7) -> Tensor:
 
 
 def dense_targets(boxes: Tensor, *, map_size: tuple[int, int], stride: int, min_overlap: float = 0.7,
-                  min_weight: float = 0.3) -> DenseTargets:
+                  min_weight: float = 0.3, ttf_alpha: float = 0.0) -> DenseTargets:
     """Target maps for one image.
 
     Args:
@@ -63,6 +71,8 @@ def dense_targets(boxes: Tensor, *, map_size: tuple[int, int], stride: int, min_
         map_size: (h, w) of the heatmap; stride: input pixels per map location.
         min_overlap: IoU that sets each Gaussian's radius; min_weight: supervise size/offset where
             the owner's Gaussian is at least this (and at its peak).
+        ttf_alpha: > 0: TTFNet's Gaussians spanning this fraction of each box, regression at every
+            location of them (``min_overlap`` and ``min_weight`` unused); 0: CenterNet's.
     Returns:
         :class:`DenseTargets`; cells whose centre lies outside the map are skipped.
     """
@@ -82,23 +92,29 @@ def dense_targets(boxes: Tensor, *, map_size: tuple[int, int], stride: int, min_
         return DenseTargets(heat, size, offset, weight, box, 0)
     bw, bh = b[:, 2] - b[:, 0], b[:, 3] - b[:, 1]
     px, py = cx.floor(), cy.floor()  # each cell's peak location
-    radius = gaussian_radius(bw, bh, min_overlap).floor()
-    sigma = (2 * radius + 1) / 6
+    if ttf_alpha > 0:
+        rx, ry = (ttf_alpha * bw / 2).floor(), (ttf_alpha * bh / 2).floor()
+    else:
+        rx = ry = gaussian_radius(bw, bh, min_overlap).floor()
     ys = torch.arange(h, device=dev, dtype=torch.float32)[None, :, None]
     xs = torch.arange(w, device=dev, dtype=torch.float32)[None, None, :]
     dx, dy = xs - px[:, None, None], ys - py[:, None, None]
-    g = torch.exp(-(dx**2 + dy**2) / (2 * sigma[:, None, None] ** 2))
-    window = (dx.abs() <= radius[:, None, None]) & (dy.abs() <= radius[:, None, None])
+    sx, sy = ((2 * rx + 1) / 6)[:, None, None], ((2 * ry + 1) / 6)[:, None, None]
+    g = torch.exp(-(dx**2) / (2 * sx**2) - dy**2 / (2 * sy**2))
+    window = (dx.abs() <= rx[:, None, None]) & (dy.abs() <= ry[:, None, None])
     g = torch.where(window, g, torch.zeros((), device=dev))  # (n,h,w); 1 at the peak
     best, owner = g.max(dim=0)
     heat = best
     pix = torch.arange(n, device=dev)
-    sup = best >= min_weight
+    sup = best > 0 if ttf_alpha > 0 else best >= min_weight
     weight = torch.where(sup, best, torch.zeros((), device=dev))
     # peaks are always supervised by their own cell (a later cell on the same location wins)
     owner[py.long(), px.long()] = pix
     weight[py.long(), px.long()] = 1.0
     heat[py.long(), px.long()] = 1.0
+    if ttf_alpha > 0:  # each cell's weights sum to 1
+        total = torch.zeros(n, device=dev).index_add_(0, owner.flatten(), weight.flatten())
+        weight = weight / total[owner].clamp_min(1e-12)
     size = torch.stack([torch.log(bw.clamp_min(1.0 / stride)), torch.log(bh.clamp_min(1.0 / stride))])[:, owner]
     offset = torch.stack([cx[owner] - xs[0], cy[owner] - ys[0]])
     box = b.t()[:, owner]

@@ -43,7 +43,8 @@ class CellSAMModule(L.LightningModule):
         self.criterion: SetCriterion | DenseCriterion
         if model.cfg.detector_kind == "dense":
             self.criterion = DenseCriterion(stride=model.cfg.dense_finder.stride, weight_dict=dense_weight_dict(
-                heatmap=lc.heatmap, size=lc.dense_size, offset=lc.dense_offset, giou=lc.dense_giou))
+                heatmap=lc.heatmap, size=lc.dense_size, offset=lc.dense_offset, giou=lc.dense_giou),
+                ttf_alpha=lc.dense_ttf_alpha)
         else:
             matcher = HungarianMatcher(cost_class=lc.cost_class, cost_bbox=lc.cost_bbox, cost_giou=lc.cost_giou,
                                        focal_alpha=lc.focal_alpha)
