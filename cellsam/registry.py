@@ -179,19 +179,19 @@ def get_weights(name: str) -> WeightsRecord:
         raise KeyError(f"unknown weights {name!r}; choose one of {list_weights()}") from None
 
 
-# The shipped default model: trained from random weights on the 2-core CPU with configs/cpu_v5.yaml and
-# bundled in the package (cellsam/pretrained/; model card cellsam_cpu_v5.md). v1-v4 are in the git history
-# (v3's and v4's cards: benchmarks/training/v3/, v4/). Registering a record is pure data: nothing is read
-# or downloaded until load_model("default") is called.
+# The shipped default model: trained from random weights on the 2-core CPU with configs/cpu_v6.yaml and
+# bundled in the package (cellsam/pretrained/; model card cellsam_cpu_v6.md). v1-v5 are in the git history
+# (v3's, v4's and v5's cards: benchmarks/training/v3/, v4/, v5/). Registering a record is pure data: nothing
+# is read or downloaded until load_model("default") is called.
 register_weights(
     WeightsRecord(
-        name="cellsam_cpu.v5",
+        name="cellsam_cpu.v6",
         variant="conv_cpu",
-        url="package:pretrained/cellsam_cpu_v5.safetensors",
-        sha256="3cbd240f7ccfdc7ca3d9821de9aae8e1be4057355bd87eb4a6338d32dcfdcd30",
-        version="v5",
-        description="conv_cpu (conv encoder + dense CellFinder + size model) trained from random weights on DSB "
-                    "2018, DeepCell 1.0 and MoNuSeg (2-core CPU, ~2.5 h)",
+        url="package:pretrained/cellsam_cpu_v6.safetensors",
+        sha256="bfbd0fa990d259abc67280e309263a13df2ce312ea3bc37cab21dccb2fb68bd5",
+        version="v6",
+        description="conv_cpu (conv encoder + dense CellFinder with TTFNet targets + size model) trained from "
+                    "random weights on DSB 2018, DeepCell 1.0 and MoNuSeg (2-core CPU, ~2.5 h)",
         license="Apache-2.0 weights; trained on MoNuSeg (CC BY-NC-SA 4.0): non-commercial use",
     ),
     aliases=("default",),
