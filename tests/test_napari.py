@@ -272,7 +272,10 @@ def test_segment_default_model_on_the_sample(make_napari_viewer, qtbot) -> None:
     assert expect.n_cells >= 20  # the sample's nuclei
     assert int(labels.max()) == len(np.unique(labels)) - 1 == expect.n_cells
     np.testing.assert_array_equal(labels, expect.labels)
-    assert widget.box_threshold.value == pytest.approx(0.3)  # the model's own thresholds, shown
+    from cellsam.weights import load_model
+
+    stored = load_model("default").cfg.inference.box_threshold
+    assert widget.box_threshold.value == pytest.approx(stored)  # the model's own thresholds, shown
     print(f"Segment in the widget (incl. loading the model): {seconds:.2f} s")
 
 
