@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 
+from cellsam.inference.scale import median_diameter
 from cellsam.ops.boxes import box_iou
 from cellsam.train.dataset import PreparedTiles
 from cellsam.train.targets import labels_to_targets
@@ -41,8 +42,7 @@ CROP = 256
 
 def working_scale(image: torch.Tensor, labels: torch.Tensor, reference: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(C,T,T) image, (T,T) labels -> both resized to cells of ``reference`` px, centre crop of CROP."""
-    _, areas = torch.unique(labels[labels > 0], return_counts=True)
-    d = float(torch.median(2 * torch.sqrt(areas.float() / np.pi))) if len(areas) else reference
+    d = median_diameter(labels.numpy()) or reference
     n = max(int(round(image.shape[-1] * min(max(reference / d, 0.35), 3.0))), 8)
     im = F.interpolate(image[None], (n, n), mode="bilinear", align_corners=False)[0]
     lb = F.interpolate(labels[None, None].float(), (n, n), mode="nearest")[0, 0].long()
