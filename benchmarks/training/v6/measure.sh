@@ -32,3 +32,14 @@ cellsam bench --model default --sizes 512 --cells 100 --real dense512 mosaic2048
     --cellpose --cellpose-path /tmp/cp3 --repeats 2 --warmup 1 --no-parity --diameter none auto --out benchmarks/cpu_v6_real
 cellsam bench --model default $V5 --sizes 512 --cells 100 --real dense512 mosaic2048 --real-data ../shared/data/dsb2018 \
     --cellpose --cellpose-path /tmp/cp3 --repeats 2 --warmup 1 --no-parity --diameter none auto --out benchmarks/cpu_v6_vs_v5_real
+# speed.md: is a smaller working cell diameter a speed lever? v6's weights saved with cell_diameter 20 (not 27.71)
+python - <<'PY'
+import dataclasses, json
+from cellsam.weights import load_model, save_model
+m = load_model("default")
+m.cfg = m.cfg.replace(inference=dataclasses.replace(m.cfg.inference, cell_diameter=20.0))
+meta = json.load(open("cellsam/pretrained/cellsam_cpu_v6.json"))
+save_model(m, "/tmp/v6/v6_d20.safetensors", version="v6",
+           metadata={k: meta[k] for k in ("training_data", "license", "description")})
+PY
+cellsam evaluate --data prepared --split val --model /tmp/v6/v6_d20.safetensors --json /tmp/v6/eval_d20_val.json --no-progress
