@@ -52,8 +52,29 @@ def working_scale(image: torch.Tensor, labels: torch.Tensor, reference: float) -
     return im[:, o : o + CROP, o : o + CROP], lb[o : o + CROP, o : o + CROP]
 
 
-def classify(pred: torch.Tensor, scores: np.ndarray, true: torch.Tensor, thr: float) -> tuple[Counter, Counter]:
-    """Classes of the unmatched true boxes (and ``matched``), and of the false positives."""
+def bad_box_shape(p: np.ndarray, t: np.ndarray, iou_all: np.ndarray, cand: np.ndarray, j: int) -> str:
+    """How the best of the boxes centred in true cell ``j`` is wrong: another cell's box (IoU >= 0.5
+    with a neighbour), too big / too small (area ratio > 1.6 / < 1/1.6), too elongated or too flat
+    (aspect ratio off by > 1.6x), else shifted."""
+    i = cand[int(np.argmax(iou_all[cand, j]))]
+    if iou_all[i].max() >= 0.5:
+        return "neighbours_box"
+    pw, ph = p[i, 2] - p[i, 0], p[i, 3] - p[i, 1]
+    tw, th = t[j, 2] - t[j, 0], t[j, 3] - t[j, 1]
+    area = (pw * ph) / max(tw * th, 1e-6)
+    aspect = (pw / max(ph, 1e-6)) / max(tw / max(th, 1e-6), 1e-6)
+    if area > 1.6:
+        return "too_big"
+    if area < 1 / 1.6:
+        return "too_small"
+    return "wrong_aspect" if aspect > 1.6 or aspect < 1 / 1.6 else "shifted"
+
+
+def classify(pred: torch.Tensor, scores: np.ndarray, true: torch.Tensor, thr: float,
+             shapes: Counter | None = None) -> tuple[Counter, Counter]:
+    """Classes of the unmatched true boxes (and ``matched``), and of the false positives; the bad
+    boxes' :func:`bad_box_shape` counted in ``shapes`` when given."""
+    shapes = Counter() if shapes is None else shapes
     cats: Counter = Counter()
     fps: Counter = Counter()
     hi = scores > thr
@@ -73,6 +94,8 @@ def classify(pred: torch.Tensor, scores: np.ndarray, true: torch.Tensor, thr: fl
         inside = (cx >= t[j, 0]) & (cx <= t[j, 2]) & (cy >= t[j, 1]) & (cy <= t[j, 3])
         if (inside & hi).any():
             key = "peak_in_cell_taken" if iou_all[inside & hi, j].max() >= 0.5 else "peak_in_cell_bad_box"
+            if key == "peak_in_cell_bad_box":
+                shapes[bad_box_shape(p, t, iou_all, np.nonzero(inside & hi)[0], j)] += 1
         elif ((iou_all[:, j] >= 0.5) & ~hi).any():
             key = "right_box_low_score"
         else:
@@ -90,6 +113,7 @@ def study(model: str, scale: str, thr: float, max_tiles: int) -> dict:
     ds = PreparedTiles("prepared", "val", crop_size=None if scale == "true" else CROP, max_items=max_tiles)
     cats: dict[str, Counter] = defaultdict(Counter)
     fps: dict[str, Counter] = defaultdict(Counter)
+    shapes: dict[str, Counter] = defaultdict(Counter)
     with torch.inference_mode():
         for k in range(len(ds)):
             image, target = ds[k]
@@ -99,11 +123,12 @@ def study(model: str, scale: str, thr: float, max_tiles: int) -> dict:
                 target = labels_to_targets(labels)
             x = net.preprocess(image[None])
             det = net.postprocess_detections(net.detect(net.encode(x), x), box_threshold=0.02)[0]
-            c, f = classify(det["boxes"], det["scores"].numpy(), target["boxes_xyxy"], thr)
+            c, f = classify(det["boxes"], det["scores"].numpy(), target["boxes_xyxy"], thr, shapes[src])
             cats[src].update(c)
             fps[src].update(f)
     return {"model": model, "scale": scale, "box_threshold": thr, "true_cells": {s: dict(v) for s, v in cats.items()},
-            "false_positives": {s: dict(v) for s, v in fps.items()}}
+            "false_positives": {s: dict(v) for s, v in fps.items()},
+            "bad_box_shapes": {s: dict(v) for s, v in shapes.items()}}
 
 
 def main() -> None:
@@ -123,6 +148,7 @@ def main() -> None:
         for key, v in sorted(c.items()):
             if key != "matched":
                 print(f"   {key:22s} {v:5d}  {v / max(n, 1):.3f} of cells, {v / max(misses, 1):.2f} of misses")
+        print(f"   bad boxes: {out['bad_box_shapes'].get(src, {})}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=1)
