@@ -172,6 +172,18 @@ DEFAULT_DIAMETER: Diameter = AUTO
 """What ``segment`` and ``cellsam segment`` do when no diameter is given (see cellsam.inference.scale)."""
 
 
+POLARITIES: Final = (AUTO, "as_is", "inverted")
+"""``polarity`` of ``segment``: decided per image, or the whole-cell channel as it is / inverted
+(see cellsam.inference.polarity)."""
+
+
+def check_polarity(polarity: str) -> str:
+    """``polarity`` validated: one of :data:`POLARITIES`."""
+    if polarity not in POLARITIES:
+        raise ValueError(f"polarity must be one of {', '.join(map(repr, POLARITIES))}, got {polarity!r}")
+    return polarity
+
+
 def check_diameter(diameter: float | str | None) -> Diameter:
     """``diameter`` validated: None (no rescaling), ``"auto"``, or a finite number of pixels > 0."""
     if diameter is None:

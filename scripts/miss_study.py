@@ -9,6 +9,9 @@ then its 256 px centre crop, padded if smaller). Boxes scoring above the box thr
 one-to-one to the true boxes (Hungarian on IoU, a match at IoU >= 0.5). Every unmatched true box is put
 in the first class that applies:
 
+* ``cut_by_crop``: the cell touches the crop's border (or the padding of a small tile), so only a part of
+  it is seen; the pipeline's overlapping tiles see such a cell whole in another tile, except at the
+  image's own border;
 * ``peak_in_cell_bad_box``: a peak above the threshold has its centre inside the cell, but no such box
   reaches IoU 0.5 with it (the size or the position is wrong);
 * ``peak_in_cell_taken``: such a box reaches IoU 0.5 but was matched to another cell;
@@ -40,16 +43,19 @@ from cellsam.weights import load_model
 CROP = 256
 
 
-def working_scale(image: torch.Tensor, labels: torch.Tensor, reference: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(C,T,T) image, (T,T) labels -> both resized to cells of ``reference`` px, centre crop of CROP."""
+def working_scale(image: torch.Tensor, labels: torch.Tensor,
+                  reference: float) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(C,T,T) image, (T,T) labels -> both resized to cells of ``reference`` px, centre crop of CROP, and
+    the side of the crop that holds image (the rest is padding)."""
     d = median_diameter(labels.numpy()) or reference
     n = max(int(round(image.shape[-1] * min(max(reference / d, 0.35), 3.0))), 8)
     im = F.interpolate(image[None], (n, n), mode="bilinear", align_corners=False)[0]
     lb = F.interpolate(labels[None, None].float(), (n, n), mode="nearest")[0, 0].long()
+    visible = min(n, CROP)
     if n < CROP:
         im, lb, n = F.pad(im, (0, CROP - n, 0, CROP - n)), F.pad(lb, (0, CROP - n, 0, CROP - n)), CROP
     o = (n - CROP) // 2
-    return im[:, o : o + CROP, o : o + CROP], lb[o : o + CROP, o : o + CROP]
+    return im[:, o : o + CROP, o : o + CROP], lb[o : o + CROP, o : o + CROP], visible
 
 
 def bad_box_shape(p: np.ndarray, t: np.ndarray, iou_all: np.ndarray, cand: np.ndarray, j: int) -> str:
@@ -70,10 +76,11 @@ def bad_box_shape(p: np.ndarray, t: np.ndarray, iou_all: np.ndarray, cand: np.nd
     return "wrong_aspect" if aspect > 1.6 or aspect < 1 / 1.6 else "shifted"
 
 
-def classify(pred: torch.Tensor, scores: np.ndarray, true: torch.Tensor, thr: float,
+def classify(pred: torch.Tensor, scores: np.ndarray, true: torch.Tensor, thr: float, visible: int = CROP,
              shapes: Counter | None = None) -> tuple[Counter, Counter]:
     """Classes of the unmatched true boxes (and ``matched``), and of the false positives; the bad
-    boxes' :func:`bad_box_shape` counted in ``shapes`` when given."""
+    boxes' :func:`bad_box_shape` counted in ``shapes`` when given. ``visible``: the side of the crop
+    that holds image; a true box within 1 px of its edge is cut by the crop."""
     shapes = Counter() if shapes is None else shapes
     cats: Counter = Counter()
     fps: Counter = Counter()
@@ -87,9 +94,13 @@ def classify(pred: torch.Tensor, scores: np.ndarray, true: torch.Tensor, thr: fl
         matched[c[ok]], pm[r[ok]] = True, True
     p, t = pred.numpy(), true.numpy()
     cx, cy = (p[:, 0] + p[:, 2]) / 2, (p[:, 1] + p[:, 3]) / 2
+    cut = (t[:, :2] <= 1).any(axis=1) | (t[:, 2:] >= visible - 1).any(axis=1)
     for j in range(len(t)):
         if matched[j]:
             cats["matched"] += 1
+            continue
+        if cut[j]:
+            cats["cut_by_crop"] += 1
             continue
         inside = (cx >= t[j, 0]) & (cx <= t[j, 2]) & (cy >= t[j, 1]) & (cy <= t[j, 3])
         if (inside & hi).any():
@@ -118,12 +129,13 @@ def study(model: str, scale: str, thr: float, max_tiles: int) -> dict:
         for k in range(len(ds)):
             image, target = ds[k]
             src = ds.tiles[ds.index[k]].get("source", "?")
+            visible = CROP
             if scale == "true":
-                image, labels = working_scale(image, target["labels_image"], reference)
+                image, labels, visible = working_scale(image, target["labels_image"], reference)
                 target = labels_to_targets(labels)
             x = net.preprocess(image[None])
             det = net.postprocess_detections(net.detect(net.encode(x), x), box_threshold=0.02)[0]
-            c, f = classify(det["boxes"], det["scores"].numpy(), target["boxes_xyxy"], thr, shapes[src])
+            c, f = classify(det["boxes"], det["scores"].numpy(), target["boxes_xyxy"], thr, visible, shapes[src])
             cats[src].update(c)
             fps[src].update(f)
     return {"model": model, "scale": scale, "box_threshold": thr, "true_cells": {s: dict(v) for s, v in cats.items()},

@@ -241,12 +241,17 @@ def test_a_block_that_raises_is_reported_by_position(
             normalize=False,
             block_tiles=2,
             retries=1,
+            polarity="as_is",  # "auto" reads the image's sample first and would fail there (tested below)
             **{**OPEN, "tile_size": 64},
         )
     failed = [pos for pos, _ in err.value.failures]
     assert err.value.stage == "segment" and failed and all("x " in p and "y " in p for p in failed)
     assert all(int(p.split("y ")[1].split(":")[1].split(",")[0]) > 200 for p in failed)  # the bottom-right
     assert len(failed) < 16 and not out.exists()  # the others were fine; nothing written
+    with pytest.raises(C.BlockFailure) as err:  # polarity "auto" (the default) reads the whole sample
+        P.segment_dask(tmp_path / "bad.zarr", str(checkpoint), output=out, client=client, channel_axis=0,
+                       normalize=False, retries=1, **{**OPEN, "tile_size": 64})
+    assert err.value.stage == "polarity" and "sample" in err.value.failures[0][0] and not out.exists()
     # through the CLI (normalising: the statistics pass meets the bad chunk first): exit 1, position printed
     monkeypatch.setattr(F, "LARGE_PIXELS", 100 * 100)
     code = main(
@@ -331,3 +336,31 @@ def test_auto_diameter_is_measured_on_windows_of_a_large_image(tmp_path: Path, c
     assert res.tile_size < model.cfg.tile_size / 1.3
     assert max(res.tile_size, own.tile_size) <= 1.3 * min(res.tile_size, own.tile_size)
     assert abs(res.n_cells - 2 * own.n_cells) <= max(4, 0.2 * own.n_cells), (res.n_cells, own.n_cells)
+    assert not own.inverted and not res.inverted  # fluorescence: dark background, polarity not checked
+
+
+def test_auto_polarity_is_decided_on_windows_of_a_large_image(tmp_path: Path, client) -> None:
+    """segment_dask's default polarity="auto": the sample's negative (dark nuclei on white) pasted into a
+    white 900 x 700 TIFF is segmented inverted, with the cells cellsam.segment finds in it; with
+    polarity="as_is" the cells are others. (The dark-background test above is not inverted.)"""
+    from cellsam.cli.segment import sample_path
+    from cellsam.eval.matching import label_overlap, match_objects
+
+    def f1(a: np.ndarray, b: np.ndarray) -> float:
+        m = match_objects(label_overlap(a, b), threshold=0.5)
+        return 2 * m.tp / max(m.n_gt + m.n_pred, 1)
+
+    image = io.load_image(sample_path()).data.astype(np.float32)
+    negative = image.max() - image
+    big = np.full((900, 700), float(negative.max()), np.float32)
+    big[300 : 300 + negative.shape[0], 200 : 200 + negative.shape[1]] = negative
+    tifffile.imwrite(tmp_path / "negative.tif", big)
+    own = segment(big, "default")
+    assert own.inverted and own.n_cells >= 20
+    res = P.segment_dask(tmp_path / "negative.tif", "default", output=tmp_path / "neg.ome.zarr", client=client)
+    assert res.inverted
+    assert f1(own.labels, io.load_image(tmp_path / "neg.ome.zarr").data.astype(np.int64)) >= 0.8
+    kept = P.segment_dask(tmp_path / "negative.tif", "default", output=tmp_path / "kept.ome.zarr", client=client,
+                          polarity="as_is")
+    assert not kept.inverted
+    assert f1(own.labels, io.load_image(tmp_path / "kept.ome.zarr").data.astype(np.int64)) < 0.5

@@ -263,3 +263,25 @@ def test_prompt_tool_keeps_the_scale_a_segmentation_set(tiny) -> None:
     assert {k[2] for k in tool.session.embeddings._d} == {96}  # the tile embedded at that scale
     tool.forget("a")
     assert tool.session.known_scale("a") is None and len(tool.session.embeddings) == 0
+
+
+def test_napari_segments_a_negative_as_cellsam_segment_does() -> None:
+    """The sample's negative (dark nuclei on white), in memory and as a dask array: both inverted, with
+    the cells cellsam.segment finds in it; polarity="as_is" is obeyed."""
+    da = pytest.importorskip("dask.array")
+    from cellsam.cli.segment import sample_path
+    from cellsam.io import load_image
+
+    raw = load_image(sample_path()).data.astype(np.float32)
+    neg = raw.max() - raw
+    model = __import__("cellsam").load_model("default")
+    expect = segment(neg, model)
+    assert expect.inverted and expect.n_cells >= 20
+    _, mem = drain(iter_segment(neg, model))
+    _, lazy = drain(iter_segment(da.from_array(neg, chunks=100), model, options=SegmentOptions(block_tiles=1)))
+    assert mem.inverted and lazy.inverted
+    assert abs(mem.n_cells - expect.n_cells) <= 2 and abs(lazy.n_cells - expect.n_cells) <= 2
+    inter = (mem.labels > 0) & (expect.labels > 0)
+    assert inter.sum() >= 0.9 * (expect.labels > 0).sum()
+    _, kept = drain(iter_segment(neg, model, options=SegmentOptions(polarity="as_is")))
+    assert not kept.inverted and ((kept.labels > 0) & (expect.labels > 0)).sum() < 0.5 * (expect.labels > 0).sum()

@@ -24,6 +24,7 @@ def test_segment_all_takes_a_diameter(tmp_path: Path) -> None:
         assert r.status_code == 422 and "no cell diameter" in r.json()["error"]  # vit_tiny has no size reference
         assert client.post(f"/api/images/{image_id}/segment", json={"diameter": -1}).status_code == 422
         assert client.post(f"/api/images/{image_id}/segment", json={"diameter": "big"}).status_code == 422
+        assert client.post(f"/api/images/{image_id}/segment", json={"polarity": "dark"}).status_code == 422
     model.cfg = model.cfg.replace(inference=dataclasses.replace(model.cfg.inference, cell_diameter=10.0))
     with client_for(tmp_path / "b", model) as client:
         image_id = upload(client, tif_bytes(img))["id"]
@@ -35,6 +36,11 @@ def test_segment_all_takes_a_diameter(tmp_path: Path) -> None:
         np.testing.assert_array_equal(labels_of(client, image_id)[1], expect.labels)
         native = segment(img, model, box_threshold=0.0, iou_threshold=0.0, diameter=None)
         assert not np.array_equal(native.labels, expect.labels)
+        r = client.post(f"/api/images/{image_id}/segment", json={**body, "polarity": "inverted"})
+        assert r.status_code == 200, r.text
+        inverted = segment(img, model, box_threshold=0.0, iou_threshold=0.0, diameter=20.0, polarity="inverted")
+        assert not np.array_equal(inverted.labels, expect.labels)  # so the route passed the polarity on
+        np.testing.assert_array_equal(labels_of(client, image_id)[1], inverted.labels)
 
 
 def test_prompts_are_decoded_at_the_scale_of_their_image() -> None:
@@ -72,3 +78,44 @@ def test_prompts_are_decoded_at_the_scale_of_their_image() -> None:
     assert session.scale((2,), two) == session.tile_size
     session.forget(2)
     assert (2,) not in session.scales and session.scale((2,), two) == s2
+
+
+def test_prompts_see_the_polarity_segment_all_sees() -> None:
+    """A click on a nucleus of the sample's negative (dark nuclei on white) gives the nucleus the same click
+    gives on the sample: the click tool inverts that image as polarity="auto" does, before and after a
+    Segment all; forcing polarity="as_is" in Segment all makes the clicks follow it."""
+    from scipy.ndimage import distance_transform_edt
+
+    from cellsam.cli.segment import sample_path
+    from cellsam.inference.preprocess import prepare_image
+    from cellsam.io import load_image
+    from cellsam.server.session import ModelSession
+    from cellsam.weights import load_model
+
+    raw = load_image(sample_path()).data.astype(np.float32)
+    pos, neg = prepare_image(raw), prepare_image(raw.max() - raw)
+    session = ModelSession(load_model("default"))
+    seg = session.segment_all(pos, (1,))
+    assert not seg.inverted and seg.n_cells > 5
+    cell = int(np.argmax(np.bincount(seg.labels.ravel())[1:])) + 1
+    dist = distance_transform_edt(seg.labels == cell)
+    y, x = np.unravel_index(int(np.argmax(dist)), dist.shape)
+    click = {"points": [(float(x), float(y))], "point_labels": [1]}
+
+    def mask(key: tuple[int], image: np.ndarray) -> np.ndarray:
+        cell = session.predict(key, image, **click)
+        out = np.zeros(image.shape[1:], bool)
+        out[cell.y0 : cell.y0 + cell.mask.shape[0], cell.x0 : cell.x0 + cell.mask.shape[1]] = cell.mask
+        return out
+
+    a = mask((1,), pos)
+
+    def iou(m: np.ndarray) -> float:
+        return float((m & a).sum() / max((m | a).sum(), 1))
+
+    assert iou(mask((2,), neg)) >= 0.8  # before any Segment all
+    assert session.inverted[(2,)]
+    assert session.segment_all(neg, (2,)).inverted and iou(mask((2,), neg)) >= 0.8
+    session.forget(2)
+    assert not session.segment_all(neg, (2,), polarity="as_is").inverted and not session.inverted[(2,)]
+    assert iou(mask((2,), neg)) < 0.5

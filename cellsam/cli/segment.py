@@ -18,7 +18,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from cellsam.config import DEFAULT_DECODE_WINDOW, DEFAULT_DIAMETER, parse_diameter
+from cellsam.config import DEFAULT_DECODE_WINDOW, DEFAULT_DIAMETER, POLARITIES, parse_diameter
 from cellsam.inference.files import FileOptions, segment_file, unique_name
 from cellsam.inference.params import DEFAULT_MIN_AREA, SegmentParams
 
@@ -113,6 +113,10 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help="typical cell diameter in pixels: the image is segmented at the scale where its cells have "
                    "the size the model was trained on; auto: estimated by the model's size model; none: the "
                    f"image's own scale (default: {DEFAULT_DIAMETER or 'none'}; not with --tile-size)")
+    p.add_argument("--polarity", choices=POLARITIES, default="auto",
+                   help="auto (default): an image whose whole-cell channel has a light background (phase "
+                   "contrast, bright field) is segmented with that channel inverted when the model is more "
+                   "confident so (e.g. dark bacteria in phase contrast); as_is / inverted: fix the choice")
     p.add_argument("--tile-overlap", type=float, default=0.25, help="tile overlap fraction (default 0.25)")
     p.add_argument("--batch-size", type=int, default=4, help="tiles per forward pass (default 4)")
     p.add_argument("--decode-copies", action="store_true",
@@ -238,6 +242,7 @@ def params_of(args: argparse.Namespace) -> SegmentParams:
         tile_size=args.tile_size,
         tile_overlap=args.tile_overlap,
         diameter=diameter_of(args),
+        polarity=getattr(args, "polarity", "auto"),
         batch_size=args.batch_size,
         decode_copies=args.decode_copies,
         decode_window=args.decode_window,

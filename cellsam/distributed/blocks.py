@@ -155,12 +155,16 @@ def block_cells(
     grid: GridTiles,
     params: SegmentParams,
 ) -> BlockCells:
-    """Segment the tiles of ``block`` (filled ``params`` as in :func:`cellsam.inference.segment.segment_prepared`)
-    and find the copies among its cells."""
+    """Segment the tiles of ``block`` (filled ``params`` as in :func:`cellsam.inference.segment.segment_prepared`;
+    the whole-cell channel inverted when ``params.polarity`` is ``"inverted"``) and find the copies among
+    its cells."""
+    from cellsam.inference.polarity import invert_whole_cell
     from cellsam.inference.segment import tile_candidates
 
     oy, ox = block.rect[:2]
     image = prepare_window(source, norm, block.rect)
+    if params.polarity == "inverted":
+        image = invert_whole_cell(image)
     local = [
         replace(t, y0=t.y0 - oy, y1=t.y1 - oy, x0=t.x0 - ox, x1=t.x1 - ox)
         for t in (grid[i] for i in block.tiles)

@@ -23,7 +23,7 @@ from cellsam.config import AUTO, DEFAULT_DECODE_WINDOW, DEFAULT_DIAMETER, Infere
 from cellsam.distributed import blocks as B
 from cellsam.distributed import omezarr
 from cellsam.distributed.cluster import BlockFailure, close_client, get_client, wait_all, worker_model
-from cellsam.distributed.sample_scale import measure_scale
+from cellsam.distributed.sample_scale import measure_polarity, measure_scale
 from cellsam.distributed.source import ImageSource, Normalizer, fit_normalizer, open_source, sample_step
 from cellsam.inference.params import DEFAULT_MIN_AREA, SegmentParams, params_or_keywords
 from cellsam.inference.scale import tile_size_for
@@ -61,6 +61,13 @@ def _scale_task(model: Any, device: Any, source: ImageSource, norm: Normalizer, 
     """diameter="auto": the tile side and diameter measured on a few windows (:mod:`.sample_scale`)."""
     net, dev = worker_model(model, device)
     return measure_scale(net, dev, source, norm, params)
+
+
+def _polarity_task(model: Any, device: Any, source: ImageSource, norm: Normalizer, params: SegmentParams,
+                   diameter: float | str | None) -> str:
+    """polarity="auto": "inverted" or "as_is", decided on a few windows (:mod:`.sample_scale`)."""
+    net, dev = worker_model(model, device)
+    return measure_polarity(net, dev, source, norm, params, diameter)
 
 
 def _sample_task(source: ImageSource, rect: B.Rect, step: int) -> np.ndarray:
@@ -116,6 +123,7 @@ class LargeResult:
     seconds: float = 0.0
     diameter: float | None = None  # the cell diameter that set the scale (given, or measured by auto)
     tile_size: int = 0  # the input tile side the image was segmented at (the model's own: its scale)
+    inverted: bool = False  # the model saw the whole-cell channel inverted (polarity)
 
 
 BLOCK_SIDE = 2048
@@ -158,6 +166,7 @@ def segment_dask(
     tile_size: int | None = None,
     tile_overlap: float = 0.25,
     diameter: float | str | None = DEFAULT_DIAMETER,
+    polarity: str = AUTO,
     batch_size: int = 4,
     decode_chunk: int | None = None,
     decode_copies: bool = False,
@@ -186,7 +195,8 @@ def segment_dask(
             :class:`~cellsam.inference.params.SegmentParams`); ``diameter="auto"`` (the default) is
             measured on a few windows of the image with the most signal (:mod:`.sample_scale`), each
             segmented as :func:`cellsam.segment` would, and the whole image is then segmented at the
-            scale their cells ask for.
+            scale their cells ask for; ``polarity="auto"`` (the default) is decided on the same windows
+            (:func:`~.sample_scale.measure_polarity`) and holds for the whole image.
     Raises:
         BlockFailure: a block / region failed after all retries (positions in the message).
     """
@@ -194,8 +204,8 @@ def segment_dask(
     params = params_or_keywords(
         params, box_threshold=box_threshold, box_threshold_rel=box_threshold_rel, iou_threshold=iou_threshold,
         mask_threshold=mask_threshold, min_area=min_area, tile_size=tile_size, tile_overlap=tile_overlap,
-        diameter=diameter, batch_size=batch_size, decode_chunk=decode_chunk, decode_copies=decode_copies,
-        decode_window=decode_window,
+        diameter=diameter, polarity=polarity, batch_size=batch_size, decode_chunk=decode_chunk,
+        decode_copies=decode_copies, decode_window=decode_window,
     )
     auto = params.diameter == AUTO  # the default: measured on a few windows once the image is normalised
     params = params.replace(diameter=None if auto else params.diameter, return_masks=False, progress=False)
@@ -208,6 +218,11 @@ def segment_dask(
         params = _fill_params(submit, net, device, params)
         norm = _normalizer(submit, src, source, channels=channels, normalize=normalize)
         used: float | None = params.diameter if isinstance(params.diameter, float) else None
+        if params.polarity == AUTO:
+            where = "the image's sample and windows"  # a failure is reported as the blocks' are
+            futs = wait_all("polarity", {where: submit(_polarity_task, net, device, src, norm, params,
+                                                       AUTO if auto else params.diameter, key="polarity")})
+            params = params.replace(polarity=futs[where].result())
         if auto:
             tile, used = submit(_scale_task, net, device, src, norm, params, key="scale").result()
             params = params.replace(tile_size=tile)
@@ -238,7 +253,8 @@ def segment_dask(
             "cells": len(rows),
         }
         return LargeResult(Path(output), (h, w), len(rows), len(arrays), rows, stats, time.perf_counter() - t0,
-                           diameter=used, tile_size=params.model_values().tile_size)
+                           diameter=used, tile_size=params.model_values().tile_size,
+                           inverted=params.polarity == "inverted")
     finally:
         if owned:
             close_client(client)

@@ -7,6 +7,7 @@ windows with the most signal (:func:`signal_windows`: up to :data:`SAMPLE_WINDOW
 :func:`cellsam.segment` would segment it (the size model's scale, then the scale of its cells when they
 ask for another). The image takes the scale at which half of the windows' cells were segmented
 (:func:`weighted_median_scale`), so an image no larger than one window gets ``cellsam.segment``'s scale.
+``polarity="auto"`` is decided on the same windows first (:func:`measure_polarity`).
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ from cellsam.distributed.source import ImageSource, Normalizer, Rect, prepare_wi
 if TYPE_CHECKING:
     from cellsam.inference.params import SegmentParams
 
-__all__ = ["SAMPLE_WINDOWS", "WINDOW_SIDE", "measure_scale", "signal_windows", "weighted_median_scale"]
+__all__ = ["SAMPLE_WINDOWS", "WINDOW_SIDE", "measure_polarity", "measure_scale", "signal_windows",
+           "weighted_median_scale"]
 
 WINDOW_SIDE = 1024
 """Side in pixels of a measured window (about 1,000 nuclei of 30 px fit in one)."""
@@ -118,3 +120,31 @@ def weighted_median_scale(found: list[tuple[int, float | None, int]], native: in
         if 2 * seen >= total:
             return tile, diameter
     raise AssertionError("unreachable: the cumulative count reaches the total")
+
+
+def measure_polarity(net: Any, device: Any, source: ImageSource, norm: Normalizer, params: SegmentParams,
+                     diameter: float | str | None, *, side: int = WINDOW_SIDE, count: int = SAMPLE_WINDOWS) -> str:
+    """``polarity="auto"`` for a large image: ``"inverted"`` when most of the windows of
+    :func:`signal_windows` are, for :func:`cellsam.segment`, images to invert
+    (:func:`~cellsam.inference.polarity.prefers_inverted` at the scale ``diameter`` gives each window),
+    else ``"as_is"``. ``params``: filled from the model (its ``tile_size`` is the model's own)."""
+    import torch
+
+    from cellsam.inference.polarity import bright_background, prefers_inverted
+    from cellsam.inference.runtime import autocast_context
+    from cellsam.inference.scale import choose_scale
+
+    native = params.model_values().tile_size
+    h, w = source.shape
+    step = sample_step((h, w))
+    signal = dataclasses.replace(norm, clahe=False).apply(source.read((0, 0, h, w), step)).max(axis=0)
+    votes: list[bool] = []
+    with torch.inference_mode(), autocast_context(params.precision, device):
+        for rect in signal_windows(signal, step, (h, w), side=side, count=count):
+            window = prepare_window(source, norm, rect)
+            if not bright_background(window):  # fluorescence: not checked, no size-model pass
+                votes.append(False)
+                continue
+            tile, _ = choose_scale(net, window, native, diameter, device)
+            votes.append(prefers_inverted(net, window, tile, device, params.model_values().box_threshold))
+    return "inverted" if 2 * sum(votes) > len(votes) else "as_is"

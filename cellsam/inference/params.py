@@ -20,6 +20,7 @@ from cellsam.config import (
     InferenceConfig,
     check_decode_window,
     check_diameter,
+    check_polarity,
 )
 
 __all__ = ["DEFAULT_MIN_AREA", "PRECISIONS", "ModelValues", "SegmentParams", "params_or_keywords"]
@@ -59,6 +60,7 @@ class SegmentParams:
     tile_size: int | None = None
     tile_overlap: float = 0.25
     diameter: float | str | None = DEFAULT_DIAMETER
+    polarity: str = AUTO
     batch_size: int = 4
     decode_chunk: int | None = None
     decode_copies: bool = False
@@ -81,6 +83,7 @@ class SegmentParams:
             raise ValueError(f"box_threshold_rel must be in [0, 1) (0: off), got {rel}")
         if self.mask_threshold is not None:
             logit_threshold(self.mask_threshold)  # (0, 1), with the library's message
+        check_polarity(self.polarity)
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be 'fp32' or 'bf16', got {self.precision!r}")
         if self.batch_size < 1 or (self.decode_chunk is not None and self.decode_chunk < 1):

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from cellsam.config import AUTO
-from cellsam.inference.tiling import extract_tile, tile_grid
+from cellsam.inference.tiling import spread_tiles
 from cellsam.models.protocol import inference_defaults
 
 __all__ = ["MAX_SCALE", "MIN_MEASURED_CELLS", "RESCALE_TOLERANCE", "choose_scale", "estimate_diameter",
@@ -117,11 +117,7 @@ def estimate_diameter(net: object, image: np.ndarray, tile_size: int, device: to
     skipped) go through the encoder's stages; the per-tile predictions' median (in log space) is
     scaled from model-input to image pixels. None when every tile is blank.
     """
-    tiles = tile_grid(image.shape[1:], tile_size=tile_size, overlap=0.0)
-    if len(tiles) > MAX_SIZE_TILES:
-        tiles = [tiles[int(i)] for i in np.linspace(0, len(tiles) - 1, MAX_SIZE_TILES).round()]
-    crops = [extract_tile(image, t, tile_size) for t in tiles]
-    crops = [c for c in crops if float(c.std()) > 1e-3]
+    crops = spread_tiles(image, tile_size, MAX_SIZE_TILES)
     if not crops:
         return None
     s = int(net.img_size)  # type: ignore[attr-defined]

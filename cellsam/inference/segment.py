@@ -36,6 +36,7 @@ from torch import Tensor
 
 from cellsam.config import AUTO, DEFAULT_DECODE_WINDOW, DEFAULT_DIAMETER
 from cellsam.inference.params import DEFAULT_MIN_AREA, SegmentParams, params_or_keywords
+from cellsam.inference.polarity import invert_whole_cell, prefers_inverted
 from cellsam.inference.preprocess import Channels, as_numpy, prepare_image
 from cellsam.inference.runtime import autocast_context, resolve_model
 from cellsam.inference.scale import choose_scale, has_size_model, rescale_from_cells
@@ -78,6 +79,7 @@ class Segmentation:
         diameter: the cell diameter in image pixels that set the scale (given, or estimated with
             ``diameter="auto"``); None without ``diameter`` or when auto found no cell.
         tile_size: the input tile side the labels were made at (the scale: model tile = native).
+        inverted: whether the model saw the whole-cell channel inverted (``polarity``, see :mod:`.polarity`).
     """
 
     labels: np.ndarray
@@ -89,6 +91,7 @@ class Segmentation:
     stats: dict[str, int] = field(default_factory=dict)
     diameter: float | None = None
     tile_size: int | None = None
+    inverted: bool = False
 
     @property
     def n_cells(self) -> int:
@@ -127,6 +130,7 @@ def segment(
     tile_size: int | None = None,
     tile_overlap: float = 0.25,
     diameter: float | str | None = DEFAULT_DIAMETER,
+    polarity: str = AUTO,
     batch_size: int = 4,
     decode_chunk: int | None = None,
     decode_copies: bool = False,
@@ -162,6 +166,10 @@ def segment(
             :mod:`.scale`); ``"auto"`` (the default) estimates it with the model's size model (without one,
             from a first pass's cells) and rescales only when it is far from the model's; None: the
             image's own scale. A given ``tile_size`` replaces "auto"; a number with it is an error.
+        polarity: "auto" (the default): an image whose whole-cell channel has a light background
+            (phase contrast, bright field) is segmented with that channel inverted when the CellFinder is
+            more confident so (dark bacteria in phase contrast; see :mod:`.polarity`); "as_is" or
+            "inverted" fix the choice.
         batch_size: tiles per encoder pass. decode_chunk: box prompts per mask-decoder call (None: the
             model's :meth:`~cellsam.models.cellsam.CellSAM.auto_chunk_size` for its device).
         decode_copies: decode each box in every tile that detects it, not only in the tile whose core
@@ -186,7 +194,7 @@ def segment(
         params, box_threshold=box_threshold, box_threshold_rel=box_threshold_rel, iou_threshold=iou_threshold,
         mask_threshold=mask_threshold,
         min_area=min_area, tile_size=tile_size, tile_overlap=tile_overlap, diameter=diameter,
-        batch_size=batch_size, decode_chunk=decode_chunk, decode_copies=decode_copies,
+        polarity=polarity, batch_size=batch_size, decode_chunk=decode_chunk, decode_copies=decode_copies,
         decode_window=decode_window, precision=precision, return_masks=return_masks, progress=progress,
     )
     images, single = _image_list(image, batch)
@@ -213,7 +221,9 @@ def segment_at_scale(image: np.ndarray, net: SegmentationModel, dev: torch.devic
 
     With ``diameter="auto"`` the first pass is at the size model's scale (the model's own without one);
     when that pass's cells ask for a scale more than ``RESCALE_TOLERANCE`` away, the image is segmented
-    once more at theirs (:func:`~.scale.rescale_from_cells`).
+    once more at theirs (:func:`~.scale.rescale_from_cells`). With ``polarity="auto"`` the whole-cell
+    channel of a light-background image is inverted first when the CellFinder prefers it so (at the scale
+    chosen for the image as it is; the scale is then chosen again).
     """
     native = p.model_values().tile_size
     model_diameter = inference_defaults(net).cell_diameter
@@ -223,14 +233,20 @@ def segment_at_scale(image: np.ndarray, net: SegmentationModel, dev: torch.devic
         tile, used = native, None
     else:
         tile, used = choose_scale(net, image, native, p.diameter, dev)
+    inverted = p.polarity == "inverted" or (
+        p.polarity == AUTO and prefers_inverted(net, image, tile, dev, p.model_values().box_threshold))
+    if inverted:
+        image = invert_whole_cell(image)
+        if not (measure and not has_size_model(net)):
+            tile, used = choose_scale(net, image, native, p.diameter, dev)
     result = segment_prepared(image, net, dev, p.replace(tile_size=tile))
-    result.diameter, result.tile_size = used, tile
+    result.diameter, result.tile_size, result.inverted = used, tile, inverted
     if not measure or model_diameter is None:
         return result
     again, measured = rescale_from_cells(result.labels, native, model_diameter, tile)
     if again != tile:
         result = segment_prepared(image, net, dev, p.replace(tile_size=again))
-        result.diameter, result.tile_size = measured, again
+        result.diameter, result.tile_size, result.inverted = measured, again, inverted
     elif used is None:
         result.diameter = measured
     return result

@@ -184,6 +184,16 @@ def extract_tile(image: np.ndarray, tile: Tile, tile_size: int) -> np.ndarray:
     return out
 
 
+def spread_tiles(image: np.ndarray, tile_size: int, max_tiles: int) -> list[np.ndarray]:
+    """At most ``max_tiles`` non-overlapping ``tile_size`` tiles of a (C, H, W) image, spread evenly over
+    it (zero-padded at its border), constant ones left out: (C, tile_size, tile_size) arrays."""
+    tiles = tile_grid(image.shape[1:], tile_size=tile_size, overlap=0.0)
+    if len(tiles) > max_tiles:
+        tiles = [tiles[int(i)] for i in np.linspace(0, len(tiles) - 1, max_tiles).round()]
+    crops = [extract_tile(image, t, tile_size) for t in tiles]
+    return [c for c in crops if float(c.std()) > 1e-3]
+
+
 def inner_margin(bbox: tuple[int, int, int, int], tile: Tile, shape: tuple[int, int]) -> float:
     """Distance in pixels from a (y0, x0, y1, x1) box to the nearest edge of ``tile`` that is not on the
     image border (``inf`` when the tile has no inner edge, i.e. it is the whole image)."""

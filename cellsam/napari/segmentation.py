@@ -66,6 +66,8 @@ class SegmentOptions:
     # the typical cell diameter (pixels), "auto" (the size model, in-memory images only) or None (the
     # image's own scale), as cellsam.segment's; a given tile_size sets the scale instead
     diameter: float | str | None = DEFAULT_DIAMETER
+    # "auto": the whole-cell channel of a light-background image inverted when the model prefers it so
+    polarity: str = "auto"
     batch_size: int = 4
     block_tiles: int = 2  # blocks of block_tiles x block_tiles tiles: one progress step / cancel point each
 
@@ -135,6 +137,7 @@ def segment_params(net: Any, options: SegmentOptions) -> SegmentParams:
     return SegmentParams(
         box_threshold=o.box_threshold, iou_threshold=o.iou_threshold, mask_threshold=o.mask_threshold,
         min_area=o.min_area, tile_size=o.tile_size, tile_overlap=o.tile_overlap, batch_size=o.batch_size,
+        polarity=o.polarity,
     ).for_model(net)
 
 
@@ -148,6 +151,8 @@ def iter_segment(
 ) -> Generator[Progress, None, Any]:
     """Segment ``data`` with ``model``, yielding :class:`Progress` after each block of tiles.
 
+    With the whole-cell channel inverted when the CellFinder prefers it so on a few windows of a
+    light-background image (:func:`cellsam.distributed.sample_scale.measure_polarity`, ``polarity="auto"``).
     At the scale ``options.diameter`` asks for, as :func:`cellsam.segment`: with "auto" on an in-memory
     image, the size model's, then once more at the scale of the cells found when they ask for another
     (:func:`~cellsam.inference.scale.rescale_from_cells`); on a lazy image "auto" is measured on a few
@@ -161,7 +166,7 @@ def iter_segment(
         a :class:`~cellsam.inference.segment.Segmentation` (labels int32 1..N by descending score).
     """
     from cellsam.config import AUTO, check_diameter
-    from cellsam.distributed.sample_scale import measure_scale
+    from cellsam.distributed.sample_scale import measure_polarity, measure_scale
     from cellsam.inference.runtime import resolve_model
     from cellsam.inference.scale import rescale_from_cells
     from cellsam.models.protocol import inference_defaults
@@ -173,6 +178,9 @@ def iter_segment(
     native = p.model_values().tile_size
     if hasattr(net, "eval"):  # before the scale is chosen: measure_scale segments windows with it
         net.eval()
+    if p.polarity == AUTO:  # decided on a few windows of the image, as segment_dask does
+        probe = None if options.tile_size is not None else check_diameter(options.diameter)
+        p = p.replace(polarity=measure_polarity(net, dev, source, norm, p, probe))
     if in_memory or options.tile_size is not None or check_diameter(options.diameter) != AUTO:
         p, estimated = at_scale(net, dev, source if in_memory else None, p, options)
     else:  # a lazy image with "auto": the scale its cells ask for in a few windows of it
@@ -180,13 +188,14 @@ def iter_segment(
         p = p.replace(tile_size=tile)
     seg = yield from _segment_blocks(net, dev, source, norm, p, int(options.block_tiles))
     seg.diameter = estimated
+    seg.inverted = p.polarity == "inverted"
     model_diameter = inference_defaults(net).cell_diameter
     if in_memory and options.tile_size is None and check_diameter(options.diameter) == AUTO and model_diameter:
         again, measured = rescale_from_cells(seg.labels, native, model_diameter, int(seg.tile_size or native))
         if again != seg.tile_size:  # the cells ask for another scale: once more at theirs, as cellsam.segment
             seg = yield from _segment_blocks(net, dev, source, norm, p.replace(tile_size=again),
                                              int(options.block_tiles))
-            seg.diameter = measured
+            seg.diameter, seg.inverted = measured, p.polarity == "inverted"
         elif estimated is None:
             seg.diameter = measured
     return seg
@@ -237,6 +246,10 @@ def at_scale(net: Any, dev: Any, source: Any, p: SegmentParams, options: Segment
     if diameter == AUTO and source is not None:  # the size model reads the whole normalised image
         h, w = source.shape
         whole = np.moveaxis(source.read((0, 0, h, w)), -1, 0).astype(np.float32, copy=False)
+        if p.polarity == "inverted":  # the scale of the image the model will see
+            from cellsam.inference.polarity import invert_whole_cell
+
+            whole = invert_whole_cell(whole)
     tile, used = choose_scale(net, whole, p.model_values().tile_size, diameter, dev)
     return p.replace(tile_size=tile), used
 

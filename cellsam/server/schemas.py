@@ -101,6 +101,8 @@ class SegmentRequest(BaseModel):
     min_area: int = Field(default=15, ge=0)
     # the typical cell diameter in pixels, "auto" (the model's size model) or None (the image's own scale)
     diameter: float | Literal["auto"] | None = DEFAULT_DIAMETER
+    # "auto": invert the whole-cell channel of a light-background image when the model prefers it
+    polarity: Literal["auto", "as_is", "inverted"] = "auto"
 
     @field_validator("diameter")
     @classmethod

@@ -24,7 +24,7 @@ from torchvision.ops import nms
 
 from cellsam.inference.predictor import Predictor
 from cellsam.inference.tiling import Tile, extract_tile, holding_tiles, in_core, tile_cores, tile_grid
-from cellsam.models.protocol import PromptableModel
+from cellsam.models.protocol import PromptableModel, inference_defaults
 from cellsam.ops.masks import clean_cell_mask, merge_by_argmax
 
 TILE_OVERLAP = 0.25
@@ -129,6 +129,7 @@ class ModelSession:
             max_items=12, max_bytes=max(cache_bytes // 2, 1), size_of=lambda a: a.nbytes
         )
         self.scales: dict[tuple[Hashable, ...], int] = {}  # image key -> tile side of its prompts
+        self.inverted: dict[tuple[Hashable, ...], bool] = {}  # image key -> polarity of its prompts
         self.generation = 0
         self.set_model(model, name=name)
 
@@ -141,6 +142,7 @@ class ModelSession:
             self.generation += 1
             self.embeddings.clear()
             self.scales.clear()
+            self.inverted.clear()
 
     # ------------------------------------------------------------------ images and tiles
     def prepared(self, key: tuple[Hashable, ...], load: Callable[[], np.ndarray]) -> np.ndarray:
@@ -159,11 +161,13 @@ class ModelSession:
             self.embeddings.drop(lambda k: k[0] == image_id)
             for k in [k for k in self.scales if k[0] == image_id]:
                 del self.scales[k]
+            for k in [k for k in self.inverted if k[0] == image_id]:
+                del self.inverted[k]
 
     def scale(self, key: Hashable, image: np.ndarray) -> int:
         """The tile side (input pixels) that prompts on ``image`` use: the one its last
         :meth:`segment_all` ended at, else the size model's choice (``diameter="auto"``; the model's own
-        tile without a size model). Remembered per image key."""
+        tile without a size model) on the image as the model sees it (:meth:`view`). Remembered per image key."""
         k = _as_tuple(key)
         with self.lock:
             tile = self.scales.get(k)
@@ -171,9 +175,30 @@ class ModelSession:
                 from cellsam.config import AUTO
                 from cellsam.inference.scale import choose_scale
 
-                tile, _ = choose_scale(self.model, image, self.tile_size, AUTO, self.model.pixel_mean.device)
+                tile, _ = choose_scale(self.model, self.view(key, image), self.tile_size, AUTO,
+                                       self.model.pixel_mean.device)
                 self.scales[k] = tile
             return tile
+
+    def view(self, key: Hashable, image: np.ndarray) -> np.ndarray:
+        """The normalised image ``key`` as the model sees it: its whole-cell channel inverted when its last
+        :meth:`segment_all` did so, else when ``polarity="auto"`` would (:mod:`cellsam.inference.polarity`,
+        decided once per image key)."""
+        from cellsam.inference.polarity import invert_whole_cell, prefers_inverted
+
+        k = _as_tuple(key)
+        with self.lock:
+            inverted = self.inverted.get(k)
+            if inverted is None:
+                from cellsam.config import AUTO
+                from cellsam.inference.scale import choose_scale
+
+                dev = self.model.pixel_mean.device
+                tile, _ = choose_scale(self.model, image, self.tile_size, AUTO, dev)
+                thr = inference_defaults(self.model).box_threshold
+                inverted = prefers_inverted(self.model, image, tile, dev, thr)
+                self.inverted[k] = inverted
+            return invert_whole_cell(image) if inverted else image
 
     def known_scale(self, key: Hashable) -> int | None:
         """The scale remembered for the image ``key`` (:meth:`scale`, :meth:`set_scale`), or None."""
@@ -199,7 +224,8 @@ class ModelSession:
         if p is None:
             p = Predictor(self.model)
             # the tile side is the scale (the size model's, or the one Segment all ended at): no warning
-            p.set_image(extract_tile(image, tiles[i], size), channel_axis=0, normalize=False, check_scale=False)
+            p.set_image(extract_tile(self.view(key, image), tiles[i], size), channel_axis=0, normalize=False,
+                        check_scale=False)
             self.embeddings.put(full, p)
         return p
 
@@ -335,6 +361,7 @@ class ModelSession:
             seg = segment(image, self.model, channel_axis=0, normalize=False, **kwargs)
             if key is not None and not isinstance(seg, list) and seg.tile_size:
                 self.set_scale(key, seg.tile_size)
+                self.inverted[_as_tuple(key)] = seg.inverted
             return seg
 
 
