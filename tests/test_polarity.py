@@ -138,3 +138,34 @@ def test_auto_polarity_segments_a_negative_as_the_positive(sample_both_ways) -> 
     assert not as_is.inverted and _f1(reference.labels, as_is.labels) < 0.5
     forced = cellsam.segment(image, net, polarity="inverted")  # forcing the wrong way is obeyed
     assert forced.inverted and _f1(reference.labels, forced.labels) < 0.5
+
+
+def test_predictor_takes_a_polarity(sample_both_ways) -> None:  # type: ignore[no-untyped-def]
+    """Predictor.set_image(polarity="auto") inverts the negative and finds the sample's boxes; the default
+    ("as_is", SAM's behaviour) and a uint8 image with normalize=False keep the image as given."""
+    from cellsam.inference.predictor import Predictor
+    from cellsam.ops.boxes import box_iou
+
+    net, image, negative, _ = sample_both_ways
+    p = Predictor(net)
+    p.set_image(image)
+    ref, _ = p.detect()
+    assert not p.inverted and len(ref) >= 20
+
+    def matched(boxes: np.ndarray) -> int:
+        iou = box_iou(torch.as_tensor(boxes), torch.as_tensor(ref))
+        return int((iou.max(dim=1).values >= 0.5).sum()) if len(boxes) else 0
+
+    p.set_image(negative, polarity="auto")
+    auto, _ = p.detect()
+    assert p.inverted and matched(auto) >= 0.8 * len(ref)
+    p.set_image(negative)
+    as_is, _ = p.detect()
+    assert not p.inverted and matched(as_is) < 0.5 * len(ref)
+    p.set_image(image, polarity="inverted")
+    assert p.inverted
+    with pytest.raises(ValueError, match="polarity must be one of"):
+        p.set_image(image, polarity="dark")
+    rgb = np.repeat((negative / negative.max() * 255).astype(np.uint8)[..., None], 3, axis=-1)
+    with pytest.raises(ValueError, match="polarity needs CellSAM's layout"):
+        p.set_image(rgb, channel_axis=-1, normalize=False, polarity="auto")

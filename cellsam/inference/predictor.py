@@ -17,8 +17,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from cellsam.config import AUTO, check_polarity
+from cellsam.inference.polarity import invert_whole_cell, prefers_inverted
 from cellsam.inference.preprocess import prepare_image, to_channels_last
-from cellsam.models.protocol import PromptableModel, check_model, model_tile_size
+from cellsam.models.protocol import PromptableModel, check_model, inference_defaults, model_tile_size
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +69,7 @@ class Predictor:
         self._detections: dict[str, Tensor] | None = None
         self.original_size: tuple[int, int] | None = None
         self.input_size: tuple[int, int] | None = None
+        self.inverted = False  # whether the model sees the whole-cell channel inverted (set_image's polarity)
 
     @torch.no_grad()
     def set_image(
@@ -77,6 +80,7 @@ class Predictor:
         channels: tuple | None = None,
         normalize: bool = True,
         check_scale: bool = True,
+        polarity: str = "as_is",
     ) -> None:
         """Embed ``image`` once (a new image replaces the old one).
 
@@ -90,10 +94,18 @@ class Predictor:
             check_scale: warn when the image is so much larger than the model's tile that its cells shrink
                 below :data:`SHRINK_WARNING` of the model's scale. False for a caller that cut the image
                 at a chosen scale (the web app's and napari's tiles: there the shrink is the rescaling).
+            polarity: "as_is" (default: the image as given, as SAM's predictor), "inverted" (the whole-cell
+                channel inverted), or "auto" (inverted when :func:`cellsam.segment` would invert it: a
+                light background and a more confident CellFinder, :mod:`cellsam.inference.polarity`, at
+                the model's own tile); the last two need CellSAM's layout (not a uint8 image with
+                ``normalize=False``). :attr:`inverted` says what was done.
         """
+        check_polarity(polarity)
+        if polarity == AUTO and getattr(self.model, "cellfinder", None) is None:
+            raise ValueError("polarity='auto' asks the CellFinder, and this model has none: give 'as_is' or 'inverted'")
         self.reset_image()
         s = int(self.model.img_size)
-        x255, (h, w) = self._to_resized_255(image, channel_axis, channels, normalize, s)
+        x255, (h, w) = self._to_resized_255(image, channel_axis, channels, normalize, s, polarity)
         x = (x255.to(self.device) - self.model.pixel_mean) / self.model.pixel_std  # (1,3,h',w')
         hr, wr = x.shape[-2:]
         x = F.pad(x, (0, s - wr, 0, s - hr))  # pad after normalising, as SAM
@@ -110,7 +122,8 @@ class Predictor:
                 h, w, s, tile / max(h, w), tile)
 
     def _to_resized_255(
-        self, image: Any, channel_axis: int | None, channels: tuple | None, normalize: bool, s: int
+        self, image: Any, channel_axis: int | None, channels: tuple | None, normalize: bool, s: int,
+        polarity: str = "as_is",
     ) -> tuple[Tensor, tuple[int, int]]:
         """(1,3,h',w') float32 on the 0..255 scale, and the original (H, W)."""
         if not normalize:
@@ -121,6 +134,9 @@ class Predictor:
                         f"normalize=False takes a 3-channel image and no channels=; "
                         f"got shape {raw.shape} (channels last), channels={channels!r}"
                     )
+                if polarity != "as_is":
+                    raise ValueError("polarity needs CellSAM's layout: a uint8 image with normalize=False is "
+                                     "used as it is")
                 from PIL import Image
 
                 h, w = raw.shape[:2]
@@ -131,6 +147,11 @@ class Predictor:
                 t = torch.from_numpy(resized.copy()).permute(2, 0, 1)[None].float()
                 return t, (h, w)
         img = prepare_image(image, channel_axis=channel_axis, channels=channels, normalize=normalize)
+        if polarity == "inverted" or (polarity == AUTO and prefers_inverted(
+                self.model, img, model_tile_size(self.model), self.device,
+                inference_defaults(self.model).box_threshold)):
+            img = invert_whole_cell(img)
+            self.inverted = True
         h, w = img.shape[1:]
         hr, wr = resized_shape(h, w, s)
         t = torch.from_numpy(img)[None]
