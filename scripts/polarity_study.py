@@ -27,8 +27,7 @@ from cellsam.weights import load_model
 
 
 def f1(gt: np.ndarray, labels: np.ndarray) -> float:
-    m = match_objects(label_overlap(gt, labels), threshold=0.5)
-    return 2 * m.tp / max(m.n_gt + m.n_pred, 1)
+    return match_objects(label_overlap(gt, labels), threshold=0.5).f1
 
 
 def main() -> None:

@@ -68,6 +68,7 @@ def test_optimal_beats_greedy_and_ties() -> None:
     # one GT split exactly in half: two candidates at IoU 0.5, only one may match
     half = label_overlap(strips((2, 20), [(0, 20)]), strips((2, 20), [(0, 10), (10, 20)]))
     assert match_objects(half, threshold=0.5).tp == 1
+    assert match_objects(half, threshold=0.5).f1 == 2 * 1 / (1 + 2)  # one of one true, one of two predicted
 
 
 def test_empty_inputs() -> None:
@@ -77,6 +78,7 @@ def test_empty_inputs() -> None:
         ov = label_overlap(a, b)
         assert (ov.n_gt, ov.n_pred) == (nt, npred) and ov.dense_iou().shape == (nt, npred)
         assert match_objects(ov, threshold=0.5).tp == 0
+        assert match_objects(ov, threshold=0.5).f1 == 0.0  # as the reference code's per-image F1 (no NaN)
 
 
 def test_bad_inputs() -> None:

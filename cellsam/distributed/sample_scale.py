@@ -126,13 +126,12 @@ def measure_polarity(net: Any, device: Any, source: ImageSource, norm: Normalize
                      diameter: float | str | None, *, side: int = WINDOW_SIDE, count: int = SAMPLE_WINDOWS) -> str:
     """``polarity="auto"`` for a large image: ``"inverted"`` when most of the windows of
     :func:`signal_windows` are, for :func:`cellsam.segment`, images to invert
-    (:func:`~cellsam.inference.polarity.prefers_inverted` at the scale ``diameter`` gives each window),
+    (:func:`~cellsam.inference.polarity.auto_inverts` at the scale ``diameter`` gives each window),
     else ``"as_is"``. ``params``: filled from the model (its ``tile_size`` is the model's own)."""
     import torch
 
-    from cellsam.inference.polarity import bright_background, prefers_inverted
+    from cellsam.inference.polarity import auto_inverts
     from cellsam.inference.runtime import autocast_context
-    from cellsam.inference.scale import choose_scale
 
     native = params.model_values().tile_size
     h, w = source.shape
@@ -141,10 +140,6 @@ def measure_polarity(net: Any, device: Any, source: ImageSource, norm: Normalize
     votes: list[bool] = []
     with torch.inference_mode(), autocast_context(params.precision, device):
         for rect in signal_windows(signal, step, (h, w), side=side, count=count):
-            window = prepare_window(source, norm, rect)
-            if not bright_background(window):  # fluorescence: not checked, no size-model pass
-                votes.append(False)
-                continue
-            tile, _ = choose_scale(net, window, native, diameter, device)
-            votes.append(prefers_inverted(net, window, tile, device, params.model_values().box_threshold))
+            votes.append(auto_inverts(net, prepare_window(source, norm, rect), native, diameter, device,
+                                      params.model_values().box_threshold))
     return "inverted" if 2 * sum(votes) > len(votes) else "as_is"

@@ -232,6 +232,12 @@ class Matching:
     def tp(self) -> int:
         return int(self.gt_index.size)
 
+    @property
+    def f1(self) -> float:
+        """F1 of this image's objects, ``2 tp / (n_gt + n_pred)``; 0 when both are empty (the reference
+        code's per-image F1, averaged by ``f1_mean`` in :func:`cellsam.eval.metrics.evaluate_labels`)."""
+        return 2 * self.tp / max(self.n_gt + self.n_pred, 1)
+
 
 def match_objects(overlap: Overlap, *, threshold: float = 0.5, strict: bool = False) -> Matching:
     """Optimal one-to-one matching of objects whose IoU passes a threshold.

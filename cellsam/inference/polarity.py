@@ -30,9 +30,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from cellsam.inference.scale import choose_scale
 from cellsam.inference.tiling import spread_tiles
 
-__all__ = ["BRIGHT_BACKGROUND", "PROBE_TILES", "bright_background", "detection_confidence",
+__all__ = ["BRIGHT_BACKGROUND", "PROBE_TILES", "auto_inverts", "bright_background", "detection_confidence",
            "invert_whole_cell", "prefers_inverted"]
 
 BRIGHT_BACKGROUND = 0.2
@@ -87,3 +88,15 @@ def prefers_inverted(net: Any, image: np.ndarray, tile_size: int, device: torch.
     as_is = detection_confidence(net, image, tile_size, device, box_threshold)
     inverted = detection_confidence(net, invert_whole_cell(image), tile_size, device, box_threshold)
     return inverted > as_is
+
+
+def auto_inverts(net: Any, image: np.ndarray, native: int, diameter: float | str | None, device: torch.device,
+                 box_threshold: float) -> bool:
+    """``polarity="auto"``'s choice for a prepared (3, H, W) image whose scale is not chosen yet: False for
+    a dark background (no size-model pass), else :func:`prefers_inverted` at the tile side
+    :func:`~cellsam.inference.scale.choose_scale` gives the image as it is for ``diameter`` (``native``:
+    the model's own tile)."""
+    if not bright_background(image):
+        return False
+    tile, _ = choose_scale(net, image, native, diameter, device)
+    return prefers_inverted(net, image, tile, device, box_threshold)

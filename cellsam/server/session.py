@@ -184,21 +184,24 @@ class ModelSession:
         """The normalised image ``key`` as the model sees it: its whole-cell channel inverted when its last
         :meth:`segment_all` did so, else when ``polarity="auto"`` would (:mod:`cellsam.inference.polarity`,
         decided once per image key)."""
-        from cellsam.inference.polarity import invert_whole_cell, prefers_inverted
+        from cellsam.config import AUTO
+        from cellsam.inference.polarity import auto_inverts, invert_whole_cell
 
         k = _as_tuple(key)
         with self.lock:
             inverted = self.inverted.get(k)
             if inverted is None:
-                from cellsam.config import AUTO
-                from cellsam.inference.scale import choose_scale
-
-                dev = self.model.pixel_mean.device
-                tile, _ = choose_scale(self.model, image, self.tile_size, AUTO, dev)
-                thr = inference_defaults(self.model).box_threshold
-                inverted = prefers_inverted(self.model, image, tile, dev, thr)
+                inverted = auto_inverts(self.model, image, self.tile_size, AUTO, self.model.pixel_mean.device,
+                                        inference_defaults(self.model).box_threshold)
                 self.inverted[k] = inverted
-            return invert_whole_cell(image) if inverted else image
+            if not inverted:
+                return image
+            # one inverted copy per image, not one per tile embedded (dropped with the image by forget)
+            view = self.images.get((*k, "inverted"))
+            if view is None:
+                view = invert_whole_cell(image)
+                self.images.put((*k, "inverted"), view)
+            return view
 
     def known_scale(self, key: Hashable) -> int | None:
         """The scale remembered for the image ``key`` (:meth:`scale`, :meth:`set_scale`), or None."""
