@@ -202,7 +202,7 @@ def test_cli_sample_and_same_stem_names(tmp_path: Path, checkpoint: Path, monkey
     assert (out / "cells_labels.tif").exists() and (out / "cells_png_labels.tif").exists()
 
 
-def test_cli_usage_errors(tmp_path: Path, checkpoint: Path) -> None:
+def test_cli_usage_errors(tmp_path: Path, checkpoint: Path, capsys) -> None:
     assert main(["segment", "-o", str(tmp_path)]) == 2  # nothing to do
     assert main(["segment", str(tmp_path / "missing*.png"), "-o", str(tmp_path)]) == 1
     img = tmp_path / "x.png"
@@ -212,6 +212,10 @@ def test_cli_usage_errors(tmp_path: Path, checkpoint: Path) -> None:
         main(["segment", str(img), "--channels", "0", "green"])
     # an output "folder" that is a file: a clear message and exit 2, not a traceback
     assert main(["segment", str(img), "-o", str(img), "--model", str(checkpoint)]) == 2
+    # an invalid relative minimum area fails the image with the library's message (as other invalid options)
+    assert main(["segment", str(img), "-o", str(tmp_path / "o"), "--model", str(checkpoint),
+                 "--min-area-rel", "1.5"]) == 1
+    assert "min_area_rel must be in [0, 1)" in capsys.readouterr().out
     # --dask with a wrong model: refused once, before any cluster starts
     assert main(["segment", str(img), "-o", str(tmp_path / "o"), "--dask", "--model", str(tmp_path / "no.st")]) == 1
 

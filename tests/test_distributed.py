@@ -160,9 +160,9 @@ def test_inverted_float_rgb_windows_share_the_whole_images_range_top() -> None:
 
 # ------------------------------------------------------------------------------------ on a LocalCluster
 @pytest.mark.parametrize(
-    "side, tile, block_tiles, chunk, n_levels, rel",
-    [(520, 128, 2, 128, 4, 0.0), (520, 128, 2, 128, 4, 0.95),
-     pytest.param(1500, 256, 3, 256, 4, 0.0, marks=pytest.mark.slow)],
+    "side, tile, block_tiles, chunk, n_levels, rel, area_rel",
+    [(520, 128, 2, 128, 4, 0.0, 0.6), (520, 128, 2, 128, 4, 0.95, 0.0),
+     pytest.param(1500, 256, 3, 256, 4, 0.0, 0.15, marks=pytest.mark.slow)],
 )
 def test_dask_equals_single_process_and_writes_ome_zarr(
     tmp_path: Path,
@@ -174,15 +174,20 @@ def test_dask_equals_single_process_and_writes_ome_zarr(
     chunk: int,
     n_levels: int,
     rel: float,
+    area_rel: float,
 ) -> None:
     """520 px: 5 x 5 tiles in 3 x 3 blocks (default run); 1500 px: 8 x 8 tiles in 3 x 3 blocks (--runslow).
-    ``rel``: the relative box threshold, one floor over every block's cells as over the whole image's."""
+    ``rel``: the relative box threshold, ``area_rel``: the relative minimum area, each one floor over every
+    block's cells as over the whole image's."""
     img, _ = make_blobs((side, side), n=side * side // 5600, radius=(6, 14))
     prep = prepare_image(img)
-    opts = {**OPEN, "tile_size": tile, "box_threshold_rel": rel}
+    opts = {**OPEN, "tile_size": tile, "box_threshold_rel": rel, "min_area_rel": area_rel}
     single = segment(prep, load_model(checkpoint), normalize=False, channel_axis=0, **opts)
     assert single.n_cells > 30 and single.stats["stitched"] < single.stats["confident"]  # copies were removed
     assert (single.stats["confident"] < single.stats["masks"]) == (rel > 0)  # the floor dropped cells
+    if area_rel >= 0.5:  # the area floor dropped cells (0.15 may drop none of these blobs)
+        assert single.n_cells < segment(prep, load_model(checkpoint), normalize=False, channel_axis=0,
+                                        **{**opts, "min_area_rel": 0.0}).n_cells
     # the input as an OME-Zarr (c, y, x), read lazily by the workers
     root = zarr.open_group(str(tmp_path / "in.ome.zarr"), mode="w")
     root.create_dataset("0", data=prep, chunks=(3, 200, 200))

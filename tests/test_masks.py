@@ -7,6 +7,7 @@ import pytest
 
 from cellsam.ops.masks import (
     CellMask,
+    area_floor,
     clean_cell_mask,
     clean_labels,
     fill_holes,
@@ -78,6 +79,23 @@ def test_clean_labels_drops_small_keeps_largest_part_and_renumbers() -> None:
     assert out[12, 0] == 0 and out.dtype == np.int32
     empty, old = clean_labels(np.zeros((4, 4), np.int32), min_area=5)
     assert empty.max() == 0 and old.size == 0
+
+
+def test_relative_area_floor_drops_specks_far_below_the_typical_cell() -> None:
+    assert area_floor(np.array([100, 100, 120, 10, 3]), min_area=5, min_area_rel=0.15) == 15.0  # median of 10..120
+    assert area_floor(np.array([100, 10]), min_area=15, min_area_rel=0.15) == 15.0  # 10 px is not in the median
+    assert area_floor(np.array([100, 100]), min_area=15) == 15.0  # rel 0: off
+    assert area_floor(np.zeros(0, np.int64), min_area=0, min_area_rel=0.5) == 1.0  # no cells: nothing to raise
+    lab = np.zeros((40, 40), np.int32)
+    lab[0:10, 0:10] = 1  # 100 px
+    lab[0:10, 20:30] = 2  # 100 px
+    lab[20:30, 0:10] = 4  # 100 px
+    lab[35:38, 35:39] = 9  # 12 px: 0.12 of the median
+    out, old = clean_labels(lab, min_area=5, min_area_rel=0.15)
+    assert old.tolist() == [1, 2, 4] and out[36, 36] == 0 and out.max() == 3
+    out, old = clean_labels(lab, min_area=5, min_area_rel=0.1)
+    assert old.tolist() == [1, 2, 4, 9] and out[36, 36] == 4
+    assert clean_labels(lab, min_area=5)[1].tolist() == [1, 2, 4, 9]  # off by default
 
 
 def test_outlines_boxes_and_cellmask() -> None:

@@ -55,6 +55,11 @@ def test_blocks_give_the_labels_of_cellsam_segment(tiny, block_tiles: int) -> No
     done = [p.done for p in steps]
     assert done == sorted(done) and steps[-1].done == steps[-1].total and len(steps) >= 3
     assert len(steps) - 2 == math.ceil(3 / block_tiles) ** 2  # one step per block (3 x 3 tiles of 64 px)
+    if block_tiles == 2:  # the relative minimum area over the whole image, as the library's
+        fewer = segment(img, tiny, **OPEN, min_area_rel=0.9)
+        _, seg = drain(iter_segment(img, tiny, options=SegmentOptions(**OPEN, min_area_rel=0.9, block_tiles=2)))
+        assert 0 < fewer.n_cells < expect.n_cells
+        np.testing.assert_array_equal(seg.labels, fewer.labels)
 
 
 def test_lazy_path_reads_dask_arrays_by_blocks() -> None:
@@ -88,6 +93,8 @@ def test_bad_images_and_options_raise_the_library_messages(tiny) -> None:
         drain(iter_segment(np.full((40, 40), np.nan), tiny))
     with pytest.raises(ValueError):
         segment_params(tiny, SegmentOptions(mask_threshold=1.5))
+    with pytest.raises(ValueError, match="min_area_rel"):
+        segment_params(tiny, SegmentOptions(min_area_rel=1.5))
     with pytest.raises(ValueError, match="channel"):
         drain(iter_segment(np.zeros((3, 40, 40)), tiny, spec=ImageSpec(0, (5, None))))
     _, seg = drain(iter_segment(np.zeros((40, 40), np.uint8), tiny))

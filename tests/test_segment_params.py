@@ -31,6 +31,9 @@ from tests.conftest import make_blobs
         (dict(box_threshold_rel=1.0), "box_threshold_rel must be in"),
         (dict(box_threshold_rel=-0.1), "box_threshold_rel must be in"),
         (dict(box_threshold_rel=float("nan")), "box_threshold_rel must be in"),
+        (dict(min_area_rel=1.0), "min_area_rel must be in"),
+        (dict(min_area_rel=-0.1), "min_area_rel must be in"),
+        (dict(min_area_rel=float("nan")), "min_area_rel must be in"),
     ],
 )
 def test_invalid_values_raise_when_made(bad: dict, message: str) -> None:

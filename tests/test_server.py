@@ -323,6 +323,12 @@ def test_segment_all_matches_library(client: TestClient, image_id: int, model: t
     assert res["action"] == "segment all" and res["n_cells"] > 0
     expect = segment(img, model, box_threshold=0.0, iou_threshold=0.0).labels
     np.testing.assert_array_equal(labels_of(client, image_id)[1], expect)
+    # the relative minimum area reaches the pipeline (0.9 x the median drops about half the cells)
+    big = {"box_threshold": 0.0, "iou_threshold": 0.0, "min_area_rel": 0.9}
+    assert client.post(f"/api/images/{image_id}/segment", json=big).json()["n_cells"] < res["n_cells"]
+    np.testing.assert_array_equal(labels_of(client, image_id)[1],
+                                  segment(img, model, box_threshold=0.0, iou_threshold=0.0, min_area_rel=0.9).labels)
+    assert client.post(f"/api/images/{image_id}/segment", json={"min_area_rel": 1.5}).status_code == 422
     det = client.post(f"/api/images/{image_id}/detect", json={"box_threshold": 0.0}).json()
     assert 0 < len(det["boxes"]) == len(det["scores"]) and det["scores"] == sorted(det["scores"], reverse=True)
     for x0, y0, x1, y1 in det["boxes"]:

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
@@ -56,3 +57,24 @@ def test_zero_shot_rejects_epochs_that_do_not_divide_the_steps(nimg: str, tmp_pa
     assert r.returncode == 2
     assert "--cellpose-nimg-per-epoch" in r.stderr
     assert not any(tmp_path.iterdir())  # nothing trained or written
+
+
+def test_false_positive_study_drops_cells_under_the_floor_exactly() -> None:
+    fp = _load("false_positive_study")
+    gt = np.zeros((40, 40), np.int32)
+    gt[0:10, 0:10], gt[0:10, 20:30], gt[20:30, 0:10] = 1, 2, 3
+    pred = gt.copy()
+    pred[20:30, 0:10] = 0  # cell 3 missed
+    pred[35:39, 35:39] = 7  # a 16 px speck on no cell
+    pred[20:30, 20:24] = 8  # a 40 px false cell on no cell
+    row = fp.image_row(gt, pred)
+    assert row["n_gt"] == 3 and sorted(row["areas"]) == [16, 40, 100, 100]
+    assert sum(row["matched"]) == 2 and sorted(row["on_gt"]) == [0.0, 0.0, 1.0, 1.0]
+    assert fp.with_floor(row, 0.0) == (pytest.approx(2 * 2 / (3 + 4)), 0)
+    assert fp.with_floor(row, 0.2) == fp.with_floor(row, 0.0)  # floor 0.2 x 70 (median) = 14 < 16
+    assert fp.with_floor(row, 0.3) == (pytest.approx(2 * 2 / (3 + 3)), 0)  # 21 px: the speck goes
+    assert fp.with_floor(row, 0.6) == (pytest.approx(2 * 2 / (3 + 2)), 0)  # 42 px: both false cells go
+    assert fp.with_floor(row, 0.99)[1] == 0 and fp.with_floor({**row, "matched": [True] * 4}, 0.6)[1] == 2
+    s = fp.summary([row], [0.3])
+    assert (s["true"], s["false_on_no_cell"], s["false_on_cells"]) == (2, 2, 0) and s["median_area_true"] == 100
+    assert s["true_dropped"] == {"0.3": 0}

@@ -29,6 +29,7 @@ from typing import Any
 
 from cellsam.cli import help_text
 from cellsam.config import DEFAULT_DECODE_WINDOW
+from cellsam.inference.params import DEFAULT_MIN_AREA_REL
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -65,6 +66,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                         "(default: the model's own; 0: off)")
     p.add_argument("--iou-threshold", type=float, default=None, help="minimum predicted mask IoU (default: model's)")
     p.add_argument("--mask-threshold", type=float, default=None, help="mask probability threshold (default: model's)")
+    p.add_argument("--min-area-rel", type=float, default=DEFAULT_MIN_AREA_REL, metavar="F",
+                   help="drop cells under F x the median area of the image's cells "
+                   f"(default {DEFAULT_MIN_AREA_REL:g}, as `cellsam segment`; 0: off)")
     p.add_argument("--tile-size", type=int, default=None, help="tile side (default: the model's own)")
     p.add_argument("--decode-copies", action="store_true",
                    help="decode a cell in every overlapping tile that detects it (as `cellsam segment`)")
@@ -82,7 +86,8 @@ def data_options(args: argparse.Namespace) -> dict[str, Any]:
                 baselines=args.baseline, prompt_study=args.prompt_study, device=args.device, precision=args.precision,
                 box_threshold=args.box_threshold, box_threshold_rel=args.box_threshold_rel,
                 iou_threshold=args.iou_threshold,
-                mask_threshold=args.mask_threshold, tile_size=args.tile_size, decode_copies=args.decode_copies,
+                mask_threshold=args.mask_threshold, min_area_rel=args.min_area_rel, tile_size=args.tile_size,
+                decode_copies=args.decode_copies,
                 decode_window=args.decode_window)
 
 

@@ -20,7 +20,7 @@ from typing import Any
 
 from cellsam.config import DEFAULT_DECODE_WINDOW, DEFAULT_DIAMETER, POLARITIES, parse_diameter
 from cellsam.inference.files import FileOptions, segment_file, unique_name
-from cellsam.inference.params import DEFAULT_MIN_AREA, SegmentParams
+from cellsam.inference.params import DEFAULT_MIN_AREA, DEFAULT_MIN_AREA_REL, SegmentParams
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +107,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument(
         "--min-area", type=int, default=None, help="drop cells smaller than this many pixels (default 15)"
     )
+    p.add_argument("--min-area-rel", type=float, default=DEFAULT_MIN_AREA_REL, metavar="F",
+                   help="drop cells smaller than F x the median area of the image's cells: specks and fragments "
+                   f"(default {DEFAULT_MIN_AREA_REL:g}; 0: off)")
     p.add_argument("--tile-size", type=int, default=None,
                    help="tile side in image pixels (default: the model's own tile size, 256 for the default)")
     p.add_argument("--diameter", type=diameter_arg, default=None, metavar="auto|none|N",
@@ -239,6 +242,7 @@ def params_of(args: argparse.Namespace) -> SegmentParams:
         iou_threshold=args.iou_threshold,
         mask_threshold=args.mask_threshold,
         min_area=DEFAULT_MIN_AREA if args.min_area is None else args.min_area,
+        min_area_rel=getattr(args, "min_area_rel", DEFAULT_MIN_AREA_REL),
         tile_size=args.tile_size,
         tile_overlap=args.tile_overlap,
         diameter=diameter_of(args),

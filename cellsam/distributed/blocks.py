@@ -312,6 +312,19 @@ def final_cells(own: BlockCells, neighbours: Sequence[BlockCells], rect: Rect, m
     )
 
 
+def areas(fin: FinalCells) -> np.ndarray:
+    """(N,) int64 pixel counts of the block's final cells."""
+    return np.array([int(m.sum()) for _, _, m in fin.cells], np.int64)
+
+
+def at_least(fin: FinalCells, floor: float) -> FinalCells:
+    """The final cells of at least ``floor`` pixels (the image's :func:`~cellsam.ops.masks.area_floor` over
+    every block's final cells, as :func:`~cellsam.ops.masks.clean_labels` takes it over the whole image)."""
+    keep = areas(fin) >= floor
+    return FinalCells(gids=fin.gids[keep], scores=fin.scores[keep], ious=fin.ious[keep], boxes=fin.boxes[keep],
+                      cells=[c for c, k in zip(fin.cells, keep, strict=True) if k])
+
+
 def paint(region: Rect, parts: Sequence[tuple[FinalCells, np.ndarray]], dtype: Any = np.uint32) -> np.ndarray:
     """(h, w) label image of ``region`` from final cells and their label ids (one array per part)."""
     y0, x0, y1, x1 = region

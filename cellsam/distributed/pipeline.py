@@ -2,9 +2,10 @@
 
 Stages (each a set of Dask tasks, each failure reported by position through :func:`.cluster.wait_all`):
 global statistics sample -> block segmentation -> copy edges inside and across blocks -> per-component
-``deduplicate`` -> per-block final cells -> label ids (score descending, as single-process) -> OME-Zarr
-level 0 by regions of whole chunks -> pyramid levels. Only small per-cell metadata (ids, scores, copy
-edges) comes back to the client; masks stay on the workers.
+``deduplicate`` -> per-block final cells -> the relative minimum area over every block's cell areas ->
+label ids (score descending, as single-process) -> OME-Zarr level 0 by regions of whole chunks -> pyramid
+levels. Only small per-cell metadata (ids, scores, areas,
+copy edges) comes back to the client; masks stay on the workers.
 """
 
 from __future__ import annotations
@@ -25,10 +26,11 @@ from cellsam.distributed import omezarr
 from cellsam.distributed.cluster import BlockFailure, close_client, get_client, wait_all, worker_model
 from cellsam.distributed.sample_scale import measure_polarity, measure_scale
 from cellsam.distributed.source import ImageSource, Normalizer, fit_normalizer, open_source, sample_step
-from cellsam.inference.params import DEFAULT_MIN_AREA, SegmentParams, params_or_keywords
+from cellsam.inference.params import DEFAULT_MIN_AREA, DEFAULT_MIN_AREA_REL, SegmentParams, params_or_keywords
 from cellsam.inference.scale import tile_size_for
 from cellsam.inference.tiling import score_floor
 from cellsam.models.protocol import inference_defaults, model_tile_size
+from cellsam.ops.masks import area_floor
 
 __all__ = ["BlockFailure", "LargeResult", "segment_dask"]
 
@@ -163,6 +165,7 @@ def segment_dask(
     iou_threshold: float | None = None,
     mask_threshold: float | None = None,
     min_area: int = DEFAULT_MIN_AREA,
+    min_area_rel: float = DEFAULT_MIN_AREA_REL,
     tile_size: int | None = None,
     tile_overlap: float = 0.25,
     diameter: float | str | None = DEFAULT_DIAMETER,
@@ -203,9 +206,9 @@ def segment_dask(
     t0 = time.perf_counter()
     params = params_or_keywords(
         params, box_threshold=box_threshold, box_threshold_rel=box_threshold_rel, iou_threshold=iou_threshold,
-        mask_threshold=mask_threshold, min_area=min_area, tile_size=tile_size, tile_overlap=tile_overlap,
-        diameter=diameter, polarity=polarity, batch_size=batch_size, decode_chunk=decode_chunk,
-        decode_copies=decode_copies, decode_window=decode_window,
+        mask_threshold=mask_threshold, min_area=min_area, min_area_rel=min_area_rel, tile_size=tile_size,
+        tile_overlap=tile_overlap, diameter=diameter, polarity=polarity, batch_size=batch_size,
+        decode_chunk=decode_chunk, decode_copies=decode_copies, decode_window=decode_window,
     )
     auto = params.diameter == AUTO  # the default: measured on a few windows once the image is normalised
     params = params.replace(diameter=None if auto else params.diameter, return_masks=False, progress=False)
@@ -235,6 +238,7 @@ def segment_dask(
         ids, edges = _copy_edges(submit, cells, pairs, grid)
         kept = _resolve(submit, cells, blocks, grid, np.concatenate([g for g, _, _ in ids]), edges)
         finals = _final_cells(submit, cells, kept, blocks, pairs, params.min_area)
+        finals = _large_enough(submit, finals, params.min_area, params.min_area_rel)
         del cells
         label_ids = _label_ids(_gather(submit, "order", _order_task, finals))
         arrays = omezarr.create(output, (h, w), chunk=chunk, levels=levels, name=Path(output).name,
@@ -352,6 +356,17 @@ def _final_cells(submit: _Tasks, cells: list[Any], kept: list[np.ndarray], block
         for b in blocks
     }
     return list(wait_all("final", futs).values())
+
+
+def _large_enough(submit: _Tasks, finals: list[Any], min_area: int, rel: float) -> list[Any]:
+    """5b. The relative minimum area over the whole image: every block's cell areas gathered, then each block
+    keeps its cells of at least the one floor (futures, in block order)."""
+    if rel <= 0:
+        return finals
+    floor = area_floor(np.concatenate([np.zeros(0, np.int64), *_gather(submit, "areas", B.areas, finals)]),
+                       min_area=min_area, min_area_rel=rel)
+    futs = {str(i): submit(B.at_least, f, floor, key=f"large-{i}") for i, f in enumerate(finals)}
+    return list(wait_all("large", futs).values())
 
 
 def _write_labels(submit: _Tasks, out: str, arrays: list[Any], shape: tuple[int, int], blocks: list[B.Block],

@@ -20,6 +20,7 @@ import numpy as np
 
 from cellsam.config import DEFAULT_DECODE_WINDOW
 from cellsam.eval.harness import EvalItem, InputError, Method, environment, evaluate_methods, load_data
+from cellsam.inference.params import DEFAULT_MIN_AREA_REL
 
 __all__ = ["baseline_spec", "build_methods", "data_plots", "evaluate_data", "finish_report", "folder_plots"]
 
@@ -38,7 +39,8 @@ def baseline_spec(spec: str) -> tuple[str, str, str]:
 def build_methods(*, model: str | None = None, baselines: Sequence[str] = (), prompt_study: bool = False,
                   device: str = "auto", precision: str = "fp32", box_threshold: float | None = None,
                   box_threshold_rel: float | None = None, iou_threshold: float | None = None,
-                  mask_threshold: float | None = None, tile_size: int | None = None, decode_copies: bool = False,
+                  mask_threshold: float | None = None, min_area_rel: float = DEFAULT_MIN_AREA_REL,
+                  tile_size: int | None = None, decode_copies: bool = False,
                   decode_window: float = DEFAULT_DECODE_WINDOW) -> tuple[dict[str, Method], dict[str, Any]]:
     """The methods of one run and their settings (for the report).
 
@@ -47,6 +49,7 @@ def build_methods(*, model: str | None = None, baselines: Sequence[str] = (), pr
         baselines: ``[NAME=]otsu`` or ``[NAME=]cellpose:MODEL_FILE`` specs.
         prompt_study: also the model's masks from ground-truth box and point prompts.
         box_threshold, box_threshold_rel, iou_threshold, mask_threshold: None = the model's own.
+        min_area_rel: as :func:`cellsam.segment`'s.
     Raises:
         InputError: an unknown or repeated baseline, a prompt study without a model, or no method at all.
     """
@@ -65,7 +68,7 @@ def build_methods(*, model: str | None = None, baselines: Sequence[str] = (), pr
                   box_threshold_rel=inf.box_threshold_rel if box_threshold_rel is None else box_threshold_rel,
                   iou_threshold=inf.iou_threshold if iou_threshold is None else iou_threshold,
                   mask_threshold=inf.mask_threshold if mask_threshold is None else mask_threshold,
-                  tile_size=tile_size, precision=precision, decode_copies=decode_copies,
+                  min_area_rel=min_area_rel, tile_size=tile_size, precision=precision, decode_copies=decode_copies,
                   decode_window=decode_window)
         methods["cellsam"] = cellsam_method(net, **kw)
         settings["cellsam"] = {"model": model_name, **kw}

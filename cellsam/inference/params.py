@@ -23,9 +23,14 @@ from cellsam.config import (
     check_polarity,
 )
 
-__all__ = ["DEFAULT_MIN_AREA", "PRECISIONS", "ModelValues", "SegmentParams", "params_or_keywords"]
+__all__ = ["DEFAULT_MIN_AREA", "DEFAULT_MIN_AREA_REL", "PRECISIONS", "ModelValues", "SegmentParams",
+           "params_or_keywords"]
 
 DEFAULT_MIN_AREA = 15
+# cells under this fraction of the median area of the image's cells are dropped as specks and fragments:
+# on the val split, v6's false positives that touch no annotated cell had a median area of 38 px against
+# 363 px for its true cells (DSB); see benchmarks/min_area_rel.md
+DEFAULT_MIN_AREA_REL = 0.15
 PRECISIONS = ("fp32", "bf16")
 
 
@@ -57,6 +62,7 @@ class SegmentParams:
     iou_threshold: float | None = None
     mask_threshold: float | None = None
     min_area: int = DEFAULT_MIN_AREA
+    min_area_rel: float = DEFAULT_MIN_AREA_REL
     tile_size: int | None = None
     tile_overlap: float = 0.25
     diameter: float | str | None = DEFAULT_DIAMETER
@@ -81,6 +87,8 @@ class SegmentParams:
         rel = self.box_threshold_rel
         if rel is not None and not (math.isfinite(rel) and 0.0 <= rel < 1.0):
             raise ValueError(f"box_threshold_rel must be in [0, 1) (0: off), got {rel}")
+        if not (math.isfinite(self.min_area_rel) and 0.0 <= self.min_area_rel < 1.0):
+            raise ValueError(f"min_area_rel must be in [0, 1) (0: off), got {self.min_area_rel}")
         if self.mask_threshold is not None:
             logit_threshold(self.mask_threshold)  # (0, 1), with the library's message
         check_polarity(self.polarity)
@@ -96,6 +104,7 @@ class SegmentParams:
             diameter = None  # a given tile size sets the scale: "auto" (the default) steps aside
         normal = {
             "min_area": int(self.min_area),
+            "min_area_rel": float(self.min_area_rel),
             "tile_size": None if self.tile_size is None else int(self.tile_size),
             "tile_overlap": float(self.tile_overlap),
             "diameter": diameter,

@@ -19,7 +19,8 @@ Pipeline per image (all sizes in pixels of the input image unless said otherwise
    are removed (see :mod:`.tiling`).
 6. One label image by arg-max over the cells' logits (a pixel goes to the cell with the highest
    logit among those whose mask contains it); each label keeps its largest component; cells under
-   ``min_area`` pixels (default 15) are dropped; labels renumbered 1..N by descending box score.
+   ``min_area`` pixels (default 15) or under ``min_area_rel`` (default 0.15) x the median area of the
+   image's cells are dropped; labels renumbered 1..N by descending box score.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from cellsam.config import AUTO, DEFAULT_DECODE_WINDOW, DEFAULT_DIAMETER
-from cellsam.inference.params import DEFAULT_MIN_AREA, SegmentParams, params_or_keywords
+from cellsam.inference.params import DEFAULT_MIN_AREA, DEFAULT_MIN_AREA_REL, SegmentParams, params_or_keywords
 from cellsam.inference.polarity import invert_whole_cell, prefers_inverted
 from cellsam.inference.preprocess import Channels, as_numpy, prepare_image
 from cellsam.inference.runtime import autocast_context, resolve_model
@@ -127,6 +128,7 @@ def segment(
     iou_threshold: float | None = None,
     mask_threshold: float | None = None,
     min_area: int = DEFAULT_MIN_AREA,
+    min_area_rel: float = DEFAULT_MIN_AREA_REL,
     tile_size: int | None = None,
     tile_overlap: float = 0.25,
     diameter: float | str | None = DEFAULT_DIAMETER,
@@ -159,6 +161,8 @@ def segment(
             ``None`` (the default for these four) takes the model's own ``cfg.inference`` values
             (0.4 / 0 / 0.5 / 0.5, the paper's, unless the model was shipped with others).
         min_area: cells with fewer pixels in the final label image are dropped.
+        min_area_rel: so are cells under this fraction of the median area of the image's cells (specks
+            and fragments far smaller than its typical cell; 0: off).
         tile_size, tile_overlap: tiling in input pixels; each tile is resized to the model's input side.
             ``tile_size=None`` uses the model's own ``cfg.tile_size`` (the scale it was trained at).
         diameter: the typical cell diameter in pixels: the image is segmented at the scale where its
@@ -192,9 +196,9 @@ def segment(
     """
     params = params_or_keywords(
         params, box_threshold=box_threshold, box_threshold_rel=box_threshold_rel, iou_threshold=iou_threshold,
-        mask_threshold=mask_threshold,
-        min_area=min_area, tile_size=tile_size, tile_overlap=tile_overlap, diameter=diameter,
-        polarity=polarity, batch_size=batch_size, decode_chunk=decode_chunk, decode_copies=decode_copies,
+        mask_threshold=mask_threshold, min_area=min_area, min_area_rel=min_area_rel, tile_size=tile_size,
+        tile_overlap=tile_overlap, diameter=diameter, polarity=polarity, batch_size=batch_size,
+        decode_chunk=decode_chunk, decode_copies=decode_copies,
         decode_window=decode_window, precision=precision, return_masks=return_masks, progress=progress,
     )
     images, single = _image_list(image, batch)
@@ -411,7 +415,7 @@ def stitch_candidates(cands: Sequence[Candidate], tiles: Sequence[Tile], shape: 
     kept = sorted((cands[i] for i in keep), key=lambda c: -c.score)
     stats["stitched"] = len(kept)
     merged = merge_by_argmax([(c.y0, c.x0, c.mask, c.logits) for c in kept], shape)
-    labels, old_ids = clean_labels(merged, min_area=p.min_area)
+    labels, old_ids = clean_labels(merged, min_area=p.min_area, min_area_rel=p.min_area_rel)
     final = [kept[i - 1] for i in old_ids]
     n = len(final)
     message = ""

@@ -34,6 +34,7 @@ from magicgui.widgets import (
 from napari.qt.threading import create_worker
 from napari.utils.notifications import show_error, show_info, show_warning
 
+from cellsam.inference.params import DEFAULT_MIN_AREA_REL
 from cellsam.napari.layers import (
     AUTO,
     AXIS_CHOICES,
@@ -127,6 +128,8 @@ class CellSAMWidget(Container):
         self.iou_threshold = FloatSpinBox(label="IoU threshold", value=0.5, min=-1.0, max=1.0, step=0.05)
         self.mask_threshold = FloatSpinBox(label="mask threshold", value=0.5, min=0.01, max=0.99, step=0.05)
         self.min_area = SpinBox(label="min area (px)", value=15, min=0, max=100000)
+        self.min_area_rel = FloatSpinBox(label="min area (x median cell)", value=DEFAULT_MIN_AREA_REL, min=0.0,
+                                         max=0.95, step=0.05)
         self.show_boxes = CheckBox(value=False, text="also add the detector's boxes (with scores)")
         self.segment_button = PushButton(text="Segment")
         self.cancel_button = PushButton(text="Cancel", enabled=False)
@@ -143,7 +146,8 @@ class CellSAMWidget(Container):
         self.extend([
             self.model, self.model_file, self.image, self.channel_axis, self.nuclear, self.wholecell,
             self.own_thresholds,
-            self.box_threshold, self.iou_threshold, self.mask_threshold, self.min_area, self.show_boxes,
+            self.box_threshold, self.iou_threshold, self.mask_threshold, self.min_area, self.min_area_rel,
+            self.show_boxes,
             self.segment_button, self.cancel_button, self.progress, self.status, self.prompt_button,
             self.next_cell_button, self.overwrite, self.mask_steps, self.detection_steps, self.finetune_button,
             self.finetune_scores, self.use_button,
@@ -222,6 +226,7 @@ class CellSAMWidget(Container):
             iou_threshold=None if own else self.iou_threshold.value,
             mask_threshold=None if own else self.mask_threshold.value,
             min_area=int(self.min_area.value),
+            min_area_rel=float(self.min_area_rel.value),
         )
 
     # ------------------------------------------------------------------ the model

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from cellsam.config import DEFAULT_DIAMETER
+from cellsam.inference.params import DEFAULT_MIN_AREA_REL
 
 if TYPE_CHECKING:
     from cellsam.inference.params import SegmentParams
@@ -61,6 +62,8 @@ class SegmentOptions:
     iou_threshold: float | None = None
     mask_threshold: float | None = None
     min_area: int = 15
+    # cells under this fraction of the median area of the image's cells are dropped (0: off)
+    min_area_rel: float = DEFAULT_MIN_AREA_REL
     tile_size: int | None = None
     tile_overlap: float = 0.25
     # the typical cell diameter (pixels), "auto" (the size model, in-memory images only) or None (the
@@ -136,8 +139,8 @@ def segment_params(net: Any, options: SegmentOptions) -> SegmentParams:
         raise ValueError("batch size and block size must be >= 1 and the minimum area >= 0")
     return SegmentParams(
         box_threshold=o.box_threshold, iou_threshold=o.iou_threshold, mask_threshold=o.mask_threshold,
-        min_area=o.min_area, tile_size=o.tile_size, tile_overlap=o.tile_overlap, batch_size=o.batch_size,
-        polarity=o.polarity,
+        min_area=o.min_area, min_area_rel=o.min_area_rel, tile_size=o.tile_size, tile_overlap=o.tile_overlap,
+        batch_size=o.batch_size, polarity=o.polarity,
     ).for_model(net)
 
 

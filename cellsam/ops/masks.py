@@ -100,23 +100,38 @@ def merge_by_argmax(
     return labels
 
 
-def clean_labels(labels: np.ndarray, *, min_area: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Keep the largest component of every label, drop labels under ``min_area`` px, renumber 1..N.
+def area_floor(areas: np.ndarray, *, min_area: int = 0, min_area_rel: float = 0.0) -> float:
+    """The smallest area a cell may have among cells of ``areas`` (N,) pixels: ``min_area``, raised to
+    ``min_area_rel`` x the median of the areas that reach ``min_area`` (specks and fragments far smaller
+    than the image's typical cell; 0: off)."""
+    floor = float(max(int(min_area), 1))
+    big = np.asarray(areas)[np.asarray(areas) >= floor]
+    if min_area_rel > 0 and big.size:
+        floor = max(floor, float(min_area_rel) * float(np.median(big)))
+    return floor
+
+
+def clean_labels(labels: np.ndarray, *, min_area: int = 0, min_area_rel: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+    """Keep the largest component of every label, drop labels under :func:`area_floor` px, renumber 1..N.
 
     Args:
         labels: (H, W) int label image, 0 = background.
+        min_area: labels with fewer pixels (after keeping their largest component) are dropped.
+        min_area_rel: also drop labels under this fraction of the median area of the labels that reach
+            ``min_area`` (0: off).
     Returns:
         new labels (H, W) int32 numbered 1..N in the order of the old labels, and ``old_ids`` (N,)
         int64 with the old label of each new one (new label ``k`` was ``old_ids[k-1]``).
     """
     labels = np.asarray(labels)
     out = np.zeros(labels.shape, np.int32)
+    parts = [(lab, sl, keep_largest_component(labels[sl] == lab))
+             for lab, sl in enumerate(ndimage.find_objects(labels), start=1) if sl is not None]
+    areas = np.array([int(m.sum()) for _, _, m in parts], np.int64)
+    floor = area_floor(areas, min_area=min_area, min_area_rel=min_area_rel)
     old_ids: list[int] = []
-    for lab, sl in enumerate(ndimage.find_objects(labels), start=1):
-        if sl is None:
-            continue
-        m = keep_largest_component(labels[sl] == lab)
-        if m.sum() < max(int(min_area), 1):
+    for (lab, sl, m), area in zip(parts, areas, strict=True):
+        if area < floor:
             continue
         old_ids.append(lab)
         out[sl][m] = len(old_ids)

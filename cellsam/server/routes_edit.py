@@ -71,7 +71,7 @@ def router(ctx: ServerContext) -> APIRouter:
         try:
             seg = session.segment_all(img, channel_key(rec), box_threshold=body.box_threshold,
                                       iou_threshold=body.iou_threshold, min_area=body.min_area,
-                                      diameter=body.diameter, polarity=body.polarity)
+                                      min_area_rel=body.min_area_rel, diameter=body.diameter, polarity=body.polarity)
         except ValueError as e:  # e.g. a diameter for a model without a size reference
             raise HTTPException(422, str(e)) from None
         return edit_response(project.set_labels(image_id, seg.labels, action="segment all"))

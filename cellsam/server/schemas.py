@@ -13,6 +13,7 @@ import numpy as np
 from pydantic import BaseModel, Field, field_validator
 
 from cellsam.config import DEFAULT_DIAMETER, check_diameter
+from cellsam.inference.params import DEFAULT_MIN_AREA_REL
 
 XY = tuple[float, float]
 Box = tuple[float, float, float, float]
@@ -99,6 +100,8 @@ class SegmentRequest(BaseModel):
     box_threshold: float | None = Field(default=None, ge=0.0, lt=1.0)  # None: the model's own default
     iou_threshold: float | None = None
     min_area: int = Field(default=15, ge=0)
+    # cells under this fraction of the median area of the image's cells are dropped (0: off)
+    min_area_rel: float = Field(default=DEFAULT_MIN_AREA_REL, ge=0.0, lt=1.0)
     # the typical cell diameter in pixels, "auto" (the model's size model) or None (the image's own scale)
     diameter: float | Literal["auto"] | None = DEFAULT_DIAMETER
     # "auto": invert the whole-cell channel of a light-background image when the model prefers it
