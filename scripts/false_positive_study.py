@@ -9,8 +9,9 @@ defaults). Per source: the predicted cells matched at IoU >= 0.5 and the unmatch
 of their pixels that lies on annotated cells (< 0.1: a cell where nothing is annotated), with the median
 areas; then the per-image F1@0.5 mean if the cells under ``frac`` x the median area of the image's cells
 were dropped (:func:`cellsam.ops.masks.area_floor`, what ``segment(min_area_rel=frac)`` applies). Dropping a
-cell does not change the other matches (a match at IoU >= 0.5 is unique), so that F1 is exact.
-A maintainer script.
+cell does not change the other matches (a match at IoU >= 0.5 is unique), so that F1 is exact for these
+segmentations; ``segment(min_area_rel=frac)`` itself may differ slightly, because with ``diameter="auto"``
+the cells that pass also set the second pass's scale. A maintainer script.
 """
 
 from __future__ import annotations
@@ -40,13 +41,13 @@ def image_row(gt: np.ndarray, labels: np.ndarray) -> dict:
             "on_gt": (inter / np.maximum(ov.pred_areas, 1)).tolist()}
 
 
-def with_floor(row: dict, frac: float, min_area: int = 15) -> tuple[float, int]:
-    """The image's F1@0.5 after dropping its cells under ``area_floor(areas, min_area, frac)``, and the number
-    of true (matched) cells dropped."""
+def with_floor(row: dict, frac: float, min_area: int = 15) -> tuple[float, int, int]:
+    """The image's F1@0.5 after dropping its cells under ``area_floor(areas, min_area, frac)``, and the numbers
+    of true (matched) and false cells dropped."""
     areas, matched = np.asarray(row["areas"], np.int64), np.asarray(row["matched"], bool)
     keep = areas >= area_floor(areas, min_area=min_area, min_area_rel=frac)
     tp, n_pred = int((keep & matched).sum()), int(keep.sum())
-    return 2 * tp / max(row["n_gt"] + n_pred, 1), int((~keep & matched).sum())
+    return 2 * tp / max(row["n_gt"] + n_pred, 1), int((~keep & matched).sum()), int((~keep & ~matched).sum())
 
 
 def summary(rows: list[dict], fracs: list[float]) -> dict:
@@ -63,7 +64,8 @@ def summary(rows: list[dict], fracs: list[float]) -> dict:
             "false_on_cells": int((~matched & ~nowhere).sum()), "median_area_true": med(matched),
             "median_area_false_on_no_cell": med(nowhere),
             "f1_mean": {f"{f:g}": float(np.mean([with_floor(r, f)[0] for r in rows])) for f in [0.0, *fracs]},
-            "true_dropped": {f"{f:g}": sum(with_floor(r, f)[1] for r in rows) for f in fracs}}
+            "true_dropped": {f"{f:g}": sum(with_floor(r, f)[1] for r in rows) for f in fracs},
+            "false_dropped": {f"{f:g}": sum(with_floor(r, f)[2] for r in rows) for f in fracs}}
 
 
 def main() -> None:
@@ -84,11 +86,11 @@ def main() -> None:
     out["ALL"] = summary([r for rows in by_source.values() for r in rows], args.fracs)
     for src, s in out.items():
         f1 = "  ".join(f"{k}: {v:.3f}" for k, v in s["f1_mean"].items())
-        lost = "  ".join(f"{k}: {v}" for k, v in s["true_dropped"].items())
+        lost = "  ".join(f"{k}: {v} / {s['false_dropped'][k]}" for k, v in s["true_dropped"].items())
         print(f"{src:10s} images {s['images']:3d}  true {s['true']:5d}  false on no cell {s['false_on_no_cell']:4d} "
               f"(median area {s['median_area_false_on_no_cell']}, true {s['median_area_true']})  "
               f"false on cells {s['false_on_cells']:4d}\n           F1@0.5 mean by min_area_rel  {f1}\n"
-              f"           true cells dropped  {lost}")
+              f"           true / false cells dropped  {lost}")
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(out, fh, indent=1)

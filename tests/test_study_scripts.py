@@ -70,11 +70,11 @@ def test_false_positive_study_drops_cells_under_the_floor_exactly() -> None:
     row = fp.image_row(gt, pred)
     assert row["n_gt"] == 3 and sorted(row["areas"]) == [16, 40, 100, 100]
     assert sum(row["matched"]) == 2 and sorted(row["on_gt"]) == [0.0, 0.0, 1.0, 1.0]
-    assert fp.with_floor(row, 0.0) == (pytest.approx(2 * 2 / (3 + 4)), 0)
+    assert fp.with_floor(row, 0.0) == (pytest.approx(2 * 2 / (3 + 4)), 0, 0)
     assert fp.with_floor(row, 0.2) == fp.with_floor(row, 0.0)  # floor 0.2 x 70 (median) = 14 < 16
-    assert fp.with_floor(row, 0.3) == (pytest.approx(2 * 2 / (3 + 3)), 0)  # 21 px: the speck goes
-    assert fp.with_floor(row, 0.6) == (pytest.approx(2 * 2 / (3 + 2)), 0)  # 42 px: both false cells go
+    assert fp.with_floor(row, 0.3) == (pytest.approx(2 * 2 / (3 + 3)), 0, 1)  # 21 px: the speck goes
+    assert fp.with_floor(row, 0.6) == (pytest.approx(2 * 2 / (3 + 2)), 0, 2)  # 42 px: both false cells go
     assert fp.with_floor(row, 0.99)[1] == 0 and fp.with_floor({**row, "matched": [True] * 4}, 0.6)[1] == 2
     s = fp.summary([row], [0.3])
     assert (s["true"], s["false_on_no_cell"], s["false_on_cells"]) == (2, 2, 0) and s["median_area_true"] == 100
-    assert s["true_dropped"] == {"0.3": 0}
+    assert s["true_dropped"] == {"0.3": 0} and s["false_dropped"] == {"0.3": 1}
