@@ -14,7 +14,11 @@ V8=runs/ship_v8/cellsam_cpu_v8.safetensors
 for split in val test; do
   cellsam evaluate --data prepared --split $split --model $V8 --json $OUT/eval_v8_$split.json --no-progress > $OUT/eval_v8_$split.txt
 done
+for split in val test; do  # v6 (the shipped default) with the same pipeline defaults (min_area_rel 0.15)
+  cellsam evaluate --data prepared --split $split --model default --json $OUT/eval_v6_$split.json --no-progress > $OUT/eval_v6_$split.txt
+done
+# not run for v8 (the ship rule had already failed on the lines above):
+python scripts/polarity_study.py $V8 --json $OUT/polarity_v8.json > $OUT/polarity_v8.txt
 python scripts/click_study.py $V8 --diameter segment --json $OUT/clicks.json > $OUT/clicks.txt
 python scripts/box_recall.py default $V8 --box-threshold 0.3 --json $OUT/box_recall.json > $OUT/box_recall.txt
 python scripts/miss_study.py $V8 --scale true --json $OUT/miss_v8.json > $OUT/miss_v8.txt
-python scripts/polarity_study.py $V8 --json $OUT/polarity_v8.json > $OUT/polarity_v8.txt
