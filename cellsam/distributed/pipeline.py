@@ -4,8 +4,8 @@ Stages (each a set of Dask tasks, each failure reported by position through :fun
 global statistics sample -> block segmentation -> copy edges inside and across blocks -> per-component
 ``deduplicate`` -> per-block final cells -> the relative minimum area over every block's cell areas ->
 label ids (score descending, as single-process) -> OME-Zarr level 0 by regions of whole chunks -> pyramid
-levels. Only small per-cell metadata (ids, scores, areas,
-copy edges) comes back to the client; masks stay on the workers.
+levels. Only small per-cell metadata (ids, scores, areas, copy edges) comes back to the client; masks stay
+on the workers.
 """
 
 from __future__ import annotations
