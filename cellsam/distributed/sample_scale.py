@@ -133,7 +133,7 @@ def measure_polarity(net: Any, device: Any, source: ImageSource, norm: Normalize
     from cellsam.inference.polarity import auto_inverts
     from cellsam.inference.runtime import autocast_context
 
-    native = params.model_values().tile_size
+    native, box_threshold = params.model_values().tile_size, params.model_values().box_threshold
     h, w = source.shape
     step = sample_step((h, w))
     signal = dataclasses.replace(norm, clahe=False).apply(source.read((0, 0, h, w), step)).max(axis=0)
@@ -141,5 +141,5 @@ def measure_polarity(net: Any, device: Any, source: ImageSource, norm: Normalize
     with torch.inference_mode(), autocast_context(params.precision, device):
         for rect in signal_windows(signal, step, (h, w), side=side, count=count):
             votes.append(auto_inverts(net, prepare_window(source, norm, rect), native, diameter, device,
-                                      params.model_values().box_threshold))
+                                      box_threshold))
     return "inverted" if 2 * sum(votes) > len(votes) else "as_is"

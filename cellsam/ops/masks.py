@@ -104,8 +104,9 @@ def area_floor(areas: np.ndarray, *, min_area: int = 0, min_area_rel: float = 0.
     """The smallest area a cell may have among cells of ``areas`` (N,) pixels: ``min_area``, raised to
     ``min_area_rel`` x the median of the areas that reach ``min_area`` (specks and fragments far smaller
     than the image's typical cell; 0: off)."""
+    areas = np.asarray(areas)
     floor = float(max(int(min_area), 1))
-    big = np.asarray(areas)[np.asarray(areas) >= floor]
+    big = areas[areas >= floor]
     if min_area_rel > 0 and big.size:
         floor = max(floor, float(min_area_rel) * float(np.median(big)))
     return floor
