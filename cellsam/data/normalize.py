@@ -193,8 +193,20 @@ def rgb_range_top(rgb: np.ndarray) -> float:
     return _range_top(rgb, lum)
 
 
+StainGrey = Literal["luminance", "hematoxylin"]
+
+
+def hematoxylin(rgb: np.ndarray, top: float) -> np.ndarray:
+    """(H, W, 3) colour picture -> (H, W) float32 hematoxylin optical density (bright where nuclei are
+    stained), by Ruifrok and Johnston's colour deconvolution (``skimage.color.rgb2hed``) of ``rgb / top``."""
+    from skimage.color import rgb2hed
+
+    x = np.clip(rgb.astype(np.float64) / max(top, 1e-12), 0.0, 1.0)
+    return rgb2hed(x)[..., 0].astype(np.float32)
+
+
 def rgb_to_channel(rgb: np.ndarray, *, invert: bool | Literal["auto"] = "auto",
-                   top: float | None = None) -> np.ndarray:
+                   top: float | None = None, stain: StainGrey = "luminance") -> np.ndarray:
     """One grey channel from an RGB(A) image, by the module's documented RGB rule.
 
     Args:
@@ -204,12 +216,16 @@ def rgb_to_channel(rgb: np.ndarray, *, invert: bool | Literal["auto"] = "auto",
             :data:`BRIGHT_GREY_MEDIAN` of the range); True/False force it.
         top: the top of the value range (:func:`rgb_range_top`); default: this array's. A window of a
             larger float image needs the whole image's, or windows are inverted by different amounts.
+        stain: the grey of an inverted colour picture: ``"luminance"`` (``top - lum``) or
+            ``"hematoxylin"`` (:func:`hematoxylin`, the nuclear stain alone). Grey pictures are unaffected.
     Returns:
         (H, W) float32 in the input's value scale (not normalised).
     """
     rgb, lum, grey = _grey_of(rgb)
     top = _range_top(rgb, lum) if top is None else float(top)
     do_invert = _inverts(rgb, lum, grey, top) if invert == "auto" else bool(invert)
+    if do_invert and stain == "hematoxylin" and not grey:
+        return hematoxylin(rgb, top)
     if do_invert:
         lum = (top - lum).astype(np.float32)
     return lum
