@@ -654,3 +654,28 @@ def test_detect_keeps_each_box_in_its_tiles_core_then_suppresses_overlaps(model:
     # tile 1's copy of the first cell (centre in tile 0's core): dropped; tile 1's own cell: kept
     np.testing.assert_array_equal(boxes, np.array([[30, 20, 40, 30], [60, 40, 70, 50]], np.float32))
     np.testing.assert_array_equal(scores, np.array([0.9, 0.6], np.float32))
+
+
+def test_images_are_prepared_by_the_models_colour_rule(tmp_path: Path, model: torch.nn.Module) -> None:
+    """A model trained on hematoxylin gets an H&E upload as its hematoxylin channel, in the routes as in
+    ``cellsam.segment``; the cache keeps the two rules apart."""
+    import copy
+    import dataclasses
+
+    from cellsam.inference.preprocess import prepare_image
+    from cellsam.inference.segment import segment
+    from tests.test_stain_grey import he_picture
+
+    hed = copy.deepcopy(model)
+    hed.cfg = hed.cfg.replace(inference=dataclasses.replace(hed.cfg.inference, stain_grey="hematoxylin"))
+    rgb, _ = he_picture(SHAPE)
+    client = client_for(tmp_path, hed)
+    image_id = upload(client, png_bytes(rgb), name="he.png")["id"]
+    ctx = client.app.state.ctx  # type: ignore[attr-defined]
+    rec = ctx.record(image_id)
+    np.testing.assert_allclose(ctx.prepared(rec), prepare_image(rgb, channel_axis=-1, stain="hematoxylin"), atol=1e-6)
+    opts = {"box_threshold": 0.0, "iou_threshold": 0.0}
+    client.post(f"/api/images/{image_id}/segment", json=opts)
+    np.testing.assert_array_equal(labels_of(client, image_id)[1], segment(rgb, hed, channel_axis=-1, **opts).labels)
+    ctx.session.model = model  # the luminance rule: prepared again, not read from the cache
+    np.testing.assert_allclose(ctx.prepared(rec), prepare_image(rgb, channel_axis=-1), atol=1e-6)
