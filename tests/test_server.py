@@ -514,8 +514,11 @@ def test_exports_are_readable(client: TestClient, tmp_path: Path) -> None:
 
 # ----------------------------------------------------------------------------------- fine-tuning
 def test_finetune_job_reports_before_after(tmp_path: Path) -> None:
+    import dataclasses
+
     torch.manual_seed(1)
-    model = build_model("vit_tiny").eval()
+    model = build_model("vit_tiny").eval()  # a model with the hematoxylin rule: the fine-tuned one keeps it
+    model.cfg = model.cfg.replace(inference=dataclasses.replace(model.cfg.inference, stain_grey="hematoxylin"))
     client = client_for(tmp_path / "p", model)
     assert client.post("/api/finetune", json={"mask_steps": 2}).status_code == 409  # nothing corrected yet
     img, lab = blob_image()
@@ -536,7 +539,9 @@ def test_finetune_job_reports_before_after(tmp_path: Path) -> None:
     assert "only one corrected image" in info["warning"]
     assert info["worse"] == (info["after"]["f1"] < info["before"]["f1"])
     new_model = client.app.state.ctx.project.resolve(info["model"])
-    assert new_model.is_file() and json.loads(new_model.with_suffix(".json").read_text())["variant"] == "vit_tiny"
+    record = json.loads(new_model.with_suffix(".json").read_text())
+    assert new_model.is_file() and record["variant"] == "vit_tiny"
+    assert record["config"]["inference"]["stain_grey"] == "hematoxylin"
     before = [p.detach().clone() for p in client.app.state.ctx.session.model.mask_decoder.parameters()]
     if info["worse"]:  # a worse model is only used when asked for explicitly
         assert client.post("/api/finetune/use").status_code == 409

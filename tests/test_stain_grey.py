@@ -127,3 +127,67 @@ def test_napari_and_the_dask_normaliser_follow_the_rule(tiny_hed: torch.nn.Modul
     lum_net.cfg = lum_net.cfg.replace(inference=InferenceConfig())
     tool.set_model(lum_net, name="other rule")
     assert not tool.has_image("he")  # prepared by the old rule: registered again by the widget
+
+
+# ------------------------------------------------------------------ prepare -> train -> evaluate, one rule
+def he_folder(root, n: int = 3):  # noqa: ANN001, ANN201 - a pairs-layout folder of synthetic H&E pictures
+    import tifffile
+    from PIL import Image
+    from skimage.measure import label
+
+    root.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        rgb, h = he_picture((96, 112), seed=i)
+        Image.fromarray(rgb).save(root / f"he_{i}_img.png")
+        tifffile.imwrite(root / f"he_{i}_masks.tif", label(h > 0).astype(np.uint16))
+    return root
+
+
+def test_prepare_records_the_rule_and_training_and_evaluation_follow_it(tmp_path) -> None:  # noqa: ANN001
+    import json
+
+    from cellsam.cli import main
+    from cellsam.data.prepare import dataset_stain_grey
+    from cellsam.eval.harness import load_data
+    from cellsam.train.dataset import adopt_data_stain
+
+    src = he_folder(tmp_path / "he")
+    args = [str(src), "--target", "nuclear", "--no-progress"]
+    assert main(["prepare", *args, "-o", str(tmp_path / "lum")]) == 0
+    assert main(["prepare", *args, "-o", str(tmp_path / "hed"), "--stain-grey", "hematoxylin"]) == 0
+    assert dataset_stain_grey(tmp_path / "lum") == "luminance" and dataset_stain_grey(tmp_path / "hed") == "hematoxylin"
+    assert dataset_stain_grey(tmp_path / "nowhere") == "luminance"
+    lum_tiles = np.load(tmp_path / "lum" / "train" / "images.npy")
+    hed_tiles = np.load(tmp_path / "hed" / "train" / "images.npy")
+    assert lum_tiles.shape == hed_tiles.shape and not np.allclose(lum_tiles, hed_tiles)
+    manifest = json.loads((tmp_path / "hed" / "dataset.json").read_text())
+    del manifest["options"]["stain_grey"]  # a dataset prepared before the option: luminance
+    (tmp_path / "hed" / "dataset.json").write_text(json.dumps(manifest))
+    assert dataset_stain_grey(tmp_path / "hed") == "luminance"
+    manifest["options"]["stain_grey"] = "hematoxylin"
+    (tmp_path / "hed" / "dataset.json").write_text(json.dumps(manifest))
+
+    net = build_model("vit_tiny")
+    assert adopt_data_stain(net, tmp_path / "hed").cfg.inference.stain_grey == "hematoxylin"
+    assert adopt_data_stain(net, tmp_path / "lum").cfg.inference.stain_grey == "luminance"
+
+    with pytest.raises(ValueError, match="no full images"):  # past the rule check (train has tiles only)
+        load_data(tmp_path / "hed", "train", stain="hematoxylin")
+    with pytest.raises(ValueError, match="--stain-grey luminance"):
+        load_data(tmp_path / "hed", "train", stain="luminance")
+    folder = load_data(src, stain="hematoxylin")  # a raw folder is read by the model's rule
+    rgb, _ = he_picture((96, 112), seed=0)
+    image, _ = next(it for it in folder if str(it.name).endswith("he_0_img.png")).load()
+    np.testing.assert_allclose(image, prepare_image(rgb, channel_axis=-1, stain="hematoxylin"), atol=1e-6)
+
+
+def test_a_training_run_gives_the_model_the_datas_rule(tmp_path) -> None:  # noqa: ANN001
+    import json
+
+    from cellsam.train.run import initial_model
+    from tests.test_train import tiny_cfg
+
+    cfg = tiny_cfg(tmp_path)
+    assert initial_model(cfg).cfg.inference.stain_grey == "luminance"
+    (tmp_path / "data" / "dataset.json").write_text(json.dumps({"options": {"stain_grey": "hematoxylin"}}))
+    assert initial_model(cfg).cfg.inference.stain_grey == "hematoxylin"

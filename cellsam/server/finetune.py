@@ -142,6 +142,7 @@ def write_prepared(project: Project, recs: list[ImageRecord], out: Path, *, tile
         np.save(d / "labels.npy", np.stack(labs))
     (d / "tiles.json").write_text(json.dumps(meta))
     (out / "dataset.json").write_text(json.dumps({"format_version": 1, "command": "cellsam serve fine-tune",
+                                                  "options": {"stain_grey": stain},  # the fine-tuned model keeps it
                                                   "sources": [{"name": "project", "path": str(project.root)}]}))
     return len(meta)
 
