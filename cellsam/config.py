@@ -149,6 +149,15 @@ class InferenceConfig:
     # The median cell diameter of the training data, in image pixels at the model's tile size: the scale
     # that ``segment(diameter=...)`` brings an image's cells to. None: the model has no size reference.
     cell_diameter: float | None = None
+    # How a stained bright-field colour picture (H&E and other stains) becomes this model's one grey
+    # channel (``cellsam.data.normalize.rgb_to_channel``'s ``stain``): "luminance" (inverted luminance, the
+    # models up to v6) or "hematoxylin" (the hematoxylin optical density). It is how the training data
+    # were prepared, so it belongs to the weights.
+    stain_grey: Literal["luminance", "hematoxylin"] = "luminance"
+
+    def __post_init__(self) -> None:
+        if self.stain_grey not in ("luminance", "hematoxylin"):
+            raise ValueError(f"inference.stain_grey must be 'luminance' or 'hematoxylin', got {self.stain_grey!r}")
 
 
 DEFAULT_DECODE_WINDOW = 3.0

@@ -147,8 +147,9 @@ def download(record: WeightsRecord, *, force: bool = False) -> Path:
 
 # ---------------------------------------------------------------------------------------- save
 def _variant_of(cfg: CellSAMConfig) -> str | None:
+    """The registered architecture ``cfg`` is (its inference defaults, which belong to trained weights, aside)."""
     for name in list_variants():
-        if get_config(name) == cfg:
+        if get_config(name).replace(inference=cfg.inference) == cfg:
             return name
     return None
 

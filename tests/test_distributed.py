@@ -28,6 +28,7 @@ from cellsam.distributed import files as F  # noqa: E402
 from cellsam.distributed import pipeline as P  # noqa: E402
 from cellsam.distributed.blocks import GridTiles, plan_blocks  # noqa: E402
 from cellsam.distributed.source import fit_normalizer, open_source, prepare_window  # noqa: E402
+from cellsam.eval.matching import label_overlap, match_objects  # noqa: E402
 from cellsam.inference.preprocess import prepare_image  # noqa: E402
 from cellsam.inference.segment import segment  # noqa: E402
 from cellsam.inference.tiling import tile_cores, tile_grid  # noqa: E402
@@ -224,6 +225,29 @@ def test_dask_equals_single_process_and_writes_ome_zarr(
     # one model load per worker although each worker ran several blocks (and earlier tests)
     loads = client.run(lambda: list(__import__("cellsam.distributed.cluster", fromlist=["LOADS"]).LOADS))
     assert all(len(v) <= 1 for v in loads.values()) and sum(len(v) for v in loads.values()) >= 1
+
+
+def test_dask_prepares_colour_pictures_by_the_models_rule(tmp_path: Path, checkpoint: Path, client) -> None:
+    """A checkpoint whose model wants stained pictures as hematoxylin: the workers normalise the H&E picture's
+    windows by that rule (read from the model on a worker), and the labels equal ``cellsam.segment``'s."""
+    from tests.test_stain_grey import he_picture
+
+    net = load_model(checkpoint)
+    net.cfg = net.cfg.replace(inference=replace(net.cfg.inference, stain_grey="hematoxylin"))
+    hed = save_model(net, tmp_path / "hed", version="test")
+    rgb, _ = he_picture((300, 260), seed=1)
+    opts = {**OPEN, "tile_size": 128, "min_area_rel": 0.0}
+    res = P.segment_dask(rgb, str(hed), output=tmp_path / "he.ome.zarr", client=client, channel_axis=-1,
+                         block_tiles=2, **opts)
+    single = segment(rgb, load_model(hed), channel_axis=-1, **opts)
+    labels = zarr.open_array(str(tmp_path / "he.ome.zarr" / "0"), mode="r")[:]
+    lum = segment(rgb, load_model(checkpoint), channel_axis=-1, **opts)  # the same weights, luminance
+
+    def matched(a: np.ndarray, b: np.ndarray) -> int:  # cells at IoU >= 0.9 (Dask normalises per window)
+        return len(match_objects(label_overlap(a, b.astype(np.int64)), threshold=0.9).gt_index)
+
+    assert single.n_cells > 10 and res.n_cells == single.n_cells == matched(single.labels, labels)
+    assert matched(lum.labels, labels) < lum.n_cells // 2  # the rule mattered
 
 
 def test_a_block_that_raises_is_reported_by_position(

@@ -514,8 +514,11 @@ def test_exports_are_readable(client: TestClient, tmp_path: Path) -> None:
 
 # ----------------------------------------------------------------------------------- fine-tuning
 def test_finetune_job_reports_before_after(tmp_path: Path) -> None:
+    import dataclasses
+
     torch.manual_seed(1)
-    model = build_model("vit_tiny").eval()
+    model = build_model("vit_tiny").eval()  # a model with the hematoxylin rule: the fine-tuned one keeps it
+    model.cfg = model.cfg.replace(inference=dataclasses.replace(model.cfg.inference, stain_grey="hematoxylin"))
     client = client_for(tmp_path / "p", model)
     assert client.post("/api/finetune", json={"mask_steps": 2}).status_code == 409  # nothing corrected yet
     img, lab = blob_image()
@@ -536,7 +539,9 @@ def test_finetune_job_reports_before_after(tmp_path: Path) -> None:
     assert "only one corrected image" in info["warning"]
     assert info["worse"] == (info["after"]["f1"] < info["before"]["f1"])
     new_model = client.app.state.ctx.project.resolve(info["model"])
-    assert new_model.is_file() and json.loads(new_model.with_suffix(".json").read_text())["variant"] == "vit_tiny"
+    record = json.loads(new_model.with_suffix(".json").read_text())
+    assert new_model.is_file() and record["variant"] == "vit_tiny"
+    assert record["config"]["inference"]["stain_grey"] == "hematoxylin"
     before = [p.detach().clone() for p in client.app.state.ctx.session.model.mask_decoder.parameters()]
     if info["worse"]:  # a worse model is only used when asked for explicitly
         assert client.post("/api/finetune/use").status_code == 409
@@ -654,3 +659,28 @@ def test_detect_keeps_each_box_in_its_tiles_core_then_suppresses_overlaps(model:
     # tile 1's copy of the first cell (centre in tile 0's core): dropped; tile 1's own cell: kept
     np.testing.assert_array_equal(boxes, np.array([[30, 20, 40, 30], [60, 40, 70, 50]], np.float32))
     np.testing.assert_array_equal(scores, np.array([0.9, 0.6], np.float32))
+
+
+def test_images_are_prepared_by_the_models_colour_rule(tmp_path: Path, model: torch.nn.Module) -> None:
+    """A model trained on hematoxylin gets an H&E upload as its hematoxylin channel, in the routes as in
+    ``cellsam.segment``; the cache keeps the two rules apart."""
+    import copy
+    import dataclasses
+
+    from cellsam.inference.preprocess import prepare_image
+    from cellsam.inference.segment import segment
+    from tests.test_stain_grey import he_picture
+
+    hed = copy.deepcopy(model)
+    hed.cfg = hed.cfg.replace(inference=dataclasses.replace(hed.cfg.inference, stain_grey="hematoxylin"))
+    rgb, _ = he_picture(SHAPE)
+    client = client_for(tmp_path, hed)
+    image_id = upload(client, png_bytes(rgb), name="he.png")["id"]
+    ctx = client.app.state.ctx  # type: ignore[attr-defined]
+    rec = ctx.record(image_id)
+    np.testing.assert_allclose(ctx.prepared(rec), prepare_image(rgb, channel_axis=-1, stain="hematoxylin"), atol=1e-6)
+    opts = {"box_threshold": 0.0, "iou_threshold": 0.0}
+    client.post(f"/api/images/{image_id}/segment", json=opts)
+    np.testing.assert_array_equal(labels_of(client, image_id)[1], segment(rgb, hed, channel_axis=-1, **opts).labels)
+    ctx.session.model = model  # the luminance rule: prepared again, not read from the cache
+    np.testing.assert_allclose(ctx.prepared(rec), prepare_image(rgb, channel_axis=-1), atol=1e-6)

@@ -344,7 +344,7 @@ def time_pipeline(
         a run record (see ``benchmarks/README.md``): end_to_end and per-stage statistics in seconds,
         peak memory, tiles, throughput, cells found.
     """
-    from cellsam.inference.preprocess import prepare_image
+    from cellsam.inference.preprocess import prepare_image, stain_grey
     from cellsam.inference.segment import segment_at_scale
     from cellsam.io import load_image
 
@@ -368,7 +368,7 @@ def time_pipeline(
             with timer.stage("read"):
                 raw = load_image(image_path).data
             with timer.stage("normalise"):
-                img = prepare_image(raw)
+                img = prepare_image(raw, stain=stain_grey(net))
             with instrument_segment(timer, oracle), torch.inference_mode(), autocast_context(precision, dev):
                 seg = segment_at_scale(img, proxy, dev, params)
             synchronize(dev)

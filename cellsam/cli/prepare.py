@@ -50,6 +50,14 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="resize factor before tiling (bicubic images, nearest labels), e.g. 2 for LIVECell",
     )
     p.add_argument(
+        "--stain-grey",
+        choices=["luminance", "hematoxylin"],
+        default="luminance",
+        help="grey of stained bright-field colour pictures (H&E, IHC): inverted luminance (default, the "
+        "models up to v6) or the hematoxylin channel (colour deconvolution); recorded in dataset.json, and "
+        "a model trained on the data carries it",
+    )
+    p.add_argument(
         "--stats", action="store_true", help="also report annotated cells per data type (stats.json)"
     )
     p.add_argument(
@@ -113,6 +121,7 @@ def run(args: argparse.Namespace) -> int:
         rescale=args.rescale,
         on_error=args.on_error,
         progress=not args.no_progress,
+        stain_grey=args.stain_grey,
     )
     argv = sys.argv[1:]
     command = (

@@ -22,6 +22,9 @@ RGB rule (:func:`rgb_to_channel`): an RGB(A) image becomes ONE grey channel.
   glass or tissue, nearly neutral grey; in a fluorescence composite they are the coloured signal.
   (A brightness test, "median above half the range", left 4 of MoNuSeg's 13 dense H&E images
   and 3 of DSB's 96 stained ones dark-on-bright, so H&E reached the model in both polarities.)
+  With ``stain="hematoxylin"`` a stained picture becomes its hematoxylin optical density instead
+  (:func:`hematoxylin`: colour deconvolution, the nuclear stain without the eosin of cytoplasm and
+  stroma). Which of the two a model takes is its ``inference.stain_grey``: how its data were prepared.
 - Alpha is ignored.
 """
 
@@ -34,6 +37,7 @@ import numpy as np
 CLAHE_KERNEL = 128
 CLIP_PERCENTILE = 99.9
 _LUMA = np.array([0.299, 0.587, 0.114])
+StainGrey = Literal["luminance", "hematoxylin"]  # the grey of a stained bright-field picture
 
 
 def _check_2d(x: np.ndarray, name: str) -> np.ndarray:
@@ -191,9 +195,6 @@ def rgb_range_top(rgb: np.ndarray) -> float:
     whole image (or a sample of it) to convert the image window by window."""
     rgb, lum, _ = _grey_of(rgb)
     return _range_top(rgb, lum)
-
-
-StainGrey = Literal["luminance", "hematoxylin"]
 
 
 def hematoxylin(rgb: np.ndarray, top: float) -> np.ndarray:

@@ -8,18 +8,19 @@ duplicates to train). Pass 3 writes each split (see :mod:`cellsam.data.writer`).
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
 from cellsam.data import writer
 from cellsam.data.labels import FILTERS, filter_labels
-from cellsam.data.normalize import normalize_channel, to_cellsam_channels
+from cellsam.data.normalize import StainGrey, normalize_channel, to_cellsam_channels
 from cellsam.data.readers import detect_format, read_source
 from cellsam.data.sample import Sample, SampleError
 from cellsam.data.splits import SPLITS, dhash, duplicate_groups, hash_split, resolve_duplicates
@@ -69,6 +70,7 @@ class PrepareOptions:
     max_hash_distance: int = 8
     full_images_for: tuple[str, ...] = ("val", "test")
     progress: bool = True
+    stain_grey: StainGrey = "luminance"  # how stained colour pictures become grey (rgb_to_channel's stain)
 
 
 @dataclass
@@ -145,7 +147,7 @@ def _pass1(
         src_info.append(
             {"name": name, "path": str(src), "format": fmt, **LICENCES.get(name, UNKNOWN_LICENCE)}
         )
-        it = read_source(src, fmt=fmt, target=opts.target)
+        it = read_source(src, fmt=fmt, target=opts.target, stain=opts.stain_grey)
         for s in tqdm(it, desc=f"prepare {name}", unit="img", disable=not opts.progress, leave=False):
             if isinstance(s, SampleError):
                 _handle(s, opts, errors)
@@ -309,6 +311,8 @@ def prepare_dataset(
         raise ValueError(f"on_error must be 'skip' or 'stop', got {opts.on_error!r}")
     if opts.rescale is not None and not opts.rescale > 0:
         raise ValueError(f"rescale must be > 0, got {opts.rescale}")
+    if opts.stain_grey not in ("luminance", "hematoxylin"):
+        raise ValueError(f"stain_grey must be 'luminance' or 'hematoxylin', got {opts.stain_grey!r}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     work = out / ".work"
@@ -342,6 +346,7 @@ def prepare_dataset(
             "tile": opts.tile,
             "overlap": opts.overlap,
             "max_hash_distance": opts.max_hash_distance,
+            "stain_grey": opts.stain_grey,
         },
         "layout": {
             "images": "(N,3,T,T) float32 in [0,1]; R empty, G nuclear, B whole-cell (single channel in B)",
@@ -359,3 +364,16 @@ def prepare_dataset(
     manifest["checksums"] = writer.checksums(out, list(SPLITS), ["stats.json"])
     writer.write_json(out / "dataset.json", manifest)
     return manifest
+
+
+def dataset_stain_grey(root: str | Path) -> StainGrey:
+    """How the prepared dataset at ``root`` turned stained colour pictures into grey (its ``dataset.json``'s
+    ``options.stain_grey``; ``"luminance"`` for datasets prepared before the option existed or without a
+    ``dataset.json``). A model trained on it must prepare such pictures the same way."""
+    f = Path(root) / "dataset.json"
+    if not f.is_file():
+        return "luminance"
+    value = json.loads(f.read_text()).get("options", {}).get("stain_grey", "luminance")
+    if value not in ("luminance", "hematoxylin"):
+        raise ValueError(f"{f}: unknown options.stain_grey {value!r}")
+    return cast(StainGrey, value)

@@ -8,7 +8,7 @@ from typing import Literal
 
 import numpy as np
 
-from cellsam.data.normalize import rgb_to_channel
+from cellsam.data.normalize import StainGrey, rgb_to_channel
 
 Role = Literal["nuclear", "whole-cell"]
 Target = Literal["nuclear", "whole-cell", "unknown"]
@@ -73,13 +73,14 @@ def load_array(path: Path) -> np.ndarray:
         raise SampleError(path, f"cannot read file ({type(e).__name__}: {e})") from None
 
 
-def image_to_channels(arr: np.ndarray, path: Path) -> np.ndarray:
+def image_to_channels(arr: np.ndarray, path: Path, stain: StainGrey = "luminance") -> np.ndarray:
     """Raw image -> (C, H, W): 2-D stays one channel, RGB(A) becomes one channel by
-    :func:`~cellsam.data.normalize.rgb_to_channel`. Other shapes raise :class:`SampleError`."""
+    :func:`~cellsam.data.normalize.rgb_to_channel` (stained pictures by ``stain``). Other shapes raise
+    :class:`SampleError`."""
     if arr.ndim == 2:
         return arr[None]
     if arr.ndim == 3 and arr.shape[-1] in (3, 4):
-        return rgb_to_channel(arr)[None]
+        return rgb_to_channel(arr, stain=stain)[None]
     if arr.ndim == 3 and arr.shape[0] == 1:
         return arr
     raise SampleError(path, f"unsupported image shape {arr.shape}; expected (H, W), (H, W, 3) or (H, W, 4)")

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from cellsam.config import AUTO, DEFAULT_DECODE_WINDOW, DEFAULT_DIAMETER, InferenceConfig
+from cellsam.data.normalize import StainGrey
 from cellsam.distributed import blocks as B
 from cellsam.distributed import omezarr
 from cellsam.distributed.cluster import BlockFailure, close_client, get_client, wait_all, worker_model
@@ -218,8 +219,9 @@ def segment_dask(
     try:
         src = client.scatter(source, broadcast=True) if source.array is not None else source
         net = model if isinstance(model, (str, os.PathLike)) else client.scatter(model, broadcast=True)
-        params = _fill_params(submit, net, device, params)
-        norm = _normalizer(submit, src, source, channels=channels, normalize=normalize)
+        tile, inference = submit(_model_defaults_task, net, device, key="model-defaults").result()
+        params = _fill_params(tile, inference, params)
+        norm = _normalizer(submit, src, source, channels=channels, normalize=normalize, stain=inference.stain_grey)
         used: float | None = params.diameter if isinstance(params.diameter, float) else None
         if params.polarity == AUTO:
             where = "the image's sample and windows"  # a failure is reported as the blocks' are
@@ -265,12 +267,12 @@ def segment_dask(
 
 
 # ------------------------------------------------------------------------------------ the stages
-def _fill_params(submit: _Tasks, net: Any, device: Any, params: SegmentParams) -> SegmentParams:
-    """``params`` filled from the model (read on a worker), the tile size scaled for a ``diameter``."""
+def _fill_params(tile: int, inference: InferenceConfig, params: SegmentParams) -> SegmentParams:
+    """``params`` filled from the model's tile size and defaults (read on a worker), the tile size scaled for
+    a ``diameter``."""
     if params.tile_size is not None and None not in (params.box_threshold, params.box_threshold_rel,
                                                      params.iou_threshold, params.mask_threshold):
         return params.replace(filled=True)
-    tile, inference = submit(_model_defaults_task, net, device, key="model-defaults").result()
     filled = params.filled_from(tile, inference)
     if params.diameter is None:
         return filled
@@ -280,7 +282,7 @@ def _fill_params(submit: _Tasks, net: Any, device: Any, params: SegmentParams) -
 
 
 def _normalizer(submit: _Tasks, src: Any, source: ImageSource, *, channels: tuple[int | None, int | None] | None,
-                normalize: bool) -> Normalizer:
+                normalize: bool, stain: StainGrey = "luminance") -> Normalizer:
     """1. Global normalisation statistics from a strided sample, read in parallel."""
     samples: list[np.ndarray] = []
     if normalize:
@@ -291,7 +293,7 @@ def _normalizer(submit: _Tasks, src: Any, source: ImageSource, *, channels: tupl
             for i, r in enumerate(omezarr.regions((h, w), 4096))
         }
         samples = [f.result() for f in wait_all("sample", futs).values()]
-    return fit_normalizer(samples, source.n_channels, channels=channels, normalize=normalize)
+    return fit_normalizer(samples, source.n_channels, channels=channels, normalize=normalize, stain=stain)
 
 
 def _segment_blocks(submit: _Tasks, net: Any, device: Any, src: Any, norm: Normalizer, blocks: list[B.Block],

@@ -29,7 +29,14 @@ from typing import Any
 
 import numpy as np
 
-from cellsam.data.normalize import CLAHE_KERNEL, CLIP_PERCENTILE, rgb_inverts, rgb_range_top, rgb_to_channel
+from cellsam.data.normalize import (
+    CLAHE_KERNEL,
+    CLIP_PERCENTILE,
+    StainGrey,
+    rgb_inverts,
+    rgb_range_top,
+    rgb_to_channel,
+)
 from cellsam.inference.preprocess import check_finite
 
 SAMPLE_PIXELS = 4_000_000
@@ -186,6 +193,7 @@ class Normalizer:
             same in every window); None: each window's own (integer images: the dtype's maximum anyway).
         lo, hi: per pick, the global rescale range after the percentile clip (hi <= lo: all zeros).
         clahe: apply CLAHE per window.
+        stain: how an inverted colour picture's grey is made (the model's ``inference.stain_grey``).
     """
 
     prepared: bool
@@ -195,10 +203,11 @@ class Normalizer:
     lo: tuple[float, float] = (0.0, 0.0)
     hi: tuple[float, float] = (0.0, 0.0)
     clahe: bool = True
+    stain: StainGrey = "luminance"
 
     def _raw(self, window: np.ndarray, pick: int) -> np.ndarray:
         if pick == -1:
-            return rgb_to_channel(window, invert=self.invert, top=self.top).astype(np.float64)
+            return rgb_to_channel(window, invert=self.invert, top=self.top, stain=self.stain).astype(np.float64)
         return window[..., pick].astype(np.float64)
 
     def apply(self, window: np.ndarray) -> np.ndarray:
@@ -255,8 +264,10 @@ def fit_normalizer(
     *,
     channels: tuple[int | None, int | None] | None = None,
     normalize: bool = True,
+    stain: StainGrey = "luminance",
 ) -> Normalizer:
-    """A :class:`Normalizer` from strided samples (each (h, w, C)) of the whole image."""
+    """A :class:`Normalizer` from strided samples (each (h, w, C)) of the whole image; ``stain``: the model's
+    colour rule (:func:`cellsam.inference.preprocess.stain_grey`)."""
     if not normalize:
         if channels is not None or n_channels != 3:
             raise ValueError(
@@ -273,7 +284,7 @@ def fit_normalizer(
         range_top = rgb_range_top(flat)
         invert = rgb_inverts(flat, top=range_top)
     lo, hi = [0.0, 0.0], [0.0, 0.0]
-    probe = Normalizer(prepared=False, picks=picks, invert=invert, top=range_top)
+    probe = Normalizer(prepared=False, picks=picks, invert=invert, top=range_top, stain=stain)
     for k, pick in enumerate(picks):
         if pick is None:
             continue
@@ -284,7 +295,7 @@ def fit_normalizer(
         top = float(np.percentile(nonzero, CLIP_PERCENTILE))
         lo[k], hi[k] = float(min(x.min(), top)), top
     return Normalizer(prepared=False, picks=picks, invert=invert, top=range_top, lo=(lo[0], lo[1]),
-                      hi=(hi[0], hi[1]))
+                      hi=(hi[0], hi[1]), stain=stain)
 
 
 def prepare_window(source: ImageSource, norm: Normalizer, rect: Rect) -> np.ndarray:

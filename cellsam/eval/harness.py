@@ -31,6 +31,7 @@ from typing import Any, Protocol, cast
 
 import numpy as np
 
+from cellsam.data.normalize import StainGrey
 from cellsam.eval.coco import coco_metrics
 from cellsam.eval.metrics import evaluate_labels
 from cellsam.models.protocol import SegmentationModel
@@ -156,8 +157,9 @@ def load_prepared(root: str | Path, split: str = "val", *, limit: int | None = N
     return items[:limit] if limit is not None else items
 
 
-def load_folder(path: str | Path, *, limit: int | None = None) -> list[EvalItem]:
-    """Annotated images of a raw source folder, normalised as ``cellsam prepare`` does (no tiling).
+def load_folder(path: str | Path, *, limit: int | None = None, stain: StainGrey = "luminance") -> list[EvalItem]:
+    """Annotated images of a raw source folder, normalised as ``cellsam prepare`` does (no tiling; stained
+    colour pictures made grey by ``stain``).
 
     Raises:
         ValueError: nothing readable was found (the reader's messages are included).
@@ -169,7 +171,7 @@ def load_folder(path: str | Path, *, limit: int | None = None) -> list[EvalItem]
     path = Path(path)
     items: list[EvalItem] = []
     errors: list[str] = []
-    for s in read_source(path):
+    for s in read_source(path, stain=stain):
         if not isinstance(s, Sample):
             errors.append(str(s))
             continue
@@ -190,14 +192,24 @@ def _loaded(image: np.ndarray, labels: np.ndarray) -> Callable[[], tuple[np.ndar
     return lambda: (image, labels)
 
 
-def load_data(path: str | Path, split: str = "val", *, limit: int | None = None) -> list[EvalItem]:
-    """:func:`load_prepared` if ``path`` holds a ``dataset.json``, else :func:`load_folder`."""
+def load_data(path: str | Path, split: str = "val", *, limit: int | None = None,
+              stain: StainGrey | None = None) -> list[EvalItem]:
+    """:func:`load_prepared` if ``path`` holds a ``dataset.json``, else :func:`load_folder`.
+
+    ``stain``: the colour rule of the model to be evaluated (:func:`cellsam.inference.preprocess.stain_grey`);
+    a folder's colour pictures are made grey by it, and a prepared dataset made by another rule is refused
+    (``ValueError``). None: no model (a folder is read by the luminance rule)."""
+    from cellsam.data.prepare import dataset_stain_grey
+
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist")
     if (path / "dataset.json").is_file():
+        if stain is not None and (made := dataset_stain_grey(path)) != stain:
+            raise ValueError(f"{path} was prepared with stained colour pictures as {made}, but the model takes them "
+                             f"as {stain}: prepare the data again with 'cellsam prepare --stain-grey {stain}'")
         return load_prepared(path, split, limit=limit)
-    return load_folder(path, limit=limit)
+    return load_folder(path, limit=limit, stain=stain or "luminance")
 
 
 def cellsam_method(model: SegmentationModel | str, **segment_kwargs: Any) -> Method:

@@ -71,7 +71,7 @@ def build_methods(*, model: str | None = None, baselines: Sequence[str] = (), pr
                   min_area_rel=min_area_rel, tile_size=tile_size, precision=precision, decode_copies=decode_copies,
                   decode_window=decode_window)
         methods["cellsam"] = cellsam_method(net, **kw)
-        settings["cellsam"] = {"model": model_name, **kw}
+        settings["cellsam"] = {"model": model_name, **kw, "stain_grey": inf.stain_grey}
         if prompt_study:
             from cellsam.eval.prompts import prompt_method
 
@@ -113,13 +113,14 @@ def evaluate_data(data: str | Path, split: str = "val", *, sources: Sequence[str
         the harness report (``mode``, ``data``, ``split``, ``settings`` added), the items and, per method,
         the label image of each item index (for :func:`data_plots`).
     """
-    items = load_data(data, split, limit=None if sources else limit)
+    methods, settings = build_methods(**method_options)
+    stain = settings["cellsam"]["stain_grey"] if "cellsam" in settings else None
+    items = load_data(data, split, limit=None if sources else limit, stain=stain)
     if sources:
         from cellsam.data.splits import select_sources
 
         items = [items[i] for i in select_sources([it.source for it in items], include=list(sources))]
         items = items[:limit] if limit is not None else items
-    methods, settings = build_methods(**method_options)
     kept: dict[str, dict[int, np.ndarray]] = {m: {} for m in methods}
     index = {id(it): i for i, it in enumerate(items)}
 

@@ -66,14 +66,14 @@ def segment_file(path: Path, outdir: Path, name: str, model: SegmentationModel, 
 
     from cellsam import io
     from cellsam.data.normalize import is_grey_rgb
-    from cellsam.inference.preprocess import prepare_image
+    from cellsam.inference.preprocess import prepare_image, stain_grey
     from cellsam.inference.segment import segment
 
     limit = io.default_max_pixels() if options.max_pixels is None else int(options.max_pixels)
     loaded = io.load_image(path, max_pixels=limit)  # the size from the header, before decoding
     axis = options.channel_axis if options.channel_axis is not None else loaded.channel_axis
     channels = options.channels
-    prepared = prepare_image(loaded.data, channel_axis=axis, channels=channels)
+    prepared = prepare_image(loaded.data, channel_axis=axis, channels=channels, stain=stain_grey(model))
     seg = segment(prepared, model, channel_axis=0, normalize=False, params=params)
     assert not isinstance(seg, list)  # one image in, one result out
     if seg.message:

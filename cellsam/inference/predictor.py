@@ -19,7 +19,7 @@ from torch import Tensor
 
 from cellsam.config import AUTO, check_polarity
 from cellsam.inference.polarity import invert_whole_cell, prefers_inverted
-from cellsam.inference.preprocess import prepare_image, to_channels_last
+from cellsam.inference.preprocess import prepare_image, stain_grey, to_channels_last
 from cellsam.models.protocol import PromptableModel, check_model, inference_defaults, model_tile_size
 
 logger = logging.getLogger(__name__)
@@ -146,7 +146,8 @@ class Predictor:
                 )
                 t = torch.from_numpy(resized.copy()).permute(2, 0, 1)[None].float()
                 return t, (h, w)
-        img = prepare_image(image, channel_axis=channel_axis, channels=channels, normalize=normalize)
+        img = prepare_image(image, channel_axis=channel_axis, channels=channels, normalize=normalize,
+                            stain=stain_grey(self.model))
         if polarity == "inverted" or (polarity == AUTO and prefers_inverted(
                 self.model, img, model_tile_size(self.model), self.device,
                 inference_defaults(self.model).box_threshold)):

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from cellsam.data.normalize import normalize_channel, rgb_to_channel, to_cellsam_channels
+from cellsam.data.normalize import StainGrey, normalize_channel, rgb_to_channel, to_cellsam_channels
 
 MIN_SIDE = 4
 Channels = tuple[int | None, int | None]
@@ -122,12 +122,21 @@ def check_channels(channels: Any, n_channels: int) -> Channels:
     return out[0], out[1]
 
 
+def stain_grey(model: object) -> StainGrey:
+    """How ``model`` wants stained bright-field colour pictures as grey (its ``cfg.inference.stain_grey``;
+    ``"luminance"`` for a model without a config)."""
+    from cellsam.models.protocol import inference_defaults
+
+    return inference_defaults(model).stain_grey
+
+
 def prepare_image(
     image: Any,
     *,
     channel_axis: int | None = None,
     channels: Channels | None = None,
     normalize: bool = True,
+    stain: StainGrey = "luminance",
 ) -> np.ndarray:
     """A user's image as CellSAM's input: (3, H, W) float32 in [0, 1], R empty, G nuclear, B whole-cell.
 
@@ -137,6 +146,8 @@ def prepare_image(
         channels: ``(nuclear_idx, wholecell_idx)``, either may be None; see the module docstring.
         normalize: False when ``image`` is already a normalised CellSAM image (3 channels in the R-empty,
             G-nuclear, B-whole-cell order, values in [0, 1]); it is then only validated.
+        stain: how a stained bright-field colour picture becomes grey (``rgb_to_channel``'s ``stain``); pass
+            the model's :func:`stain_grey` so that the image is prepared as its training data were.
     Returns:
         (3, H, W) float32 in [0, 1].
     """
@@ -160,7 +171,7 @@ def prepare_image(
     if c == 1:
         return to_cellsam_channels(None, normalize_channel(x[..., 0]))
     if c in (3, 4):
-        return to_cellsam_channels(None, normalize_channel(rgb_to_channel(x)))
+        return to_cellsam_channels(None, normalize_channel(rgb_to_channel(x, stain=stain)))
     raise ValueError(
         f"an image with {c} channels needs channels=(nuclear_idx, wholecell_idx) (None for a missing one); "
         "only 1-channel and RGB(A) images are understood without it"

@@ -38,7 +38,7 @@ from torch import Tensor
 from cellsam.config import AUTO, DEFAULT_DECODE_WINDOW, DEFAULT_DIAMETER
 from cellsam.inference.params import DEFAULT_MIN_AREA, DEFAULT_MIN_AREA_REL, SegmentParams, params_or_keywords
 from cellsam.inference.polarity import invert_whole_cell, prefers_inverted
-from cellsam.inference.preprocess import Channels, as_numpy, prepare_image
+from cellsam.inference.preprocess import Channels, as_numpy, prepare_image, stain_grey
 from cellsam.inference.runtime import autocast_context, resolve_model
 from cellsam.inference.scale import choose_scale, has_size_model, rescale_from_cells
 from cellsam.inference.tiling import (
@@ -202,10 +202,12 @@ def segment(
         decode_window=decode_window, precision=precision, return_masks=return_masks, progress=progress,
     )
     images, single = _image_list(image, batch)
-    prepared = [
-        prepare_image(im, channel_axis=channel_axis, channels=channels, normalize=normalize) for im in images
-    ]
     net, dev = resolve_model(model, device)
+    stain = stain_grey(net)
+    prepared = [
+        prepare_image(im, channel_axis=channel_axis, channels=channels, normalize=normalize, stain=stain)
+        for im in images
+    ]
     p = params.for_model(net)
     was_training = bool(getattr(net, "training", False))
     if hasattr(net, "eval"):

@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from cellsam.inference.preprocess import stain_grey
 from cellsam.napari.segmentation import ImageSpec, is_lazy, level0, open_image
 
 Rect = tuple[int, int, int, int]  # (y0, x0, y1, x1), exclusive ends
@@ -64,7 +65,11 @@ class PromptTool:
         return self.session.model
 
     def set_model(self, model: Any, *, name: str) -> None:
-        """Use another model; every cached embedding is dropped."""
+        """Use another model; every cached embedding is dropped, and every registered image too when the new
+        model prepares stained colour pictures differently (:func:`~cellsam.inference.preprocess.stain_grey`):
+        such images are registered again (:meth:`set_image`)."""
+        if stain_grey(model) != stain_grey(self.model):
+            self._images.clear()
         self.session.set_model(model, name=name)
 
     def has_image(self, key: Hashable) -> bool:
@@ -80,7 +85,7 @@ class PromptTool:
                 self.session.set_scale(key, scale)
         data = level0(data)
         lazy = is_lazy(data) if lazy is None else lazy
-        source, norm = open_image(data, spec, lazy=lazy)
+        source, norm = open_image(data, spec, lazy=lazy, stain=stain_grey(self.model))
         if lazy:
             self._images[key] = _Image(source.shape, None, source, norm)
         else:

@@ -32,6 +32,7 @@ from cellsam.config import DEFAULT_DIAMETER
 from cellsam.inference.params import DEFAULT_MIN_AREA_REL
 
 if TYPE_CHECKING:
+    from cellsam.data.normalize import StainGrey
     from cellsam.inference.params import SegmentParams
 
 log = logging.getLogger(__name__)
@@ -105,8 +106,10 @@ def is_lazy(data: Any) -> bool:
     return not isinstance(data, np.ndarray) or data.size > LAZY_PIXELS * (3 if data.ndim == 3 else 1)
 
 
-def open_image(data: Any, spec: ImageSpec, *, lazy: bool | None = None) -> tuple[Any, Any]:
-    """(``ImageSource``, ``Normalizer``) for an array, as :func:`iter_segment` reads it.
+def open_image(data: Any, spec: ImageSpec, *, lazy: bool | None = None,
+               stain: StainGrey = "luminance") -> tuple[Any, Any]:
+    """(``ImageSource``, ``Normalizer``) for an array, as :func:`iter_segment` reads it; ``stain``: the model's
+    colour rule (:func:`cellsam.inference.preprocess.stain_grey`).
 
     Raises:
         ValueError / TypeError: the library's message for a bad image or channel choice.
@@ -118,7 +121,8 @@ def open_image(data: Any, spec: ImageSpec, *, lazy: bool | None = None) -> tuple
     if lazy is None:
         lazy = is_lazy(data)
     if not lazy:
-        prepared = prepare_image(np.asarray(data), channel_axis=spec.channel_axis, channels=spec.channels)
+        prepared = prepare_image(np.asarray(data), channel_axis=spec.channel_axis, channels=spec.channels,
+                                 stain=stain)
         return open_source(prepared, channel_axis=0), fit_normalizer([], 3, normalize=False)
     if len(data.shape) == 3 and spec.channel_axis is None:
         raise ValueError(
@@ -127,7 +131,7 @@ def open_image(data: Any, spec: ImageSpec, *, lazy: bool | None = None) -> tuple
     source = open_source(data, channel_axis=spec.channel_axis)
     h, w = source.shape
     sample = source.read((0, 0, h, w), sample_step((h, w)))
-    return source, fit_normalizer([sample], source.n_channels, channels=spec.channels)
+    return source, fit_normalizer([sample], source.n_channels, channels=spec.channels, stain=stain)
 
 
 def segment_params(net: Any, options: SegmentOptions) -> SegmentParams:
@@ -176,7 +180,7 @@ def iter_segment(
 
     net, dev = resolve_model(model)
     p = segment_params(net, options)
-    source, norm = open_image(data, spec, lazy=lazy)
+    source, norm = open_image(data, spec, lazy=lazy, stain=inference_defaults(net).stain_grey)
     in_memory = not (is_lazy(level0(data)) if lazy is None else lazy)
     native = p.model_values().tile_size
     if hasattr(net, "eval"):  # before the scale is chosen: measure_scale segments windows with it

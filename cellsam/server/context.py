@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from cellsam.inference.preprocess import stain_grey
 from cellsam.server.access import Access
 from cellsam.server.finetune import FinetuneManager
 from cellsam.server.images import Limits, channel_key, display_rgb, load_raw, prepare
@@ -36,8 +37,10 @@ class ServerContext:
         )
 
     def prepared(self, rec: ImageRecord) -> np.ndarray:
-        """(3, H, W) float32 normalised image under the current channel roles (cached)."""
-        return self.session.prepared(channel_key(rec), lambda: prepare(self.raw(rec), rec))
+        """(3, H, W) float32 normalised image under the current channel roles, prepared as the session's
+        model wants stained colour pictures (cached)."""
+        stain = stain_grey(self.session.model)
+        return self.session.prepared((*channel_key(rec), stain), lambda: prepare(self.raw(rec), rec, stain))
 
     def display(self, rec: ImageRecord) -> np.ndarray:
         """(H, W, 3) uint8 picture for the page (cached)."""

@@ -32,6 +32,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from cellsam.data.normalize import StainGrey
+from cellsam.inference.preprocess import stain_grey
 from cellsam.models.protocol import PromptableModel, SegmentationModel
 from cellsam.server.session import ModelSession
 from cellsam.server.storage import ImageRecord, Project, ProjectError
@@ -112,9 +114,10 @@ def compare(before: dict[str, Any], after: dict[str, Any], *, scored_on: str) ->
                   "or correct more images and fine-tune again")
 
 
-def write_prepared(project: Project, recs: list[ImageRecord], out: Path, *, tile: int) -> int:
+def write_prepared(project: Project, recs: list[ImageRecord], out: Path, *, tile: int,
+                   stain: StainGrey = "luminance") -> int:
     """Write ``out/train/{images.npy, labels.npy, tiles.json}``; returns the number of tiles (those
-    with at least one cell after the paper's label filters)."""
+    with at least one cell after the paper's label filters). ``stain``: the model's colour rule."""
     from cellsam.data.labels import filter_labels
     from cellsam.data.tiling import crop, crop_origins
     from cellsam.server.export import export_labels
@@ -122,7 +125,7 @@ def write_prepared(project: Project, recs: list[ImageRecord], out: Path, *, tile
 
     imgs, labs, meta = [], [], []
     for rec in recs:
-        image = prepare(load_raw(project.image_path(rec), rec), rec)
+        image = prepare(load_raw(project.image_path(rec), rec), rec, stain)
         labels = export_labels(project, rec.id)
         for y0, x0 in crop_origins(labels.shape, tile=tile):
             lab, _ = filter_labels(crop(labels, y0, x0, tile=tile))
@@ -139,6 +142,7 @@ def write_prepared(project: Project, recs: list[ImageRecord], out: Path, *, tile
         np.save(d / "labels.npy", np.stack(labs))
     (d / "tiles.json").write_text(json.dumps(meta))
     (out / "dataset.json").write_text(json.dumps({"format_version": 1, "command": "cellsam serve fine-tune",
+                                                  "options": {"stain_grey": stain},  # the fine-tuned model keeps it
                                                   "sources": [{"name": "project", "path": str(project.root)}]}))
     return len(meta)
 
@@ -280,7 +284,8 @@ class FinetuneManager:
             start = save_model(_torch_model(self.session.model), root / "start", version="start",
                                metadata={"description": f"model before fine-tune {job.id}"})
             tile = self.session.tile_size
-        job.tiles = write_prepared(self.project, train, root / "data", tile=tile)
+            stain = stain_grey(self.session.model)
+        job.tiles = write_prepared(self.project, train, root / "data", tile=tile, stain=stain)
         if job.tiles == 0:
             raise ProjectError("the corrected images have no usable cells (after the label filters)")
         scored = held or train
@@ -290,7 +295,7 @@ class FinetuneManager:
             job.scored_on = "the training image"
             job.warning = ("only one corrected image: none could be held out, so the scores are on the image it "
                            "trained on and do not show how the model does on new images")
-        images = [prepare(load_raw(self.project.image_path(r), r), r) for r in scored]
+        images = [prepare(load_raw(self.project.image_path(r), r), r, stain) for r in scored]
         gts = [export_labels(self.project, r.id) for r in scored]
         self._phase(job, "scoring the current model", 0.05)
         job.before = score(load_model(start), images, gts)

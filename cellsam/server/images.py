@@ -16,6 +16,8 @@ from typing import Any
 
 import numpy as np
 
+from cellsam.data.normalize import StainGrey
+
 MAGIC: tuple[tuple[bytes, str], ...] = (
     (b"\x89PNG\r\n\x1a\n", ".png"),
     (b"\xff\xd8\xff", ".jpg"),
@@ -171,13 +173,14 @@ def load_raw(path: Path, rec: Any) -> np.ndarray:
     return to_channels_last(data, channel_axis=rec.channel_axis)
 
 
-def prepare(raw_hwc: np.ndarray, rec: Any) -> np.ndarray:
-    """(H, W, C) raw -> (3, H, W) float32 in [0, 1] (CellSAM's layout) under the record's roles."""
+def prepare(raw_hwc: np.ndarray, rec: Any, stain: StainGrey = "luminance") -> np.ndarray:
+    """(H, W, C) raw -> (3, H, W) float32 in [0, 1] (CellSAM's layout) under the record's roles, stained
+    colour pictures made grey by ``stain`` (the model's :func:`~cellsam.inference.preprocess.stain_grey`)."""
     from cellsam.inference.preprocess import prepare_image
 
     if raw_hwc.shape[2] == 1:
         return prepare_image(raw_hwc[..., 0], channels=channels_of(rec))
-    return prepare_image(raw_hwc, channel_axis=-1, channels=channels_of(rec))
+    return prepare_image(raw_hwc, channel_axis=-1, channels=channels_of(rec), stain=stain)
 
 
 def display_rgb(raw_hwc: np.ndarray, prepared: np.ndarray, rec: Any) -> np.ndarray:

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset, Sampler
 
+from cellsam.data.prepare import dataset_stain_grey
 from cellsam.data.splits import select_sources
 from cellsam.train.targets import labels_to_targets
 from cellsam.train.transforms import AugmentConfig, augment
@@ -148,3 +149,15 @@ def collate(batch: list[tuple[Tensor, dict[str, Tensor]]]) -> tuple[Tensor, list
     """Stack images (B,3,T,T); keep targets as a list (variable numbers of cells)."""
     images = torch.stack([b[0] for b in batch])
     return images, [b[1] for b in batch]
+
+
+def adopt_data_stain(model: Any, data: str | Path) -> Any:
+    """``model`` with ``cfg.inference.stain_grey`` set to how ``data`` was prepared
+    (:func:`cellsam.data.prepare.dataset_stain_grey`): a model prepares a user's stained colour pictures as
+    the pictures it was trained on were. Returns the same model object."""
+    import dataclasses
+
+    stain = dataset_stain_grey(data)
+    if model.cfg.inference.stain_grey != stain:
+        model.cfg = model.cfg.replace(inference=dataclasses.replace(model.cfg.inference, stain_grey=stain))
+    return model

@@ -20,7 +20,7 @@ from cellsam.models.build import build_model
 from cellsam.models.cellsam import CellSAM
 from cellsam.registry import get_config
 from cellsam.train.config import TrainConfig, merge_dicts
-from cellsam.train.dataset import PreparedTiles, StreamSampler, collate
+from cellsam.train.dataset import PreparedTiles, StreamSampler, adopt_data_stain, collate
 from cellsam.train.module import CellSAMModule
 
 log = logging.getLogger(__name__)
@@ -34,18 +34,19 @@ def model_config(cfg: TrainConfig) -> CellSAMConfig:
 
 def initial_model(cfg: TrainConfig) -> CellSAM:
     """The model a run starts from: the ``cfg.init`` checkpoint if given (with ``init_weights_only``:
-    its weights in the ``cfg.model`` architecture), else ``cfg.model`` at random init."""
+    its weights in the ``cfg.model`` architecture), else ``cfg.model`` at random init; its colour rule is
+    that of ``cfg.data`` (:func:`~cellsam.train.dataset.adopt_data_stain`)."""
     torch.manual_seed(cfg.seed)
     if cfg.init:
         from cellsam.weights import load_model
 
         loaded = load_model(cfg.init)
         if not cfg.init_weights_only:
-            return loaded.train()  # load_model returns eval mode (dropout off)
+            return adopt_data_stain(loaded.train(), cfg.data)  # load_model returns eval mode (dropout off)
         model = build_model(model_config(cfg))
         model.load_state_dict(loaded.state_dict(), strict=True)
-        return model
-    return build_model(model_config(cfg))
+        return adopt_data_stain(model, cfg.data)
+    return adopt_data_stain(build_model(model_config(cfg)), cfg.data)
 
 
 def make_loaders(cfg: TrainConfig) -> tuple[DataLoader, DataLoader | None]:

@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import cast
 
+from cellsam.data.normalize import StainGrey
 from cellsam.data.readers.coco import find_files as _coco_files
 from cellsam.data.readers.coco import read_coco
 from cellsam.data.readers.dsb import find_samples as _dsb_samples
@@ -85,14 +86,15 @@ def load_manifest(source: Path) -> tuple[Path, dict[str, dict[str, str]]] | None
     return None
 
 
-def _reader(fmt: str, target: str | None) -> Callable[[Path], Iterator[Sample | SampleError]]:
+def _reader(fmt: str, target: str | None, stain: StainGrey) -> Callable[[Path], Iterator[Sample | SampleError]]:
     if fmt == "npz":
-        return lambda p: read_npz(p, target=target)
-    return {"pairs": read_pairs, "dsb": read_dsb, "coco": read_coco, "multichannel": read_multichannel}[fmt]
+        return lambda p: read_npz(p, target=target)  # arrays of channels: no colour pictures
+    read = {"pairs": read_pairs, "dsb": read_dsb, "coco": read_coco, "multichannel": read_multichannel}[fmt]
+    return lambda p: read(p, stain=stain)
 
 
 def read_source(
-    path: str | Path, *, fmt: str = "auto", target: str | None = None
+    path: str | Path, *, fmt: str = "auto", target: str | None = None, stain: StainGrey = "luminance"
 ) -> Iterator[Sample | SampleError]:
     """Read every sample of one source folder/file, with target and kind filled in.
 
@@ -100,6 +102,7 @@ def read_source(
         path: the source (folder, or a .npz / .json file).
         fmt: "auto" or one of :data:`FORMATS`.
         target: "nuclear" / "whole-cell" for images the manifest does not cover (None: "unknown").
+        stain: how stained bright-field colour pictures become grey (``rgb_to_channel``'s ``stain``).
     """
     path = Path(path)
     if fmt != "auto" and fmt not in FORMATS:
@@ -113,7 +116,7 @@ def read_source(
             yield SampleError(path, str(e).split(": ", 1)[-1])
             return
     manifest = load_manifest(path)
-    for s in _reader(fmt, target)(path):
+    for s in _reader(fmt, target, stain)(path):
         if isinstance(s, Sample) and manifest is not None:
             folder, rows = manifest
             primary = Path(s.files.get("image") or s.files.get("whole-cell") or s.files.get("nuclear") or "")

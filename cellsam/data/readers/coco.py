@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from cellsam.data.labels import masks_to_labels
+from cellsam.data.normalize import StainGrey
 from cellsam.data.readers.npz import split_from_name
 from cellsam.data.sample import Sample, SampleError, check_labels, image_to_channels, load_array
 
@@ -64,7 +65,7 @@ def _image_path(json_path: Path, file_name: str) -> Path:
     return json_path.parent / file_name
 
 
-def read_coco(root: Path) -> Iterator[Sample | SampleError]:
+def read_coco(root: Path, *, stain: StainGrey = "luminance") -> Iterator[Sample | SampleError]:
     """Yield one :class:`Sample` per image with at least one annotation."""
     root = Path(root)
     files = find_files(root)
@@ -91,7 +92,7 @@ def read_coco(root: Path) -> Iterator[Sample | SampleError]:
                 continue
             path = _image_path(jf, str(info.get("file_name", "")))
             try:
-                image = image_to_channels(load_array(path), path)
+                image = image_to_channels(load_array(path), path, stain)
                 h, w = image.shape[-2:]
                 if (int(info.get("height", h)), int(info.get("width", w))) != (h, w):
                     raise SampleError(

@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from cellsam.data.labels import masks_to_labels
+from cellsam.data.normalize import StainGrey
 from cellsam.data.sample import IMAGE_EXTS, Sample, SampleError, check_labels, image_to_channels, load_array
 
 
@@ -22,7 +23,7 @@ def _images(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTS)
 
 
-def read_dsb(root: Path) -> Iterator[Sample | SampleError]:
+def read_dsb(root: Path, *, stain: StainGrey = "luminance") -> Iterator[Sample | SampleError]:
     """Yield one :class:`Sample` per sample folder."""
     root = Path(root)
     folders = find_samples(root)
@@ -39,7 +40,7 @@ def read_dsb(root: Path) -> Iterator[Sample | SampleError]:
             yield SampleError(d / "masks", "no mask files")
             continue
         try:
-            image = image_to_channels(load_array(imgs[0]), imgs[0])
+            image = image_to_channels(load_array(imgs[0]), imgs[0], stain)
             masks = []
             for m in mask_files:
                 arr = load_array(m)

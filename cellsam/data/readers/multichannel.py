@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from cellsam.data.normalize import StainGrey
 from cellsam.data.sample import IMAGE_EXTS, Role, Sample, SampleError, check_labels, image_to_channels, load_array
 
 MASK_TAG = "_masks"
@@ -40,14 +41,14 @@ def find_names(root: Path) -> list[Path]:
     return out
 
 
-def _channel(path: Path) -> np.ndarray:
-    img = image_to_channels(load_array(path), path)
+def _channel(path: Path, stain: StainGrey) -> np.ndarray:
+    img = image_to_channels(load_array(path), path, stain)
     if img.shape[0] != 1:
         raise SampleError(path, f"expected a single-channel image, got {img.shape[0]} channels")
     return img[0]
 
 
-def read_multichannel(root: Path) -> Iterator[Sample | SampleError]:
+def read_multichannel(root: Path, *, stain: StainGrey = "luminance") -> Iterator[Sample | SampleError]:
     """Yield one :class:`Sample` per ``<name>_masks.*`` file with its channel files."""
     root = Path(root)
     masks = find_names(root)
@@ -65,7 +66,7 @@ def read_multichannel(root: Path) -> Iterator[Sample | SampleError]:
             channel_files: tuple[tuple[Path | None, Role], ...] = ((nuc, "nuclear"), (whole, "whole-cell"))
             for p, role in channel_files:
                 if p is not None:
-                    chans.append(_channel(p))
+                    chans.append(_channel(p, stain))
                     roles.append(role)
                     files[role] = str(p)
             shapes = {c.shape for c in chans}

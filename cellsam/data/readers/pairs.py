@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
+from cellsam.data.normalize import StainGrey
 from cellsam.data.sample import (
     IMAGE_EXTS,
     Role,
@@ -35,7 +36,7 @@ def find_pairs(root: Path) -> list[Path]:
     return _files_with_tag(root, IMG_TAG)
 
 
-def read_pairs(root: Path) -> Iterator[Sample | SampleError]:
+def read_pairs(root: Path, *, stain: StainGrey = "luminance") -> Iterator[Sample | SampleError]:
     """Yield one :class:`Sample` per ``*_img.*`` file (or a :class:`SampleError` for a bad one)."""
     root = Path(root)
     images = find_pairs(root)
@@ -56,7 +57,7 @@ def read_pairs(root: Path) -> Iterator[Sample | SampleError]:
             if arr.ndim == 3 and arr.shape[0] == 2:  # (nuclear, whole-cell) stack
                 image, roles = arr, ("nuclear", "whole-cell")
             else:
-                image, roles = image_to_channels(arr, img_path), ("whole-cell",)
+                image, roles = image_to_channels(arr, img_path, stain), ("whole-cell",)
             labels = check_labels(load_array(masks[0]), masks[0], image.shape[-2:])
         except SampleError as e:
             yield e
