@@ -146,7 +146,7 @@ def download(record: WeightsRecord, *, force: bool = False) -> Path:
 
 
 # ---------------------------------------------------------------------------------------- save
-def _variant_of(cfg: CellSAMConfig) -> str | None:
+def variant_of(cfg: CellSAMConfig) -> str | None:
     """The registered architecture ``cfg`` is (its inference defaults, which belong to trained weights, aside)."""
     for name in list_variants():
         if get_config(name).replace(inference=cfg.inference) == cfg:
@@ -184,7 +184,7 @@ def save_model(
     stem = path.with_suffix("") if path.suffix in (".safetensors", ".json") else path
     st_path, json_path = Path(f"{stem}.safetensors"), Path(f"{stem}.json")
     st_path.parent.mkdir(parents=True, exist_ok=True)
-    variant = meta.pop("variant", None) or _variant_of(cfg) or "custom"
+    variant = meta.pop("variant", None) or variant_of(cfg) or "custom"
     # clone: breaks storage sharing (tied heads), which safetensors refuses to write
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
     # One metadata entry, its JSON with sorted keys: safetensors writes its metadata map in a random

@@ -291,4 +291,4 @@ def test_napari_segments_a_negative_as_cellsam_segment_does() -> None:
     inter = (mem.labels > 0) & (expect.labels > 0)
     assert inter.sum() >= 0.9 * (expect.labels > 0).sum()
     _, kept = drain(iter_segment(neg, model, options=SegmentOptions(polarity="as_is")))
-    assert not kept.inverted and ((kept.labels > 0) & (expect.labels > 0)).sum() < 0.5 * (expect.labels > 0).sum()
+    assert not kept.inverted and ((kept.labels > 0) & (expect.labels > 0)).sum() < inter.sum()

@@ -125,7 +125,9 @@ def _f1(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def test_auto_polarity_segments_a_negative_as_the_positive(sample_both_ways) -> None:  # type: ignore[no-untyped-def]
-    """The sample's negative: "auto" inverts it back and finds the sample's cells; "as_is" does not."""
+    """The sample's negative: "auto" inverts it back and finds the sample's cells; "as_is" finds fewer of
+    them (v6 found almost none; v10, trained with stained pictures as hematoxylin, finds most: F1 0.87
+    against auto's 1.0)."""
     import cellsam
 
     net, image, negative, reference = sample_both_ways
@@ -134,9 +136,9 @@ def test_auto_polarity_segments_a_negative_as_the_positive(sample_both_ways) -> 
     assert auto.inverted
     assert _f1(reference.labels, auto.labels) >= 0.8, (auto.n_cells, reference.n_cells)
     as_is = cellsam.segment(negative, net, polarity="as_is")
-    assert not as_is.inverted and _f1(reference.labels, as_is.labels) < 0.5
+    assert not as_is.inverted and _f1(reference.labels, as_is.labels) < _f1(reference.labels, auto.labels)
     forced = cellsam.segment(image, net, polarity="inverted")  # forcing the wrong way is obeyed
-    assert forced.inverted and _f1(reference.labels, forced.labels) < 0.5
+    assert forced.inverted and _f1(reference.labels, forced.labels) < _f1(reference.labels, auto.labels)
 
 
 def test_predictor_takes_a_polarity(sample_both_ways) -> None:  # type: ignore[no-untyped-def]
@@ -160,7 +162,7 @@ def test_predictor_takes_a_polarity(sample_both_ways) -> None:  # type: ignore[n
     assert p.inverted and matched(auto) >= 0.8 * len(ref)
     p.set_image(negative)
     as_is, _ = p.detect()
-    assert not p.inverted and matched(as_is) < 0.5 * len(ref)
+    assert not p.inverted and matched(as_is) < matched(auto)
     p.set_image(image, polarity="inverted")
     assert p.inverted
     with pytest.raises(ValueError, match="polarity must be one of"):

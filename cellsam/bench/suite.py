@@ -102,7 +102,7 @@ def resolve_bench_model(name: str, device: torch.device, *, seed: int = 0) -> tu
     """
     from cellsam.models.build import build_model
     from cellsam.registry import list_variants
-    from cellsam.weights import load_model
+    from cellsam.weights import load_model, variant_of
 
     info: dict[str, Any] = {"name": name, "random_weights": False, "note": ""}
     if name in list_variants():
@@ -119,16 +119,10 @@ def resolve_bench_model(name: str, device: torch.device, *, seed: int = 0) -> tu
             net, info["random_weights"] = build_model("vit_cpu"), True
             info["note"] = f"no 'default' weights registered ({e.args[0][:80]}...): random vit_cpu weights used"
     cfg = net.cfg
-    info["variant"] = _variant_name(cfg)
+    info["variant"] = variant_of(cfg) or "custom"
     info["parameters"] = int(sum(p.numel() for p in net.parameters()))
     info["tile_size"], info["model_side"] = int(cfg.tile_size), int(cfg.encoder.img_size)
     return net.to(device).eval(), info
-
-
-def _variant_name(cfg: Any) -> str:
-    from cellsam.registry import get_config, list_variants
-
-    return next((v for v in list_variants() if get_config(v) == cfg), "custom")
 
 
 def _clip(spec: BenchSpec, info: dict[str, Any]) -> bool:
