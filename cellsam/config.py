@@ -12,6 +12,8 @@ import numbers
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal, TypeAlias
 
+from cellsam.data.normalize import StainGrey, check_stain_grey
+
 
 @dataclass(frozen=True)
 class EncoderConfig:
@@ -153,11 +155,10 @@ class InferenceConfig:
     # channel (``cellsam.data.normalize.rgb_to_channel``'s ``stain``): "luminance" (inverted luminance, the
     # models up to v6) or "hematoxylin" (the hematoxylin optical density). It is how the training data
     # were prepared, so it belongs to the weights.
-    stain_grey: Literal["luminance", "hematoxylin"] = "luminance"
+    stain_grey: StainGrey = "luminance"
 
     def __post_init__(self) -> None:
-        if self.stain_grey not in ("luminance", "hematoxylin"):
-            raise ValueError(f"inference.stain_grey must be 'luminance' or 'hematoxylin', got {self.stain_grey!r}")
+        check_stain_grey(self.stain_grey, "inference.stain_grey")
 
 
 DEFAULT_DECODE_WINDOW = 3.0

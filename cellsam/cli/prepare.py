@@ -11,6 +11,8 @@ import shlex
 import sys
 from typing import Any
 
+from cellsam.data.normalize import STAIN_GREYS
+
 log = logging.getLogger(__name__)
 
 
@@ -51,7 +53,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--stain-grey",
-        choices=["luminance", "hematoxylin"],
+        choices=list(STAIN_GREYS),
         default="luminance",
         help="grey of stained bright-field colour pictures (H&E, IHC): inverted luminance (default, the "
         "models up to v6) or the hematoxylin channel (colour deconvolution); recorded in dataset.json, and "

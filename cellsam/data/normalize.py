@@ -30,7 +30,7 @@ RGB rule (:func:`rgb_to_channel`): an RGB(A) image becomes ONE grey channel.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, get_args
 
 import numpy as np
 
@@ -38,6 +38,14 @@ CLAHE_KERNEL = 128
 CLIP_PERCENTILE = 99.9
 _LUMA = np.array([0.299, 0.587, 0.114])
 StainGrey = Literal["luminance", "hematoxylin"]  # the grey of a stained bright-field picture
+STAIN_GREYS: tuple[StainGrey, ...] = get_args(StainGrey)
+
+
+def check_stain_grey(value: object, name: str = "stain_grey") -> StainGrey:
+    """``value`` as a :data:`StainGrey`; ``ValueError`` naming ``name`` for anything else."""
+    if value not in STAIN_GREYS:
+        raise ValueError(f"{name} must be 'luminance' or 'hematoxylin', got {value!r}")
+    return value
 
 
 def _check_2d(x: np.ndarray, name: str) -> np.ndarray:

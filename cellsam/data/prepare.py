@@ -14,13 +14,13 @@ import shutil
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import numpy as np
 
 from cellsam.data import writer
 from cellsam.data.labels import FILTERS, filter_labels
-from cellsam.data.normalize import StainGrey, normalize_channel, to_cellsam_channels
+from cellsam.data.normalize import StainGrey, check_stain_grey, normalize_channel, to_cellsam_channels
 from cellsam.data.readers import detect_format, read_source
 from cellsam.data.sample import Sample, SampleError
 from cellsam.data.splits import SPLITS, dhash, duplicate_groups, hash_split, resolve_duplicates
@@ -311,8 +311,7 @@ def prepare_dataset(
         raise ValueError(f"on_error must be 'skip' or 'stop', got {opts.on_error!r}")
     if opts.rescale is not None and not opts.rescale > 0:
         raise ValueError(f"rescale must be > 0, got {opts.rescale}")
-    if opts.stain_grey not in ("luminance", "hematoxylin"):
-        raise ValueError(f"stain_grey must be 'luminance' or 'hematoxylin', got {opts.stain_grey!r}")
+    check_stain_grey(opts.stain_grey)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     work = out / ".work"
@@ -374,6 +373,4 @@ def dataset_stain_grey(root: str | Path) -> StainGrey:
     if not f.is_file():
         return "luminance"
     value = json.loads(f.read_text()).get("options", {}).get("stain_grey", "luminance")
-    if value not in ("luminance", "hematoxylin"):
-        raise ValueError(f"{f}: unknown options.stain_grey {value!r}")
-    return cast(StainGrey, value)
+    return check_stain_grey(value, f"{f}: options.stain_grey")

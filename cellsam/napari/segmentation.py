@@ -174,13 +174,14 @@ def iter_segment(
     """
     from cellsam.config import AUTO, check_diameter
     from cellsam.distributed.sample_scale import measure_polarity, measure_scale
+    from cellsam.inference.preprocess import stain_grey
     from cellsam.inference.runtime import resolve_model
     from cellsam.inference.scale import rescale_from_cells
     from cellsam.models.protocol import inference_defaults
 
     net, dev = resolve_model(model)
     p = segment_params(net, options)
-    source, norm = open_image(data, spec, lazy=lazy, stain=inference_defaults(net).stain_grey)
+    source, norm = open_image(data, spec, lazy=lazy, stain=stain_grey(net))
     in_memory = not (is_lazy(level0(data)) if lazy is None else lazy)
     native = p.model_values().tile_size
     if hasattr(net, "eval"):  # before the scale is chosen: measure_scale segments windows with it
