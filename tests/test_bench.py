@@ -280,6 +280,11 @@ def test_markdown_renders_without_optional_parts() -> None:
     md = render_markdown(res)
     assert "| cellsam | m | 512x512 | 100 |" in md and "2.00" in md  # cellpose / ours = 5 / 2.5
     assert "## Mask parity" not in md
+    auto = {**run, "decode_window": 3.0, "diameter": "auto", "diameter_used": 9.0}
+    (c,) = comparisons([auto, cp])
+    assert c["diameter"] == "auto"  # each scale's ratio row says which scale it is
+    md = render_markdown({**res, "runs": [auto, cp], "comparisons": [c]})
+    assert "| m | 512x512 | 100 | fp32 | 3x, d=auto (9 px) | 2.500 | - | - | 5.000 | 2.00 |" in md
 
 
 def test_write_report_paths(tmp_path) -> None:

@@ -38,6 +38,35 @@ def test_neighbours_burn_while_the_block_runs_and_are_gone_after() -> None:
             pass
 
 
+
+def test_neighbours_stop_when_the_bench_is_killed() -> None:
+    import signal
+    import subprocess
+    import sys
+
+    code = ("import sys, time\nfrom cellsam.bench.busy import busy_neighbours\n"
+            "with busy_neighbours(1) as pids:\n    print(pids[0], flush=True)\n    time.sleep(60)\n")
+    bench = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert bench.stdout is not None
+    pid = int(bench.stdout.readline())
+    os.kill(pid, 0)  # burning
+    bench.send_signal(signal.SIGKILL)  # no cleanup runs in the bench
+    bench.wait()
+    bench.stdout.close()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            break
+        with open(f"/proc/{pid}/stat") as f:
+            if f.read().rsplit(")", 1)[1].split()[0] == "Z":  # exited, not yet reaped by its new parent
+                break
+        time.sleep(0.1)
+    else:
+        os.kill(pid, signal.SIGKILL)
+        pytest.fail("a busy neighbour outlived its killed bench")
+
 def _run(pipeline: str, median: float, neighbours: int, **kw: object) -> dict:
     return {"pipeline": pipeline, "model": "m", "size": [64, 64], "cells": 20, "precision": "fp32",
             "decode_window": 3.0, "end_to_end": timing.summarize([median]), "neighbours": neighbours, **kw}
@@ -45,12 +74,14 @@ def _run(pipeline: str, median: float, neighbours: int, **kw: object) -> dict:
 
 def test_busy_comparisons_pair_each_configuration() -> None:
     runs = [_run("cellsam", 1.0, 0), _run("reference", 4.0, 0), _run("cellsam", 1.0, 0, precision="bf16"),
-            _run("cellsam", 2.5, 2), _run("reference", 6.0, 2)]
+            _run("cellsam", 3.0, 0, diameter="auto"),
+            _run("cellsam", 2.5, 2), _run("reference", 6.0, 2), _run("cellsam", 4.5, 2, diameter="auto")]
     out = busy_comparisons(runs)
-    assert [(b["pipeline"], b["precision"], b["quiet_s"], b["busy_s"], b["slowdown"]) for b in out] == [
-        ("cellsam", "fp32", 1.0, 2.5, 2.5), ("reference", "fp32", 4.0, 6.0, 1.5)]
+    assert [(b["pipeline"], b["precision"], b["diameter"], b["quiet_s"], b["busy_s"], b["slowdown"])
+            for b in out] == [("cellsam", "fp32", None, 1.0, 2.5, 2.5), ("reference", "fp32", None, 4.0, 6.0, 1.5),
+                              ("cellsam", "fp32", "auto", 3.0, 4.5, 1.5)]  # each scale beside its own quiet run
     assert out[0]["neighbours"] == 2
-    assert busy_comparisons(runs[:3]) == []  # no busy pass
+    assert busy_comparisons(runs[:4]) == []  # no busy pass
     with pytest.raises(ValueError, match="busy_neighbours"):
         BenchSpec(busy_neighbours=-2).validate()
 
@@ -69,6 +100,7 @@ def test_cli_bench_times_quiet_then_busy_in_one_run(tmp_path) -> None:
     assert len(res["comparisons"]) == 1  # the quiet run only
     md = out.with_suffix(".md").read_text()
     assert "## Beside 1 busy process(es)" in md and "| cellsam (+1 busy) | vit_tiny |" in md
-    assert f"OMP_WAIT_POLICY={res['machine']['env']['OMP_WAIT_POLICY']}." in md
+    env = res['machine']['env']
+    assert f"OMP_WAIT_POLICY={env['OMP_WAIT_POLICY']}, GOMP_SPINCOUNT={env['GOMP_SPINCOUNT']}." in md
     assert main(["bench", "--model", "vit_tiny", "--busy-neighbour", "-1", "--out", str(tmp_path / "x")]) == 2
     assert main(["bench", "--prompts", "--busy-neighbour", "1", "--out", str(tmp_path / "x")]) == 2

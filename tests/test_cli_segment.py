@@ -255,9 +255,13 @@ def test_version_and_thread_policy(capsys) -> None:
         main(["--version"])
     assert e.value.code == 0 and capsys.readouterr().out.strip() == f"cellsam {__version__}"
     env: dict[str, str] = {}
-    assert apply_thread_policy(env) == {"OMP_WAIT_POLICY": "PASSIVE"} and env["OMP_WAIT_POLICY"] == "PASSIVE"
-    mine = {"OMP_WAIT_POLICY": "ACTIVE"}
-    assert apply_thread_policy(mine) == {} and mine["OMP_WAIT_POLICY"] == "ACTIVE"  # the user's choice wins
+    want = {"OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": "10000"}  # brief spin, then sleep
+    assert apply_thread_policy(env) == want and env == want
+    for policy in ("ACTIVE", "PASSIVE"):  # the user's choice wins, spin count included
+        mine = {"OMP_WAIT_POLICY": policy}
+        assert apply_thread_policy(mine) == {} and mine == {"OMP_WAIT_POLICY": policy}
+    spin = {"GOMP_SPINCOUNT": "500"}
+    assert apply_thread_policy(spin) == {"OMP_WAIT_POLICY": "PASSIVE"} and spin["GOMP_SPINCOUNT"] == "500"
     # the policy must be set before torch loads: importing the command line does not import torch
     out = subprocess.run([sys.executable, "-c", "import sys, cellsam.cli; print('torch' in sys.modules)"],
                          capture_output=True, text=True, check=True).stdout.strip()

@@ -15,7 +15,9 @@ import sys
 from collections.abc import Iterator
 from typing import Any
 
-_BURN = "import sys\nsys.stdout.write('ready\\n')\nsys.stdout.flush()\nwhile True:\n    pass\n"
+# burns until its parent is gone (a killed bench cannot leave it burning: it then belongs to another parent)
+_BURN = ("import os, sys\nparent = os.getppid()\nsys.stdout.write('ready\\n')\nsys.stdout.flush()\n"
+         "while os.getppid() == parent:\n    for _ in range(200000):\n        pass\n")
 
 
 @contextlib.contextmanager
@@ -48,7 +50,7 @@ def busy_neighbours(n: int) -> Iterator[list[int]]:
 
 def _config(r: dict[str, Any]) -> tuple:
     return (r["pipeline"], r["model"], tuple(r["size"]), r["cells"], r.get("scene", "synthetic"),
-            r["precision"], r.get("decode_window"))
+            r["precision"], r.get("decode_window"), r.get("diameter"))
 
 
 def busy_comparisons(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -64,7 +66,8 @@ def busy_comparisons(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         out.append({
             "pipeline": r["pipeline"], "model": r["model"], "size": r["size"], "cells": r["cells"],
             "scene": r.get("scene", "synthetic"), "precision": r["precision"],
-            "decode_window": r.get("decode_window"), "neighbours": r["neighbours"],
+            "decode_window": r.get("decode_window"), "diameter": r.get("diameter"),
+            "diameter_used": r.get("diameter_used"), "neighbours": r["neighbours"],
             "quiet_s": qs, "busy_s": bs, "slowdown": bs / qs if qs > 0 else None,
         })
     return out

@@ -17,7 +17,8 @@ from typing import Any
 import numpy as np
 import torch
 
-_ENV = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "MKL_NUM_THREADS", "CUDA_VISIBLE_DEVICES")
+_ENV = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "MKL_NUM_THREADS",
+        "CUDA_VISIBLE_DEVICES")
 _CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
 
 
@@ -142,7 +143,8 @@ def render_markdown(result: dict[str, Any]) -> str:
         f"flags {', '.join(m['cpu_flags']) or '-'}), {_gib(m['memory_bytes'])} GiB RAM"
         + (f"; GPU {m['gpu']['name']}" if m.get("gpu") else ""),
         f"- torch {m['torch']} ({m['torch_threads']} threads), numpy {m['numpy']}, Python {m['python']}; "
-        f"OMP_NUM_THREADS={m['env'].get('OMP_NUM_THREADS')}, OMP_WAIT_POLICY={m['env'].get('OMP_WAIT_POLICY')}; "
+        f"OMP_NUM_THREADS={m['env'].get('OMP_NUM_THREADS')}, OMP_WAIT_POLICY={m['env'].get('OMP_WAIT_POLICY')}, "
+        f"GOMP_SPINCOUNT={m['env'].get('GOMP_SPINCOUNT')}; "
         f"git {m.get('git_commit')}",
         f"- Command: `{' '.join(result['command'])}`",
         f"- Repeats {result['spec']['repeats']} after {result['spec']['warmup']} warm-up; times are medians "
@@ -183,7 +185,8 @@ def render_markdown(result: dict[str, Any]) -> str:
         n = result["busy"][0]["neighbours"]
         out += ["", f"## Beside {n} busy process(es) (busy / quiet > 1: slower when other work shares the CPU)", "",
                 f"Each configuration timed twice in this run: quiet, then beside {n} processes that each keep a "
-                f"core busy; OMP_WAIT_POLICY={m['env'].get('OMP_WAIT_POLICY')}.", ""]
+                f"core busy; OMP_WAIT_POLICY={m['env'].get('OMP_WAIT_POLICY')}, "
+                f"GOMP_SPINCOUNT={m['env'].get('GOMP_SPINCOUNT')}.", ""]
         rows = [[b["pipeline"], b["model"], "x".join(map(str, b["size"])), _cells(b), b["precision"],
                  _window(b), _s(b["quiet_s"]), _s(b["busy_s"]), _s(b["slowdown"], 2)] for b in result["busy"]]
         out.append(_table(["pipeline", "model", "size", "cells", "precision", "window", "quiet s", "busy s",

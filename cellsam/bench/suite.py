@@ -296,6 +296,7 @@ def comparisons(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "model": r["model"], "size": r["size"], "cells": r["cells"], "n_cells": r["n_cells"],
             "scene": r.get("scene", "synthetic"), "cells_found": r.get("cells_found"),
             "precision": r["precision"], "decode_window": r.get("decode_window"),
+            "diameter": r.get("diameter"), "diameter_used": r.get("diameter_used"),
             "ours_s": ours, "reference_s": ref_s, "cellpose_s": cp_s,
             "speedup_vs_reference": ref_s / ours if ref_s and ours > 0 else None,
             "speedup_vs_cellpose": cp_s / ours if cp_s and ours > 0 else None,

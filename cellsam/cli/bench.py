@@ -38,7 +38,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="time the pipeline stage by stage (and the reference design / Cellpose)",
         description="Time read, normalise, encoder, CellFinder, mask decoder, postprocess, stitching and merge "
         "on synthetic images with a chosen number of cells (boxes supplied). Run on a quiet machine "
-        "(cellsam sets OMP_WAIT_POLICY=PASSIVE unless the environment does); --busy-neighbour N adds a pass "
+        "(cellsam sets OMP_WAIT_POLICY=PASSIVE GOMP_SPINCOUNT=10000 unless the environment sets "
+        "OMP_WAIT_POLICY); --busy-neighbour N adds a pass "
         "beside N busy processes.",
     )
     p.add_argument("--model", nargs="+", default=["default"],

@@ -28,12 +28,31 @@ from cellsam.models.image_encoder import EncoderOutput
 __all__ = ["ConvEncoder"]
 
 
-def conv_bn(cin: int, cout: int, *, stride: int = 1, relu: bool = True) -> nn.Sequential:
-    """3x3 convolution (no bias) + batch norm (+ ReLU)."""
-    layers: list[nn.Module] = [nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False), nn.BatchNorm2d(cout)]
-    if relu:
-        layers.append(nn.ReLU(inplace=True))
-    return nn.Sequential(*layers)
+class ConvBN(nn.Sequential):
+    """3x3 convolution (no bias) + batch norm (+ ReLU): modules ``0``, ``1`` (and ``2``), the state-dict keys
+    of ``nn.Sequential``. Out of training mode the batch norm is folded into the convolution's weights and
+    bias at each call (same outputs to float rounding; one convolution instead of two passes)."""
+
+    def __init__(self, cin: int, cout: int, *, stride: int = 1, relu: bool = True) -> None:
+        layers: list[nn.Module] = [nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False),
+                                   nn.BatchNorm2d(cout)]
+        if relu:
+            layers.append(nn.ReLU(inplace=True))
+        super().__init__(*layers)
+
+    def forward(self, x: Tensor) -> Tensor:
+        conv, bn = cast(nn.Conv2d, self[0]), cast(nn.BatchNorm2d, self[1])
+        if self.training or not bn.affine or bn.running_mean is None or bn.running_var is None:
+            return cast(Tensor, super().forward(x))
+        scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
+        y = F.conv2d(x, conv.weight * scale[:, None, None, None], bn.bias - bn.running_mean * scale,
+                     conv.stride, conv.padding)
+        return F.relu(y, inplace=True) if len(self) > 2 else y
+
+
+def conv_bn(cin: int, cout: int, *, stride: int = 1, relu: bool = True) -> ConvBN:
+    """3x3 convolution (no bias) + batch norm (+ ReLU), see :class:`ConvBN`."""
+    return ConvBN(cin, cout, stride=stride, relu=relu)
 
 
 class ResBlock(nn.Module):
@@ -144,6 +163,8 @@ class ConvEncoder(nn.Module):
         return y
 
     def _stages(self, x: Tensor) -> list[Tensor]:
+        if not self.training:  # channels-last convolutions: measured 1.2x faster on the 2-core CPU
+            x = x.contiguous(memory_format=torch.channels_last)
         feats = [self.stem(x)]
         for stage in self.stages:
             feats.append(stage(feats[-1]))
@@ -172,4 +193,4 @@ class ConvEncoder(nn.Module):
     def forward(self, x: Tensor) -> EncoderOutput:
         """One pass: ``trunk`` (B, trunk_chans, S/4, S/4) and ``embedding`` (B, out_chans, h, w)."""
         trunk = self.forward_trunk(x)
-        return EncoderOutput(trunk=trunk, embedding=self.neck(trunk))
+        return EncoderOutput(trunk=trunk.contiguous(), embedding=self.neck(trunk).contiguous())
