@@ -282,9 +282,15 @@ def test_markdown_renders_without_optional_parts() -> None:
     assert "## Mask parity" not in md
     auto = {**run, "decode_window": 3.0, "diameter": "auto", "diameter_used": 9.0}
     (c,) = comparisons([auto, cp])
-    assert c["diameter"] == "auto"  # each scale's ratio row says which scale it is
-    md = render_markdown({**res, "runs": [auto, cp], "comparisons": [c]})
-    assert "| m | 512x512 | 100 | fp32 | 3x, d=auto (9 px) | 2.500 | - | - | 5.000 | 2.00 |" in md
+    assert c["diameter"] == "auto" and c["cellpose_s"] == 5.0  # without Cellpose at the cells' scale: as it is
+    cp_d = {**cp, "diameter": 9.4, "end_to_end": timing.summarize([20.0])}  # Cellpose given the cells' diameter
+    c_own, c_auto = comparisons([run, auto, cp, cp_d])
+    assert (c_own["cellpose_s"], c_own["cellpose_diameter"]) == (5.0, None)  # each beside its own scale
+    assert (c_auto["cellpose_s"], c_auto["cellpose_diameter"]) == (20.0, 9.4)
+    md = render_markdown({**res, "runs": [run, auto, cp, cp_d], "comparisons": [c_own, c_auto]})
+    assert "| m | 512x512 | 100 | fp32 | 3x, d=auto (9 px) | 2.500 | - | - | 20.000 | 9.4 | 8.00 |" in md
+    assert "| m | 512x512 | 100 | fp32 | whole | 2.500 | - | - | 5.000 | - | 2.00 |" in md
+    assert "| cellpose | cellpose3 | 512x512 | 100 | 100 | fp32 | d=9.4 |" in md
 
 
 def test_write_report_paths(tmp_path) -> None:
@@ -316,6 +322,12 @@ def test_cellpose_timing_when_installed(tmp_path) -> None:
     assert r["pipeline"] == "cellpose" and set(r["stages"]) == {"read", "normalise", "network", "masks", "other"}
     assert r["stages"]["network"]["min"] > 0 and r["stages"]["masks"]["min"] > 0
     assert abs(r["cells_found"] - sc.n_cells) <= 1  # ideal flows rebuild the scene's cells
+    assert r["diameter"] is None and r["network_pixels"] == 128 * 128
+    big = time_cellpose(sc, write_scene(sc, tmp_path), repeats=1, warmup=0, diameter=10.0)  # cells to 30 px
+    assert big["diameter"] == 10.0 and big["network_pixels"] == 384 * 384  # the network sees it 3x larger
+    assert abs(big["cells_found"] - sc.n_cells) <= 1  # masks at the image's own size
+    with pytest.raises(ValueError, match="diameter"):
+        time_cellpose(sc, tmp_path / "x.tif", diameter=0.0)
     with pytest.raises(ValueError, match="labels"):
         time_cellpose(synthetic_scene(64, cells=10, keep_labels=False), tmp_path / "x.tif")
 

@@ -103,3 +103,28 @@ def test_time_pipeline_times_the_size_model_with_diameter_auto(tmp_path: Path, m
     assert plain["stages"]["scale"]["median"] == 0 and plain["tile_size_used"] == net.cfg.tile_size
     with pytest.raises(ValueError, match="own boxes"):
         time_pipeline(net, scene, repeats=1, warmup=0, diameter="auto")
+
+
+def test_cellpose_is_also_timed_at_the_cells_scale_beside_auto(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    from cellsam.bench import suite
+    from cellsam.inference.scale import median_diameter
+
+    folder = fake_dsb(tmp_path / "dsb")
+    calls: list[float | None] = []
+
+    def fake_cellpose(scene, path, spec, dev, notes, diameter=None):  # type: ignore[no-untyped-def]
+        calls.append(diameter)
+        return {"pipeline": "cellpose", "diameter": diameter}
+
+    monkeypatch.setattr(suite, "_cellpose_run", fake_cellpose)
+    monkeypatch.setattr(suite, "time_pipeline", lambda *a, **k: {"pipeline": "cellsam"})
+    monkeypatch.setattr(suite, "_log_run", lambda r: None)
+    models = {"m": (object(), {})}
+    for diameters, want in (((None,), 1), ((None, "auto"), 2)):
+        calls.clear()
+        spec = BenchSpec(real=["dense512"], real_data=str(folder), diameters=list(diameters))
+        suite._real_runs(spec, models, None, str(tmp_path), [], True)  # type: ignore[arg-type]
+        assert len(calls) == want and calls[0] is None
+    lab = real_scene("dense512", folder).labels
+    assert lab is not None and calls[1] == pytest.approx(median_diameter(lab))  # the scene's true diameter

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cellsam.config import ConvEncoderConfig, EncoderConfig
-from cellsam.models.conv_encoder import ConvBN, ConvEncoder
+from cellsam.models.conv_encoder import ConvBN, ConvEncoder, set_fast_inference
 
 
 def _randomise_norms(module: nn.Module, gen: torch.Generator) -> None:
@@ -61,3 +61,46 @@ def test_encoder_inference_path_gives_the_plain_path_outputs(monkeypatch: pytest
     assert out.trunk.shape == (2, 8, 16, 16) and out.embedding.shape == (2, 16, 8, 8)
     assert torch.allclose(out.trunk, ref.trunk, atol=1e-4) and torch.allclose(out.embedding, ref.embedding, atol=1e-4)
     assert not torch.allclose(out.trunk, torch.zeros_like(out.trunk))
+
+
+def test_training_keeps_the_plain_arithmetic(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """set_fast_inference(False): eval mode gives the unfused, contiguous path exactly; training sets it so
+    that a frozen trunk (masks stage) and the size fit compute what they computed before the fast path."""
+    gen = torch.Generator().manual_seed(2)
+    enc = ConvEncoder(EncoderConfig(img_size=32, patch_size=8, out_chans=16),
+                      ConvEncoderConfig(widths=(8, 16, 16), blocks=(1, 1, 1), decoder_widths=(8,)))
+    _randomise_norms(enc, gen)
+    enc.eval()
+    x = torch.randn(1, 3, 32, 32, generator=gen)
+    assert set_fast_inference(enc, False) is enc
+    assert not any(getattr(m, "fast_inference", False) for m in enc.modules())
+    calls: list[int] = []
+    real_bn = F.batch_norm
+    monkeypatch.setattr(F, "batch_norm", lambda *a, **k: calls.append(1) or real_bn(*a, **k))
+    with torch.inference_mode():
+        plain = enc(x)
+    n_norms = sum(isinstance(m, nn.BatchNorm2d) for m in enc.modules())
+    assert len(calls) == n_norms  # every norm ran as its own pass
+    monkeypatch.setattr(ConvBN, "forward", nn.Sequential.forward)
+    with torch.inference_mode():
+        ref = enc(x)
+    assert torch.equal(plain.trunk, ref.trunk) and torch.equal(plain.embedding, ref.embedding)  # bit for bit
+    monkeypatch.undo()
+
+    from cellsam.train import run
+
+    seen: list[bool] = []
+
+    class Stop(Exception):
+        pass
+
+    def module(model, cfg):  # type: ignore[no-untyped-def]
+        seen.extend(m.fast_inference for m in model.modules() if isinstance(m, (ConvBN, ConvEncoder)))
+        raise Stop
+
+    monkeypatch.setattr(run, "CellSAMModule", module)
+    from cellsam.train.config import TrainConfig
+
+    with pytest.raises(Stop):
+        run.train(TrainConfig(model="conv_tiny", output=str(tmp_path / "out"), max_steps=1))
+    assert seen and not any(seen)  # the stage trains (and validates) on the plain path

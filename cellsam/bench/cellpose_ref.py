@@ -6,7 +6,9 @@ without its dependencies and point ``path`` (``cellsam bench --cellpose-path``) 
     .venv/bin/pip install --no-deps --target /tmp/cp3 cellpose==3.1.1.3 numba==0.68.1 llvmlite==0.50.0 \\
         fastremap fill_voids natsort opencv-python-headless roifile
 
-What is timed (one image, the default ``CellposeModel.eval`` path without diameter rescaling):
+What is timed (one image, ``CellposeModel.eval``'s path; without ``diameter`` no rescaling, with it Cellpose's
+``resample`` path: the network on the image resized by ``diam_mean / diameter`` (30 / d), its flows resized
+back, masks at the image's size with ``200 / rescale`` iterations):
 
     read          the same image file as our pipeline
     normalise     ``transforms.normalize_img`` (1st-99th percentile per channel)
@@ -34,6 +36,7 @@ from cellsam.bench.pipeline import Scene
 from cellsam.bench.timing import PeakMemory, StageTimer, merge_peaks, summarize, synchronize
 
 CP_STAGES = ("read", "normalise", "network", "masks")
+CP_DIAM_MEAN = 30.0  # the cell diameter CPnet's models are trained at (Cellpose's diam_mean)
 INSTALL_HINT = (
     ".venv/bin/pip install --no-deps --target /tmp/cp3 cellpose==3.1.1.3 numba==0.68.1 llvmlite==0.50.0 "
     "fastremap fill_voids natsort opencv-python-headless roifile; then --cellpose-path /tmp/cp3"
@@ -69,7 +72,7 @@ def _build_net(device: torch.device) -> Any:
     from cellpose.resnet_torch import CPnet
 
     mkldnn = bool(core.check_mkl(True)) if device.type == "cpu" else False  # CellposeModel's CPU default
-    net = CPnet([2, 32, 64, 128, 256], 3, sz=3, mkldnn=mkldnn, max_pool=True, diam_mean=30.0)
+    net = CPnet([2, 32, 64, 128, 256], 3, sz=3, mkldnn=mkldnn, max_pool=True, diam_mean=CP_DIAM_MEAN)
     return net.to(device).eval()
 
 
@@ -81,8 +84,15 @@ def time_cellpose(
     warmup: int = 1,
     device: str | torch.device = "cpu",
     path: str | Path | None = None,
+    diameter: float | None = None,
 ) -> dict[str, Any]:
-    """Time Cellpose 3 on ``scene`` (read from ``image_path``); raises ``RuntimeError`` if not importable."""
+    """Time Cellpose 3 on ``scene`` (read from ``image_path``); raises ``RuntimeError`` if not importable.
+
+    ``diameter``: Cellpose's ``diameter`` argument (cells of d pixels are resized to 30, see the module
+    docstring); None: the image as it is."""
+    if diameter is not None and not (np.isfinite(diameter) and diameter > 0):
+        raise ValueError(f"diameter must be a positive number of pixels or None, got {diameter!r}")
+    rescale = 1.0 if diameter is None else CP_DIAM_MEAN / float(diameter)
     if scene.labels is None:
         raise ValueError("Cellpose's mask-building step needs the scene's labels: synthetic_scene(keep_labels=True)")
     cp, message = import_cellpose(path)
@@ -111,10 +121,14 @@ def time_cellpose(
             x = np.stack([raw, np.zeros_like(raw)], axis=-1).astype(np.float32)  # (H, W, 2): cyto, nuclei
             x = transforms.normalize_img(x, normalize=True, norm3D=False)[np.newaxis]
         with timer.stage("network"), torch.inference_mode():
-            yf, _ = core.run_net(net, x, batch_size=8, augment=False, tile_overlap=0.1, bsize=224)
+            yf, _ = core.run_net(net, x, batch_size=8, augment=False, tile_overlap=0.1, bsize=224,
+                                 rsz=None if rescale == 1.0 else rescale)
+            if rescale != 1.0:  # resample: the flows back at the image's size
+                yf = transforms.resize_image(yf, x.shape[1], x.shape[2])
         with timer.stage("masks"):
             masks = dynamics.resize_and_compute_masks(
-                dp_ideal, prob_ideal, niter=200, cellprob_threshold=0.0, flow_threshold=0.4, interp=True,
+                dp_ideal, prob_ideal, niter=int(200 / rescale), cellprob_threshold=0.0, flow_threshold=0.4,
+                interp=True,
                 min_size=15, max_size_fraction=0.4, resize=None, device=dev,
             )
         synchronize(dev)
@@ -148,4 +162,6 @@ def time_cellpose(
         "tiles_per_s": None,
         "megapixels_per_s": h * w / 1e6 / med if med > 0 else float("nan"),
         "cells_found": found,
+        "diameter": None if diameter is None else float(diameter),
+        "network_pixels": int(h * rescale) * int(w * rescale),  # run_net's resized image
     }

@@ -178,9 +178,9 @@ def render_markdown(result: dict[str, Any]) -> str:
         rows = [[c["model"], "x".join(map(str, c["size"])), _cells(c), c["precision"],
                  _window({"pipeline": "cellsam", **c}), _s(c["ours_s"]),
                  _s(c["reference_s"]), _s(c["speedup_vs_reference"], 2), _s(c["cellpose_s"]),
-                 _s(c["speedup_vs_cellpose"], 2)] for c in comps]
+                 _cp_diameter(c.get("cellpose_diameter")), _s(c["speedup_vs_cellpose"], 2)] for c in comps]
         out.append(_table(["model", "size", "cells", "ours precision", "window", "ours s", "reference s (fp32)",
-                           "reference / ours", "cellpose s", "cellpose / ours"], rows))
+                           "reference / ours", "cellpose s", "cellpose diameter", "cellpose / ours"], rows))
     if result.get("busy"):
         n = result["busy"][0]["neighbours"]
         out += ["", f"## Beside {n} busy process(es) (busy / quiet > 1: slower when other work shares the CPU)", "",
@@ -253,8 +253,16 @@ def _pipe(r: dict[str, Any]) -> str:
     return r["pipeline"] + (f" (+{n} busy)" if n else "")
 
 
+def _cp_diameter(d: float | None) -> str:
+    """Cellpose's ``diameter`` argument: "-" for none (the image as it is)."""
+    return "-" if d is None else f"{d:.1f}"
+
+
 def _window(r: dict[str, Any]) -> str:
-    """The decoder window of one of our runs ("whole": whole frames, also for records before windows)."""
+    """The decoder window of one of our runs ("whole": whole frames, also for records before windows);
+    for Cellpose its ``diameter`` ("d=9.4") or "-"."""
+    if r["pipeline"] == "cellpose" and r.get("diameter") is not None:
+        return f"d={_cp_diameter(r['diameter'])}"
     if r["pipeline"] != "cellsam":
         return "-"
     w = r.get("decode_window")

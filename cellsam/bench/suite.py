@@ -214,12 +214,18 @@ def _timing_pass(spec: BenchSpec, models: dict[str, tuple[Any, dict[str, Any]]],
     return [{**r, "neighbours": 0} for r in runs]
 
 
-def _cellpose_run(scene: Any, path: Path, spec: BenchSpec, dev: torch.device, notes: list[str]) -> dict[str, Any]:
+def _cellpose_run(scene: Any, path: Path, spec: BenchSpec, dev: torch.device, notes: list[str],
+                  diameter: float | None = None) -> dict[str, Any]:
     from cellsam.bench.cellpose_ref import time_cellpose
 
-    r = time_cellpose(scene, path, repeats=spec.repeats, warmup=spec.warmup, device=dev, path=spec.cellpose_path)
+    r = time_cellpose(scene, path, repeats=spec.repeats, warmup=spec.warmup, device=dev, path=spec.cellpose_path,
+                      diameter=diameter)
     notes.append(f"cellpose3: {r['model_detail']}; masks built from the ideal flows of the scene's cells (random "
                  "weights give meaningless flows)")
+    if diameter is not None:
+        notes.append(f"cellpose3 on {scene.name} with diameter={diameter:.1f} (the scene's true median cell "
+                     "diameter, as a Cellpose user who knows it passes): the network sees the image resized by "
+                     f"30 / d = {30 / diameter:.2f}; the row beside our diameter='auto' run")
     _log_run(r)
     return r
 
@@ -246,6 +252,12 @@ def _real_runs(spec: BenchSpec, models: dict[str, tuple[Any, dict[str, Any]]], d
                 _log_run(r)
         if cp_ok:
             runs.append(_cellpose_run(scene, path, spec, dev, notes))
+            if any(d is not None for d in spec.diameters):  # Cellpose at the cells' scale too
+                from cellsam.inference.scale import median_diameter
+
+                true = median_diameter(scene.labels) if scene.labels is not None else None
+                if true is not None:
+                    runs.append(_cellpose_run(scene, path, spec, dev, notes, diameter=true))
     return runs
 
 
@@ -283,13 +295,16 @@ def comparisons(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         return tuple(r["size"]), r["cells"], r.get("scene", "synthetic")
 
     refs = {(r["model"], *key(r)): r for r in runs if r["pipeline"] == "reference"}
-    cps = {key(r): r for r in runs if r["pipeline"] == "cellpose"}
+    # Cellpose as it is beside our runs at the image's scale; given the cells' diameter beside our rescaled
+    # ones (diameter "auto" or given), when it was timed so
+    cps = {(*key(r), r.get("diameter") is not None): r for r in runs if r["pipeline"] == "cellpose"}
     out = []
     for r in runs:
         if r["pipeline"] != "cellsam":
             continue
         ours = r["end_to_end"]["median"]
-        ref, cp = refs.get((r["model"], *key(r))), cps.get(key(r))
+        scaled = r.get("diameter") is not None
+        ref, cp = refs.get((r["model"], *key(r))), cps.get((*key(r), scaled)) or cps.get((*key(r), False))
         ref_s = ref["end_to_end"]["median"] if ref else None
         cp_s = cp["end_to_end"]["median"] if cp else None
         out.append({
@@ -298,6 +313,7 @@ def comparisons(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "precision": r["precision"], "decode_window": r.get("decode_window"),
             "diameter": r.get("diameter"), "diameter_used": r.get("diameter_used"),
             "ours_s": ours, "reference_s": ref_s, "cellpose_s": cp_s,
+            "cellpose_diameter": cp.get("diameter") if cp else None,
             "speedup_vs_reference": ref_s / ours if ref_s and ours > 0 else None,
             "speedup_vs_cellpose": cp_s / ours if cp_s and ours > 0 else None,
         })

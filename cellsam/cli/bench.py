@@ -61,7 +61,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                         "for every --model")
     p.add_argument("--no-parity", dest="parity", action="store_false",
                    help="skip the mask-parity check that --reference runs")
-    p.add_argument("--cellpose", action="store_true", help="also time Cellpose 3 (network + mask building)")
+    p.add_argument("--cellpose", action="store_true",
+                   help="also time Cellpose 3 (network + mask building); on real scenes with --diameter auto "
+                        "(or N) also Cellpose given the scene's true median cell diameter, beside those runs")
     p.add_argument("--cellpose-path", default=None,
                    help="folder with Cellpose 3 installed by pip --target (put first on sys.path)")
     p.add_argument("--batch-size", type=int, default=4, help="tiles per encoder pass (default 4)")

@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader
 from cellsam.config import CellSAMConfig
 from cellsam.models.build import build_model
 from cellsam.models.cellsam import CellSAM
+from cellsam.models.conv_encoder import set_fast_inference
 from cellsam.registry import get_config
 from cellsam.train.config import TrainConfig, merge_dicts
 from cellsam.train.dataset import PreparedTiles, StreamSampler, adopt_data_stain, collate
@@ -100,7 +101,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, extra: dict[str, Any] | Non
 
         return fit_size_model(cfg)
     L.seed_everything(cfg.seed, workers=True)
-    model = initial_model(cfg)
+    model = set_fast_inference(initial_model(cfg), False)  # a recipe's arithmetic stays the unfused one
     module = CellSAMModule(model, cfg)
     train_loader, val_loader = make_loaders(cfg)
     module.stream_sampler = train_loader.sampler  # resumes where the checkpoint stopped

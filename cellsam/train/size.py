@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from cellsam.models.cellsam import CellSAM
-from cellsam.models.conv_encoder import ConvEncoder
+from cellsam.models.conv_encoder import ConvEncoder, set_fast_inference
 from cellsam.train.config import TrainConfig
 from cellsam.train.dataset import PreparedTiles, adopt_data_stain
 
@@ -131,7 +131,7 @@ def fit_size_model(cfg: TrainConfig) -> Path:
 
     if not cfg.init:
         raise ValueError("a size stage starts from a trained model: give init (or an earlier stage)")
-    model = adopt_data_stain(load_model(cfg.init), cfg.data)
+    model = set_fast_inference(adopt_data_stain(load_model(cfg.init), cfg.data), False)  # as training (run.py)
     if model.size_head is None:
         model = _with_size_head(model)
     tiles = PreparedTiles(cfg.data, "train", sources=cfg.sources, exclude_sources=cfg.exclude_sources)
