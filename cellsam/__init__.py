@@ -4,8 +4,8 @@ Public API (imported lazily so that ``import cellsam`` stays cheap)::
 
     build_model, load_model, list_models, save_model, Predictor, segment, Segmentation, SegmentParams
 
-Importing cellsam sets ``OMP_WAIT_POLICY=PASSIVE`` unless the environment sets it (before torch loads
-OpenMP; see :mod:`cellsam.threads`).
+Importing cellsam sets ``OMP_WAIT_POLICY=PASSIVE GOMP_SPINCOUNT=10000`` unless the environment sets
+``OMP_WAIT_POLICY`` (before torch loads OpenMP; see :mod:`cellsam.threads`).
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ wait policy idle threads spin for long, which is a little faster on a machine of
 when other processes want the same cores: one 696x520 image took 61-80 s beside two busy processes
 against 7.5-9.8 s with ``OMP_WAIT_POLICY=PASSIVE`` (2-core machine, ``cellsam_cpu.v2``). A fully passive
 pool wakes its threads through the kernel at every parallel kernel, which costs the mask decoder's many
-small kernels dearly: one prompt took 8.6 ms per decoder call passive, 2.1 ms spinning. A spin of
+small kernels dearly: one prompt took 6.7-8.6 ms per decoder call passive, 2.3 ms with the spin below. A spin of
 ``GOMP_SPINCOUNT=10000`` before sleeping keeps most of both (2-core machine, ``cellsam_cpu.v10``, the dense
 512 px DSB crop at its own scale, ``benchmarks/thread_policy.md``): 0.54 s quiet against 0.91 s passive,
 1.36 s beside two busy processes against 1.12 s passive.
