@@ -1,6 +1,6 @@
 """Why the detector misses cells: each true box of the validation crops put in one class.
 
-    python scripts/miss_study.py MODEL [--scale native|true] [--box-threshold 0.3] [--json out.json]
+    python scripts/miss_study.py MODEL [--scale native|true] [--box-threshold 0.3] [--data prepared] [--json out.json]
 
 Each prepared val tile (at most 150) goes through the model's encoder and CellFinder, either at its own
 scale (``native``: the tile's 256 px centre crop, as ``scripts/box_recall.py``) or at the model's working
@@ -118,10 +118,10 @@ def classify(pred: torch.Tensor, scores: np.ndarray, true: torch.Tensor, thr: fl
     return cats, fps
 
 
-def study(model: str, scale: str, thr: float, max_tiles: int) -> dict:
+def study(model: str, scale: str, thr: float, max_tiles: int, data: str = "prepared") -> dict:
     net = load_model(model).eval()
     reference = float(net.cfg.inference.cell_diameter or 0) or 30.0
-    ds = PreparedTiles("prepared", "val", crop_size=None if scale == "true" else CROP, max_items=max_tiles)
+    ds = PreparedTiles(data, "val", crop_size=None if scale == "true" else CROP, max_items=max_tiles)
     cats: dict[str, Counter] = defaultdict(Counter)
     fps: dict[str, Counter] = defaultdict(Counter)
     shapes: dict[str, Counter] = defaultdict(Counter)
@@ -149,9 +149,10 @@ def main() -> None:
     ap.add_argument("--scale", choices=["native", "true"], default="true")
     ap.add_argument("--box-threshold", type=float, default=0.3)
     ap.add_argument("--max-tiles", type=int, default=150)
+    ap.add_argument("--data", default="prepared", help="prepared data folder (a model's own colour rule)")
     ap.add_argument("--json")
     args = ap.parse_args()
-    out = study(args.model, args.scale, args.box_threshold, args.max_tiles)
+    out = study(args.model, args.scale, args.box_threshold, args.max_tiles, args.data)
     for src, c in sorted(out["true_cells"].items()):
         n = sum(c.values())
         misses = n - c.get("matched", 0)
