@@ -44,7 +44,7 @@ STAIN_GREYS: tuple[StainGrey, ...] = get_args(StainGrey)
 def check_stain_grey(value: object, name: str = "stain_grey") -> StainGrey:
     """``value`` as a :data:`StainGrey`; ``ValueError`` naming ``name`` for anything else."""
     if value not in STAIN_GREYS:
-        raise ValueError(f"{name} must be 'luminance' or 'hematoxylin', got {value!r}")
+        raise ValueError(f"{name} must be {' or '.join(map(repr, STAIN_GREYS))}, got {value!r}")
     return value
 
 
