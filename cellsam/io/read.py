@@ -1,4 +1,4 @@
-"""Reading users' images (TIFF, PNG, JPEG, NPY, OME-Zarr) and writing segmentation outputs.
+"""Reading users' images (TIFF, PNG, JPEG, NPY, OME-Zarr), and their layout from the file header.
 
 Readers report the channel axis only when the file format states it (RGB PNG/JPEG, TIFF axes
 metadata ``C``/``S``, OME-Zarr ``c`` axis); otherwise ``channel_axis`` is None and a 3-D array needs
@@ -8,37 +8,23 @@ is refused (segment its 2-D planes instead).
 Sizes come from the file's header before anything is decoded (:func:`probe_image`): TIFF series
 shape, PIL's size for PNG / JPEG, the ``.npy`` header, the zarr array's shape. ``load_image(path,
 max_pixels=N)`` refuses an image above N pixels with :class:`ImageTooLarge` before decoding it;
-:func:`default_max_pixels` is the limit this machine's available memory allows for in-memory
-segmentation (larger images go block by block through :mod:`cellsam.distributed`).
+:func:`cellsam.io.memory.default_max_pixels` is the limit this machine's available memory allows.
 """
 
 from __future__ import annotations
 
 import contextlib
-import csv
 import glob
-import json
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from scipy import ndimage
+
+from cellsam.io.memory import estimated_bytes
 
 IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".npy", ".zarr")
-CSV_COLUMNS = (
-    "label",
-    "area",
-    "centroid_y",
-    "centroid_x",
-    "bbox_y0",
-    "bbox_x0",
-    "bbox_y1",
-    "bbox_x1",
-    "score",
-    "iou_pred",
-)
 
 
 class ImageReadError(ValueError):
@@ -192,15 +178,6 @@ def load_image(path: str | Path, *, max_pixels: int | None = None) -> LoadedImag
 BLOCKWISE_SUFFIXES = (".tif", ".tiff", ".npy", ".zarr")
 """Formats :mod:`cellsam.distributed` reads window by window (PNG / JPEG are decoded whole)."""
 
-IN_MEMORY_BYTES_PER_PIXEL = 48
-"""Peak memory of in-memory segmentation (``cellsam segment`` without ``--dask``) per image pixel, model and
-runtime excluded: 43 bytes measured on uint16 grey images (peak RSS 1.31 GB at 4096 x 4096, 2.19 GB at
-6144 x 6144; 40 bytes from 2048 x 2048 to 3072 x 3072 with 1,600 / 3,600 cells), rounded up for
-colour and float inputs."""
-
-MEMORY_MARGIN = 0.8
-"""Share of the available memory :func:`default_max_pixels` lets one image use."""
-
 
 @dataclass(frozen=True)
 class ImageInfo:
@@ -344,63 +321,10 @@ def probe_image(path: str | Path) -> ImageInfo:
     except Exception as e:  # any header error means: this file is unreadable
         raise ImageReadError(f"{path}: cannot read image ({type(e).__name__}: {e})") from e
 
-
-def estimated_bytes(info: ImageInfo) -> int:
-    """Memory that in-memory segmentation of this image takes at its peak (model excluded)."""
-    return info.pixels * IN_MEMORY_BYTES_PER_PIXEL
-
-
 def check_image_size(info: ImageInfo, max_pixels: int) -> None:
     """Raise :class:`ImageTooLarge` when ``info`` has more than ``max_pixels`` pixels."""
     if info.pixels > max_pixels:
         raise ImageTooLarge(info, max_pixels)
-
-
-def _read_int(path: str) -> int | None:
-    try:
-        with open(path) as f:
-            text = f.read().strip()
-    except OSError:
-        return None
-    return int(text) if text.isdigit() else None
-
-
-def available_memory_bytes() -> int | None:
-    """Memory this process can still take: Linux ``MemAvailable``, capped by a cgroup v2 limit (containers);
-    psutil elsewhere when installed; None when unknown."""
-    avail = None
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    avail = int(line.split()[1]) * 1024
-                    break
-    except OSError:
-        try:
-            import psutil
-
-            avail = int(psutil.virtual_memory().available)
-        except ImportError:
-            return None
-    limit, used = _read_int("/sys/fs/cgroup/memory.max"), _read_int("/sys/fs/cgroup/memory.current")
-    if limit is not None and used is not None:
-        avail = max(limit - used, 0) if avail is None else min(avail, max(limit - used, 0))
-    return avail
-
-
-FALLBACK_MAX_PIXELS = 100_000_000
-""":func:`default_max_pixels` where the available memory is unknown."""
-
-
-def default_max_pixels(available: int | None = None) -> int:
-    """The most pixels in-memory segmentation should take on this machine: ``MEMORY_MARGIN`` of the
-    available memory (:func:`available_memory_bytes` when ``available`` is None) at
-    ``IN_MEMORY_BYTES_PER_PIXEL``; ``FALLBACK_MAX_PIXELS`` when that is unknown."""
-    avail = available_memory_bytes() if available is None else available
-    if avail is None:
-        return FALLBACK_MAX_PIXELS
-    return max(int(avail * MEMORY_MARGIN) // IN_MEMORY_BYTES_PER_PIXEL, 1)
-
 
 def read_image(path: str | Path) -> np.ndarray:
     """The pixel array of an image file (see :func:`load_image` for the channel axis)."""
@@ -429,129 +353,3 @@ def find_images(inputs: Iterable[str | Path]) -> tuple[list[Path], list[str]]:
             missing.append(str(item))
         found += [h for h in hits if h not in found]
     return found, missing
-
-
-# ------------------------------------------------------------------------------------------- writing
-def write_labels(path: str | Path, labels: np.ndarray) -> Path:
-    """Write an (H, W) label image as a zlib-compressed TIFF: uint16, or uint32 above 65535 labels."""
-    import tifffile
-
-    labels = np.asarray(labels)
-    dtype = np.uint16 if int(labels.max(initial=0)) <= np.iinfo(np.uint16).max else np.uint32
-    tifffile.imwrite(path, labels.astype(dtype), compression="zlib")
-    return Path(path)
-
-
-def display_image(image: np.ndarray) -> np.ndarray:
-    """A normalised CellSAM image (3, H, W) in [0, 1] -> grey (H, W, 3) uint8, the pixel-wise max of
-    its nuclear and whole-cell channels."""
-    grey = (np.clip(np.asarray(image)[1:].max(axis=0), 0, 1) * 255).astype(np.uint8)
-    return np.repeat(grey[..., None], 3, axis=2)
-
-
-def rgb_display(image: np.ndarray) -> np.ndarray:
-    """An RGB(A) picture (H, W, 3|4) of any dtype -> (H, W, 3) uint8 (integers scaled by the dtype's max)."""
-    image = np.asarray(image)
-    rgb = image[..., :3].astype(np.float64)
-    top = float(np.iinfo(image.dtype).max) if np.issubdtype(image.dtype, np.integer) else max(rgb.max(), 1.0)
-    return (np.clip(rgb / top, 0, 1) * 255).astype(np.uint8)
-
-
-def write_overlay(path: str | Path, display: np.ndarray, labels: np.ndarray, color=(255, 40, 40)) -> Path:
-    """Save ``display`` (H, W, 3) uint8 with the cells' outlines of ``labels`` painted in ``color`` as PNG."""
-    from PIL import Image
-
-    from cellsam.ops.masks import outlines
-
-    out = np.array(display, np.uint8, copy=True)
-    out[outlines(labels)] = color
-    Image.fromarray(out).save(path)
-    return Path(path)
-
-
-def cell_table(
-    labels: np.ndarray, scores: np.ndarray | None = None, ious: np.ndarray | None = None
-) -> list[dict]:
-    """One row per label 1..N of ``labels``: area, centroid, bbox (exclusive end), score, iou_pred.
-
-    ``scores[k]`` / ``ious[k]`` belong to label ``k + 1``, as in
-    :class:`~cellsam.inference.segment.Segmentation`.
-    """
-    labels = np.asarray(labels)
-    n = int(labels.max(initial=0))
-    if n == 0:
-        return []
-    index = np.arange(1, n + 1)
-    areas = ndimage.sum_labels(np.ones(labels.shape), labels, index)
-    cents = ndimage.center_of_mass(np.ones(labels.shape), labels, index)
-    rows = []
-    for lab, sl in enumerate(ndimage.find_objects(labels, max_label=n), start=1):
-        if sl is None:
-            continue
-        rows.append(
-            {
-                "label": lab,
-                "area": int(areas[lab - 1]),
-                "centroid_y": round(float(cents[lab - 1][0]), 2),
-                "centroid_x": round(float(cents[lab - 1][1]), 2),
-                "bbox_y0": sl[0].start,
-                "bbox_x0": sl[1].start,
-                "bbox_y1": sl[0].stop,
-                "bbox_x1": sl[1].stop,
-                "score": round(float(scores[lab - 1]), 4) if scores is not None else "",
-                "iou_pred": round(float(ious[lab - 1]), 4) if ious is not None else "",
-            }
-        )
-    return rows
-
-
-def write_cells_csv(path: str | Path, rows: list[dict]) -> Path:
-    """Write :func:`cell_table` rows (header only when there are no cells)."""
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
-        writer.writeheader()
-        writer.writerows(rows)
-    return Path(path)
-
-
-def coco_dict(
-    labels: np.ndarray, scores: np.ndarray | None, file_name: str, *, image_id: int = 1
-) -> dict[str, Any]:
-    """COCO instances of a label image: one annotation per label with an RLE mask, area, xywh bbox and
-    ``score`` (the label's box score), category 1 "cell"."""
-    from pycocotools import mask as mask_utils
-
-    labels = np.asarray(labels)
-    h, w = labels.shape
-    anns = []
-    m = np.zeros((h, w), np.uint8, order="F")
-    for lab, sl in enumerate(ndimage.find_objects(labels), start=1):
-        if sl is None:
-            continue
-        m[sl] = labels[sl] == lab
-        rle = mask_utils.encode(m)
-        m[sl] = 0
-        rle["counts"] = rle["counts"].decode("ascii")
-        x, y, bw, bh = (float(v) for v in mask_utils.toBbox(rle))
-        anns.append(
-            {
-                "id": lab,
-                "image_id": image_id,
-                "category_id": 1,
-                "segmentation": rle,
-                "area": float(mask_utils.area(rle)),
-                "bbox": [x, y, bw, bh],
-                "iscrowd": 0,
-                "score": float(scores[lab - 1]) if scores is not None else 1.0,
-            }
-        )
-    return {
-        "images": [{"id": image_id, "file_name": file_name, "height": h, "width": w}],
-        "categories": [{"id": 1, "name": "cell"}],
-        "annotations": anns,
-    }
-
-
-def write_coco(path: str | Path, coco: dict[str, Any]) -> Path:
-    Path(path).write_text(json.dumps(coco))
-    return Path(path)
