@@ -191,7 +191,7 @@ register_weights(
         sha256="89e6ac263c539d8377806671cdc526fd697a1414dd9b9a7862ba38baaa113472",
         version="v10",
         description="conv_cpu (conv encoder + dense CellFinder with TTFNet targets + size model) trained from "
-                    "random weights on DSB 2018, DeepCell 1.0 and MoNuSeg (2-core CPU, ~2.1-2.7 h); stained "
+                    "random weights on DSB 2018, DeepCell 1.0 and MoNuSeg (2-core CPU, recipe 2.05 h); stained "
                     "bright-field pictures as their hematoxylin channel",
         license="Apache-2.0 weights; trained on MoNuSeg (CC BY-NC-SA 4.0): non-commercial use",
     ),
