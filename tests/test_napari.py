@@ -320,12 +320,12 @@ def test_clicks_draw_then_refine_one_cell(make_napari_viewer, qtbot) -> None:
     assert int(labels.data.max()) == 1 and list(points.features["positive"]) == [True]
     first = labels.data == 1
     assert (first & (ref.labels == k)).sum() / (first | (ref.labels == k)).sum() > 0.5
-    widget._shift = True  # what Shift+click records: a negative click
+    widget.prompt_layers.shift = True  # what Shift+click records: a negative click
     points.add([[ys.max() + 15, xs.max() + 15]])
     assert list(points.features["positive"]) == [True, False]
     assert int(labels.data.max()) == 1  # the same cell was redrawn, not a new one
     widget.next_cell()
-    assert len(points.data) == 0 and widget._click_label is None
+    assert len(points.data) == 0 and widget.prompt_layers.click_label is None
 
 
 # ----------------------------------------------------------------------------------- cancel and bad input

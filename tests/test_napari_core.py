@@ -292,3 +292,131 @@ def test_napari_segments_a_negative_as_cellsam_segment_does() -> None:
     assert inter.sum() >= 0.9 * (expect.labels > 0).sum()
     _, kept = drain(iter_segment(neg, model, options=SegmentOptions(polarity="as_is")))
     assert not kept.inverted and ((kept.labels > 0) & (expect.labels > 0)).sum() < inter.sum()
+
+
+# ----------------------------------------------------------------------------------- prompt layers, jobs
+class _Signal:
+    def __init__(self) -> None:
+        self.slots: list = []
+
+    def connect(self, fn) -> None:
+        self.slots.append(fn)
+
+    def emit(self, event) -> None:
+        for fn in self.slots:
+            fn(event)
+
+
+class _FakeLayer:
+    """What PromptLayers uses of a napari Shapes / Points layer; ``add`` extends the features first, as
+    napari does before it emits the data event."""
+
+    def __init__(self, name: str, features: dict | None = None, **_: object) -> None:
+        from types import SimpleNamespace
+
+        self.name, self.data, self.mode, self.face_color = name, np.zeros((0, 2)), "pan_zoom", None
+        self.features = dict(features) if features is not None else {}
+        self.events = SimpleNamespace(data=_Signal())
+        self.mouse_drag_callbacks: list = []
+
+    def add(self, yx) -> None:
+        from types import SimpleNamespace
+
+        self.data = np.vstack([np.asarray(self.data, float).reshape(-1, 2), np.asarray(yx, float)])
+        if "positive" in self.features:
+            self.features = {"positive": np.append(np.asarray(self.features["positive"], bool), True)}
+        self.events.data.emit(SimpleNamespace(action="added", data_indices=(-1,)))
+
+
+class _Layers(dict):
+    def __init__(self) -> None:
+        from types import SimpleNamespace
+
+        super().__init__()
+        self.selection = SimpleNamespace(active=None)
+
+
+class _FakeViewer:
+    def __init__(self) -> None:
+        self.layers = _Layers()
+
+    def _add(self, name: str, **kwargs) -> _FakeLayer:
+        self.layers[name] = _FakeLayer(name, **kwargs)
+        return self.layers[name]
+
+    def add_shapes(self, *, name: str, **kwargs) -> _FakeLayer:
+        return self._add(name, **kwargs)
+
+    def add_points(self, *, name: str, **kwargs) -> _FakeLayer:
+        return self._add(name, **kwargs)
+
+
+def test_click_sequence_draws_one_cell_until_next_cell() -> None:
+    from types import SimpleNamespace
+
+    from cellsam.napari.prompt_layers import NEGATIVE, POSITIVE, PromptLayers
+
+    viewer = _FakeViewer()
+    calls: list[dict] = []
+    answers = iter([SimpleNamespace(label=7, rect=(1, 2, 30, 40)), None, SimpleNamespace(label=7, rect=(1, 2, 33, 44))])
+
+    def prompt(**kw):
+        calls.append(kw)
+        return next(answers)
+
+    layers = PromptLayers(viewer, prompt)
+    shapes, points = layers.add({})
+    assert layers.add({}) == (shapes, points) and len(viewer.layers) == 2  # made once
+    assert viewer.layers.selection.active is shapes and shapes.mode == "add_rectangle"
+
+    points.add([[10.0, 20.0]])  # (y, x): a positive click starts a cell
+    assert calls[-1] == dict(points=[(20.0, 10.0)], point_labels=[1], label=None, previous=None)
+    assert layers.click_label == 7 and layers.click_rect == (1, 2, 30, 40)
+
+    points.mouse_drag_callbacks[0](points, SimpleNamespace(modifiers=("Shift",)))  # Shift held: negative
+    points.add([[50.0, 60.0]])
+    assert list(points.features["positive"]) == [True, False] and points.face_color == [POSITIVE, NEGATIVE]
+    assert calls[-1] == dict(points=[(20.0, 10.0), (60.0, 50.0)], point_labels=[1, 0], label=7,
+                             previous=(1, 2, 30, 40))  # the same cell, redrawn
+    assert layers.click_label == 7 and layers.click_rect == (1, 2, 30, 40)  # a failed prompt changes nothing
+    assert layers.shift is False  # the next click is positive again
+
+    points.add([[12.0, 22.0]])
+    assert calls[-1]["point_labels"] == [1, 0, 1] and layers.click_rect == (1, 2, 33, 44)
+
+    layers.next_cell()
+    assert len(points.data) == 0 and list(points.features["positive"]) == []
+    assert layers.click_label is None and layers.click_rect is None and len(calls) == 3  # clearing prompts nothing
+
+
+def test_box_layer_events_other_than_added_are_not_prompts() -> None:
+    from types import SimpleNamespace
+
+    from cellsam.napari.prompt_layers import PromptLayers
+
+    viewer = _FakeViewer()
+    calls: list[dict] = []
+    layers = PromptLayers(viewer, lambda **kw: calls.append(kw))
+    shapes, points = layers.add({})
+    shapes.events.data.emit(SimpleNamespace(action="removed"))
+    points.events.data.emit(SimpleNamespace(action="changed"))
+    points.events.data.emit(SimpleNamespace(action="removed"))  # nothing left to prompt with
+    assert calls == []
+
+
+def test_jobs_turn_exceptions_into_failed_and_pass_progress_through() -> None:
+    from cellsam.napari.jobs import Failed, guarded, message_of, returning
+
+    def work():
+        yield "half"
+        return 42
+
+    def broken():
+        yield "start"
+        raise KeyError("no channel 3")
+
+    assert drain(guarded(work())) == (["half"], 42)
+    assert drain(guarded(broken())) == (["start"], Failed("no channel 3"))  # a KeyError's text, unquoted
+    assert drain(guarded(returning(lambda: "model"))) == ([], "model")
+    assert drain(guarded(returning(lambda: 1 / 0))) == ([], Failed("division by zero"))
+    assert message_of(ValueError()) == "ValueError"

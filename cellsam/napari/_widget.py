@@ -1,11 +1,12 @@
 """The dock widget: Segment, box / click prompts, fine-tuning. Qt glue over the Qt-free modules
-:mod:`.segmentation`, :mod:`.prompts`, :mod:`.finetuning` and :mod:`.layers`.
+:mod:`.segmentation`, :mod:`.prompts`, :mod:`.finetuning` and :mod:`.layers`; the prompt layers' events
+are :mod:`.prompt_layers`, the workers' never-raising bodies :mod:`.jobs`.
 
 Long work (Segment, fine-tuning) runs in napari ``thread_worker``s that yield progress and can be
 cancelled; prompts run in the GUI thread (one decoder pass on a cached tile embedding; a tile's first
 prompt also embeds it). Every failure a user can cause (a bad image, a wrong channel choice, a missing
 model file, a prompt off the image) ends as a napari notification with the library's message, never
-as an exception: the worker bodies return :class:`Failed` instead of raising.
+as an exception: the worker bodies return :class:`~cellsam.napari.jobs.Failed` instead of raising.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ from __future__ import annotations
 import logging
 import sys
 import threading
-from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -35,48 +35,24 @@ from napari.qt.threading import create_worker
 from napari.utils.notifications import show_error, show_info, show_warning
 
 from cellsam.inference.params import DEFAULT_MIN_AREA_REL
+from cellsam.napari.jobs import Failed, guarded, message_of, returning
 from cellsam.napari.layers import (
     AUTO,
     AXIS_CHOICES,
     NONE,
-    box_of,
     box_rectangles,
     boxes_kwargs,
-    click_prompt,
     default_axis,
     labels_kwargs,
     parse_channels,
     spatial_shape,
     training_images,
 )
+from cellsam.napari.prompt_layers import PromptLayers
 from cellsam.napari.prompts import LabelEdit, PromptTool, cell_edit
 from cellsam.napari.segmentation import ImageSpec, Progress, SegmentOptions, iter_segment, level0, n_channels
 
 log = logging.getLogger(__name__)
-
-BOX_LAYER, CLICK_LAYER = "cellsam box prompts", "cellsam click prompts"
-POSITIVE, NEGATIVE = "lime", "red"
-
-
-@dataclass(frozen=True)
-class Failed:
-    """What a worker returns instead of raising: the message for the notification."""
-
-    message: str
-
-
-def _message(e: BaseException) -> str:
-    text = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
-    return text or type(e).__name__
-
-
-def _guarded(gen: Any) -> Any:
-    """Run a generator to its return value; any exception becomes :class:`Failed` (logged)."""
-    try:
-        return (yield from gen)
-    except Exception as e:  # noqa: BLE001 - shown as a notification, with the traceback in the log
-        log.info("cellsam napari job failed", exc_info=True)
-        return Failed(_message(e))
 
 
 def keep_triton_out() -> bool:
@@ -108,10 +84,7 @@ class CellSAMWidget(Container):
         self._worker: Any = None
         self._finetune_run: Any = None
         self.finetune_result: Any = None
-        self._click_label: int | None = None
-        self._click_rect: tuple[int, int, int, int] | None = None
-        self._shift = False
-        self._quiet = False
+        self.prompt_layers = PromptLayers(napari_viewer, self.prompt)
 
         self.model = ComboBox(label="model", choices=_weight_names(), value="default",
                               tooltip="'default' is the model shipped with cellsam")
@@ -303,7 +276,7 @@ class CellSAMWidget(Container):
             spec = self.image_spec(layer)
             options = self.segment_options()
         except ValueError as e:
-            show_error(f"cellsam: {_message(e)}")
+            show_error(f"cellsam: {message_of(e)}")
             return None
         worker = create_worker(self._segment_job, layer.data, spec, options, _start_thread=False)
         worker.returned.connect(partial(self._on_segmented, layer, spec))
@@ -312,10 +285,10 @@ class CellSAMWidget(Container):
 
     def _segment_job(self, data: Any, spec: ImageSpec, options: SegmentOptions) -> Any:
         yield Progress(0, 1, "loading the model")
-        model = yield from _guarded(_call(self.get_model))
+        model = yield from guarded(returning(self.get_model))
         if isinstance(model, Failed):
             return model
-        return (yield from _guarded(iter_segment(data, model, spec=spec, options=options)))
+        return (yield from guarded(iter_segment(data, model, spec=spec, options=options)))
 
     def _on_segmented(self, image_layer: Any, spec: ImageSpec, result: Any) -> None:
         if isinstance(result, Failed):
@@ -340,7 +313,7 @@ class CellSAMWidget(Container):
         self.status.value = f"{image_layer.name}: {result.n_cells} cell(s)"
         if result.tile_size:  # later prompts on this image: at the scale this segmentation ended at
             self.prompt_tool().use_scale(_prompt_key(image_layer, spec), result.tile_size)
-        self._click_label = self._click_rect = None
+        self.prompt_layers.forget_cell()
         if result.n_cells == 0:
             show_warning(f"cellsam: {result.message or 'no cells found'}")
         else:
@@ -388,13 +361,14 @@ class CellSAMWidget(Container):
             target.data_setitem(edit.indices, edit.values)
             target.selected_label = edit.label
         except (ValueError, KeyError, TypeError, FileNotFoundError, RuntimeError) as e:
-            show_error(f"cellsam: {_message(e)}")
+            show_error(f"cellsam: {message_of(e)}")
             return None
         self.status.value = f"cell {edit.label} ({cell.score:.2f} predicted IoU)"
         return edit
 
     def add_prompt_layers(self) -> tuple[Any, Any]:
-        """The Shapes (boxes) and Points (clicks) layers whose new entries are prompts."""
+        """The Shapes (boxes) and Points (clicks) layers whose new entries are prompts, placed on the chosen
+        image (its scale and translation)."""
         layer = self._image_layer(quiet=True)
         tf: dict[str, Any] = {}
         if layer is not None:
@@ -403,72 +377,11 @@ class CellSAMWidget(Container):
                       if k in ("scale", "translate")}
             except ValueError:
                 tf = {}
-        if BOX_LAYER in self.viewer.layers:
-            shapes = self.viewer.layers[BOX_LAYER]
-        else:
-            shapes = self.viewer.add_shapes(name=BOX_LAYER, ndim=2, edge_color="cyan", face_color="transparent",
-                                            edge_width=1, **tf)
-            shapes.events.data.connect(partial(self._on_box_event, shapes))
-        if CLICK_LAYER in self.viewer.layers:
-            points = self.viewer.layers[CLICK_LAYER]
-        else:
-            points = self.viewer.add_points(name=CLICK_LAYER, ndim=2, size=5, features={"positive": np.zeros(0, bool)},
-                                            face_color=POSITIVE, **tf)
-            points.events.data.connect(partial(self._on_click_event, points))
-            points.mouse_drag_callbacks.append(self._remember_modifiers)
-        shapes.mode = "add_rectangle"
-        self.viewer.layers.selection.active = shapes
-        return shapes, points
-
-    def _remember_modifiers(self, _layer: Any, event: Any) -> None:
-        self._shift = "Shift" in getattr(event, "modifiers", ())
-
-    def _on_box_event(self, shapes: Any, event: Any) -> None:
-        if self._quiet or _action(event) != "added" or not len(shapes.data):
-            return
-        self.next_cell()
-        self.prompt(box=box_of(shapes.data[-1]))
-        from qtpy.QtCore import QTimer  # clear the drawn box once napari has finished adding it
-
-        QTimer.singleShot(0, partial(self._clear, shapes))
-
-    def _on_click_event(self, points: Any, event: Any) -> None:
-        action = _action(event)
-        if self._quiet or action not in ("added", "removed"):
-            return
-        if action == "added":
-            new = [int(i) % len(points.data) for i in getattr(event, "data_indices", (-1,))]
-            positive = np.asarray(points.features["positive"], bool).copy() if len(points.features) else np.ones(
-                len(points.data), bool)
-            positive[new] = not self._shift
-            self._shift = False
-            self._quiet = True
-            try:
-                points.features = {"positive": positive}
-                points.face_color = [POSITIVE if p else NEGATIVE for p in positive] if len(positive) else POSITIVE
-            finally:
-                self._quiet = False
-        if not len(points.data):
-            return
-        xy, signs = click_prompt(points.data, np.asarray(points.features["positive"], bool))
-        edit = self.prompt(points=xy, point_labels=signs, label=self._click_label, previous=self._click_rect)
-        if edit is not None:
-            self._click_label, self._click_rect = edit.label, edit.rect
-
-    def _clear(self, layer: Any) -> None:
-        self._quiet = True
-        try:
-            layer.data = []
-            if "positive" in getattr(layer, "features", {}):
-                layer.features = {"positive": np.zeros(0, bool)}
-        finally:
-            self._quiet = False
+        return self.prompt_layers.add(tf)
 
     def next_cell(self) -> None:
         """Finish the clicked cell: the next click starts a new one."""
-        self._click_label = self._click_rect = None
-        if CLICK_LAYER in self.viewer.layers and len(self.viewer.layers[CLICK_LAYER].data):
-            self._clear(self.viewer.layers[CLICK_LAYER])
+        self.prompt_layers.next_cell()
 
     # ------------------------------------------------------------------ fine-tuning
     def finetune(self, *, accelerator: str = "auto", workdir: str | Path | None = None) -> Any:
@@ -483,12 +396,12 @@ class CellSAMWidget(Container):
             run = FinetuneRun(self.get_model(), images, mask_steps=self.mask_steps.value,
                               detection_steps=self.detection_steps.value, accelerator=accelerator, workdir=workdir)
         except (ValueError, KeyError, FileNotFoundError) as e:
-            show_error(f"cellsam: {_message(e)}")
+            show_error(f"cellsam: {message_of(e)}")
             return None
         self._finetune_run, self.finetune_result = run, None
         self.use_button.enabled = False
         self.finetune_scores.value = ""
-        worker = create_worker(lambda: (yield from _guarded(run.iter_run())), _start_thread=False)
+        worker = create_worker(lambda: (yield from guarded(run.iter_run())), _start_thread=False)
         worker.returned.connect(self._on_finetuned)
         worker.finished.connect(self._on_finetune_finished)
         self._start(worker, f"fine-tuning on {len(run.images)} image(s)")
@@ -528,16 +441,10 @@ class CellSAMWidget(Container):
         try:
             self.get_model()
         except (ValueError, KeyError, FileNotFoundError) as e:
-            show_error(f"cellsam: {_message(e)}")
+            show_error(f"cellsam: {message_of(e)}")
             return
         self.use_button.enabled = False
         show_info(f"cellsam: using {result.model}")
-
-
-def _action(event: Any) -> str:
-    """A layer data event's action ("added", "removed", ...), whatever napari's enum prints as."""
-    action = getattr(event, "action", "")
-    return str(getattr(action, "value", action)).lower()
 
 
 def _weight_names() -> list[str]:
@@ -545,12 +452,6 @@ def _weight_names() -> list[str]:
     from cellsam.weights import list_weights
 
     return ["default"] + sorted(n for n in list_weights() if n != "default")
-
-
-def _call(fn: Any) -> Any:
-    """A generator that returns ``fn()`` without yielding (for ``yield from _guarded(...)``)."""
-    return fn()
-    yield  # pragma: no cover - makes this a generator
 
 
 def _prompt_key(layer: Any, spec: ImageSpec) -> str:
