@@ -179,17 +179,18 @@ def get_weights(name: str) -> WeightsRecord:
         raise KeyError(f"unknown weights {name!r}; choose one of {list_weights()}") from None
 
 
-# The shipped default model: trained from random weights on the 2-core CPU with configs/cpu_v10.yaml and
-# bundled in the package (cellsam/pretrained/; model card cellsam_cpu_v10.md). v1-v6 are in the git history
-# (v3's to v6's cards: benchmarks/training/v3/ to v6/). Registering a record is pure data: nothing
+# The shipped default model: trained from random weights on the 2-core CPU by the one command of
+# configs/cpu_v10.yaml, run whole on a fresh checkout (cellsam/pretrained/; model card cellsam_cpu_v11.md).
+# v1-v10 are in the git history (v3's to v10's cards: benchmarks/training/v3/ to v10/). Registering a
+# record is pure data: nothing
 # is read or downloaded until load_model("default") is called.
 register_weights(
     WeightsRecord(
-        name="cellsam_cpu.v10",
+        name="cellsam_cpu.v11",
         variant="conv_cpu",
-        url="package:pretrained/cellsam_cpu_v10.safetensors",
-        sha256="89e6ac263c539d8377806671cdc526fd697a1414dd9b9a7862ba38baaa113472",
-        version="v10",
+        url="package:pretrained/cellsam_cpu_v11.safetensors",
+        sha256="30edda4163436b38f0b667b2afbabc2bcf929e9e5f67055bb80b9aae98c66ebe",
+        version="v11",
         description="conv_cpu (conv encoder + dense CellFinder with TTFNet targets + size model) trained from "
                     "random weights on DSB 2018, DeepCell 1.0 and MoNuSeg (2-core CPU, recipe 2.05 h); stained "
                     "bright-field pictures as their hematoxylin channel",
