@@ -90,18 +90,23 @@ def _read_tiff(path: Path) -> LoadedImage:
         return _squeeze_axes(series.asarray(), series.axes, path)
 
 
+def _pil_target_mode(mode: str, info: dict) -> str:
+    """The PIL mode :func:`_read_pil` turns a picture of ``mode`` into (and :func:`_probe_pil` reports):
+    palette and other colour spaces -> RGB (RGBA with transparency), grey + alpha and 1-bit -> L."""
+    if mode in ("P", "PA", "CMYK", "YCbCr", "LAB", "HSV"):
+        return "RGBA" if "A" in mode or "transparency" in info else "RGB"
+    return "L" if mode in ("LA", "1") else mode
+
+
 def _read_pil(path: Path) -> LoadedImage:
     from PIL import Image
 
     with _pil_any_size(), Image.open(path) as opened:  # the size limit is max_pixels, checked before
         opened.load()
         im: Image.Image = opened
-        if im.mode in ("P", "PA", "CMYK", "YCbCr", "LAB", "HSV"):
-            im = im.convert("RGBA" if "A" in im.mode or "transparency" in im.info else "RGB")
-        if im.mode == "LA":
-            im = im.getchannel("L")
-        if im.mode == "1":
-            im = im.convert("L")
+        target = _pil_target_mode(im.mode, im.info)
+        if target != im.mode:
+            im = im.getchannel("L") if im.mode == "LA" else im.convert(target)
         data = np.asarray(im)
     return LoadedImage(data, -1 if data.ndim == 3 else None, path)
 
@@ -270,11 +275,8 @@ def _probe_pil(path: Path) -> ImageInfo:
 
     with _pil_any_size(), Image.open(path) as im:
         w, h = im.size
-        mode, bands, info = im.mode, len(im.getbands()), dict(im.info)
-    if mode in ("P", "PA", "CMYK", "YCbCr", "LAB", "HSV"):  # converted as _read_pil does
-        bands = 4 if "A" in mode or "transparency" in info else 3
-    if mode in ("LA", "1"):
-        bands = 1
+        mode, info = im.mode, dict(im.info)
+    bands = Image.getmodebands(_pil_target_mode(mode, info))  # as _read_pil converts it
     dtype = np.dtype(np.uint16 if mode.startswith("I;16") else np.int32 if mode == "I" else
                      np.float32 if mode == "F" else np.uint8)
     return ImageInfo(path, (h, w) if bands == 1 else (h, w, bands), dtype, None if bands == 1 else -1)
