@@ -180,19 +180,19 @@ def get_weights(name: str) -> WeightsRecord:
 
 
 # The shipped default model: trained from random weights on the 2-core CPU by the one command of
-# configs/cpu_v10.yaml, run whole on a fresh checkout (cellsam/pretrained/; model card cellsam_cpu_v11.md).
-# v1-v10 are in the git history (v3's to v10's cards: benchmarks/training/v3/ to v10/). Registering a
+# configs/cpu_v12.yaml (cellsam/pretrained/; model card cellsam_cpu_v12.md). v1-v11 are in the git history
+# (v3's to v11's cards: benchmarks/training/v3/ to v11/). Registering a
 # record is pure data: nothing
 # is read or downloaded until load_model("default") is called.
 register_weights(
     WeightsRecord(
-        name="cellsam_cpu.v11",
+        name="cellsam_cpu.v12",
         variant="conv_cpu",
-        url="package:pretrained/cellsam_cpu_v11.safetensors",
-        sha256="30edda4163436b38f0b667b2afbabc2bcf929e9e5f67055bb80b9aae98c66ebe",
-        version="v11",
+        url="package:pretrained/cellsam_cpu_v12.safetensors",
+        sha256="931bc4c74a267e400e0df84b886e224dfdfb9adf28da579f63f3ca048cc97255",
+        version="v12",
         description="conv_cpu (conv encoder + dense CellFinder with TTFNet targets + size model) trained from "
-                    "random weights on DSB 2018, DeepCell 1.0 and MoNuSeg (2-core CPU, recipe 2.05 h); stained "
+                    "random weights on DSB 2018, DeepCell 1.0 and MoNuSeg (2-core CPU, recipe 2.46 h); stained "
                     "bright-field pictures as their hematoxylin channel",
         license="Apache-2.0 weights; trained on MoNuSeg (CC BY-NC-SA 4.0): non-commercial use",
     ),
