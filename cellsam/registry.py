@@ -181,9 +181,8 @@ def get_weights(name: str) -> WeightsRecord:
 
 # The shipped default model: trained from random weights on the 2-core CPU by the one command of
 # configs/cpu_v12.yaml (cellsam/pretrained/; model card cellsam_cpu_v12.md). v1-v11 are in the git history
-# (v3's to v11's cards: benchmarks/training/v3/ to v11/). Registering a
-# record is pure data: nothing
-# is read or downloaded until load_model("default") is called.
+# (v3's to v11's cards: benchmarks/training/v3/ to v11/). Registering a record is pure data: nothing is read
+# or downloaded until load_model("default") is called.
 register_weights(
     WeightsRecord(
         name="cellsam_cpu.v12",
