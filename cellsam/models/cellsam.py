@@ -121,8 +121,10 @@ class CellSAM(nn.Module):
             flip_test = self.cfg.inference.flip_test
         flip_test = flip_test and not self.training and isinstance(self.cellfinder, DenseCellFinder)
         if images is None:
-            if self.detector_trunk is not None or flip_test:
-                raise ValueError("this model's detector needs the preprocessed images: pass them to detect()")
+            if self.detector_trunk is not None:
+                raise ValueError("this model has a separate detector trunk: pass the preprocessed images")
+            if flip_test:
+                raise ValueError("the flip test needs the preprocessed images: pass them to detect()")
             return self.cellfinder(enc.trunk)
         outputs = self.cellfinder(enc.trunk if self.detector_trunk is None else self._detector_trunk(images))
         if not flip_test:
