@@ -156,6 +156,10 @@ class InferenceConfig:
     # models up to v6) or "hematoxylin" (the hematoxylin optical density). It is how the training data
     # were prepared, so it belongs to the weights.
     stain_grey: StainGrey = "luminance"
+    # Flip test (CenterNet's): the dense CellFinder also sees the tile mirrored left-right and up-down (two
+    # more passes of the encoder's trunk) and decodes the mean of the three maps; fewer stray and missed
+    # peaks, for more detector time. The masks still come from the one embedding of the tile as it is.
+    flip_test: bool = False
 
     def __post_init__(self) -> None:
         check_stain_grey(self.stain_grey, "inference.stain_grey")

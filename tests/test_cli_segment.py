@@ -309,3 +309,19 @@ def test_log_lines_go_above_the_progress_bar(tmp_path: Path, monkeypatch: pytest
         logging.getLogger().handlers.pop()
     assert len(seen) == 2 and all("_TqdmLoggingHandler" in names for names in seen), seen
     assert not any("_TqdmLoggingHandler" in type(h).__name__ for h in logging.getLogger().handlers)
+
+
+def test_segment_and_evaluate_commands_take_flip_test() -> None:
+    import argparse
+
+    from cellsam.cli import evaluate as evaluate_cli
+    from cellsam.cli.segment import add_parser, params_of
+
+    ap = argparse.ArgumentParser()
+    sub = ap.add_subparsers()
+    add_parser(sub)
+    evaluate_cli.add_parser(sub)
+    for argv, want in (([], None), (["--flip-test"], True), (["--no-flip-test"], False)):
+        assert params_of(ap.parse_args(["segment", *argv])).flip_test is want
+        args = ap.parse_args(["evaluate", "--data", "d", *argv])
+        assert evaluate_cli.data_options(args)["flip_test"] is want

@@ -10,7 +10,7 @@ import torch
 
 from cellsam.config import DenseFinderConfig
 from cellsam.models.build import build_model
-from cellsam.models.dense_finder import DenseCellFinder, decode_dense
+from cellsam.models.dense_finder import DenseCellFinder, decode_dense, mean_of_views, unmirror
 from cellsam.ops.boxes import box_iou, box_xyxy_to_cxcywh
 from cellsam.train.dense_loss import DenseCriterion, centernet_focal_loss
 from cellsam.train.dense_targets import dense_targets, gaussian_radius
@@ -192,3 +192,63 @@ def test_dense_finder_on_a_vit_reads_its_token_grid() -> None:
     side = model.img_size // p
     assert out["heatmap"].shape == (2, 1, side, side) and len(dets) == 2
     assert all(((d["boxes"] >= 0) & (d["boxes"] <= model.img_size)).all() for d in dets)
+
+
+@pytest.mark.parametrize("dims", [(-1,), (-2,), (-2, -1)])
+def test_maps_of_a_mirrored_scene_unmirror_to_the_scene_boxes(dims: tuple[int, ...]) -> None:
+    boxes = scene(2)
+    mirrored = boxes.clone()
+    if -1 in dims:
+        mirrored[:, [0, 2]] = SIDE - boxes[:, [2, 0]]
+    if -2 in dims:
+        mirrored[:, [1, 3]] = SIDE - boxes[:, [3, 1]]
+    back = unmirror(perfect_outputs(mirrored), dims)
+    want = decode_dense(perfect_outputs(boxes), image_size=SIDE, box_threshold=0.99, stride=STRIDE)[0]["boxes"]
+    got = decode_dense(back, image_size=SIDE, box_threshold=0.99, stride=STRIDE)[0]["boxes"]
+    assert got.shape == want.shape == boxes.shape
+    iou = box_iou(got, want)
+    assert iou.max(dim=1).values.min() > 0.999 and len(set(iou.argmax(dim=1).tolist())) == len(boxes)
+    with pytest.raises(ValueError, match="dims"):
+        unmirror(back, (1,))
+
+
+def test_mean_of_views_averages_probabilities_and_log_sizes() -> None:
+    a = {"heatmap": torch.full((1, 1, 2, 2), math.log(0.9 / 0.1)), "size": torch.zeros(1, 2, 2, 2),
+         "offset": torch.full((1, 2, 2, 2), 0.2)}
+    b = {"heatmap": torch.full((1, 1, 2, 2), math.log(0.1 / 0.9)), "size": torch.full((1, 2, 2, 2), 2.0),
+         "offset": torch.full((1, 2, 2, 2), 0.6)}
+    m = mean_of_views([a, b])
+    assert torch.allclose(m["heatmap"].sigmoid(), torch.full((1, 1, 2, 2), 0.5), atol=1e-6)
+    assert torch.allclose(m["size"], torch.ones(1, 2, 2, 2))
+    assert torch.allclose(m["offset"], torch.full((1, 2, 2, 2), 0.4))
+    with pytest.raises(ValueError, match="no views"):
+        mean_of_views([])
+
+
+def test_flip_test_is_the_mean_of_the_mirrored_views_at_inference_only() -> None:
+    import dataclasses
+
+    torch.manual_seed(0)
+    plain = build_model("conv_tiny")
+    cfg = plain.cfg.replace(inference=dataclasses.replace(plain.cfg.inference, flip_test=True))
+    net = build_model(cfg)
+    net.load_state_dict(plain.state_dict())
+    net.eval(), plain.eval()
+    x = net.preprocess(torch.rand(2, 3, net.img_size, net.img_size))
+    with torch.no_grad():
+        enc = net.encode(x)
+        got = net.detect(enc, x)
+        views = [plain.detect(enc, x)]
+        for dims in ((-1,), (-2,)):
+            views.append(unmirror(plain.detect(plain.encode(x.flip(dims)), x.flip(dims)), dims))
+        want = mean_of_views(views)
+        for key in ("heatmap", "size", "offset"):
+            assert torch.allclose(got[key], want[key], atol=1e-5), key
+        assert not torch.allclose(got["heatmap"], views[0]["heatmap"], atol=1e-3)  # the mirrors changed it
+        with pytest.raises(ValueError, match="preprocessed images"):
+            net.detect(enc)
+        assert torch.allclose(net.detect(enc, x, flip_test=False)["heatmap"], views[0]["heatmap"])  # asked off
+        assert torch.allclose(plain.detect(enc, x, flip_test=True)["heatmap"], got["heatmap"], atol=1e-5)  # on
+        net.train()
+        trained = plain.train().detect(plain.encode(x), x)["heatmap"]
+        assert torch.allclose(net.detect(net.encode(x), x)["heatmap"], trained)  # training: the one view

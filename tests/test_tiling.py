@@ -47,6 +47,7 @@ class FakeModel:
         self.score = score or (lambda lab: 0.9)
         self.iou = iou or (lambda lab: 0.9)
         self.encoder_batches: list[int] = []
+        self.flip_tests: list[bool | None] = []
 
     def preprocess(self, x: torch.Tensor) -> torch.Tensor:
         assert x.shape[1:] == (3, self.img_size, self.img_size)
@@ -69,7 +70,9 @@ class FakeModel:
                 boxes.append([sl[1].start, sl[0].start, sl[1].stop, sl[0].stop])
         return ids, torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4)
 
-    def detect(self, enc: SimpleNamespace, images: torch.Tensor | None = None) -> dict:
+    def detect(self, enc: SimpleNamespace, images: torch.Tensor | None = None, *,
+               flip_test: bool | None = None) -> dict:
+        self.flip_tests.append(flip_test)
         return {"labels": enc.trunk}
 
     def postprocess_detections(self, outputs: dict, *, box_threshold: float) -> list[dict]:
@@ -245,6 +248,25 @@ def test_segment_drops_cells_under_the_relative_box_threshold() -> None:
     assert sure.stats["confident"] < sure.stats["masks"] and every.stats["confident"] == every.stats["masks"]
     kept = np.unique(truth[sure.labels > 0])
     assert all(score[int(i)] == 0.8 for i in kept if i)
+
+
+def test_segment_asks_the_detector_for_the_flip_test_given_or_the_models_own() -> None:
+    import dataclasses
+
+    from cellsam.config import InferenceConfig
+    from cellsam.inference.params import SegmentParams
+
+    truth = random_cells((160, 160), n=8, radius=(5, 9), seed=3)
+    image = coord_image(truth)
+    kw = dict(channel_axis=0, normalize=False, tile_size=128, polarity="as_is")
+    for given, want in ((None, False), (True, True), (False, False)):  # FakeModel's own (no cfg): off
+        model = FakeModel(truth, img_size=128)
+        segment(image, model, flip_test=given, **kw)
+        assert model.flip_tests and set(model.flip_tests) == {want}
+    on = dataclasses.replace(InferenceConfig(), flip_test=True)
+    assert SegmentParams().filled_from(256, on).flip_test is True
+    assert SegmentParams(flip_test=False).filled_from(256, on).flip_test is False
+    assert SegmentParams().filled_from(256, InferenceConfig()).flip_test is False
 
 
 # ---------------------------------------------------------------- the proof

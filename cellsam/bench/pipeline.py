@@ -227,9 +227,9 @@ class TimedModel:
         with self._timer.stage("encoder"):
             return self._net.encode(images)
 
-    def detect(self, enc: Any, images: torch.Tensor | None = None) -> dict[str, Any]:
-        with self._timer.stage("cellfinder"):
-            return self._net.detect(enc, images)
+    def detect(self, enc: Any, images: torch.Tensor | None = None, *, flip_test: bool | None = None) -> dict[str, Any]:
+        with self._timer.stage("cellfinder"):  # with the flip test, its mirrored trunk passes too
+            return self._net.detect(enc, images, flip_test=flip_test)
 
     def postprocess_detections(self, outputs: dict[str, Any], *, box_threshold: float) -> list[dict]:
         with self._timer.stage("cellfinder"):

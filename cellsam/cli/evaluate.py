@@ -75,6 +75,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--decode-window", type=float, default=DEFAULT_DECODE_WINDOW, metavar="X",
                    help=f"decoder token window per box, x its longer side (default {DEFAULT_DECODE_WINDOW:g}; "
                    "as `cellsam segment`); 0: whole frames")
+    p.add_argument("--flip-test", action=argparse.BooleanOptionalAction, default=None,
+                   help="the detector's flip test on or off (as `cellsam segment`; default: the model's own)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
     return p
@@ -88,7 +90,7 @@ def data_options(args: argparse.Namespace) -> dict[str, Any]:
                 iou_threshold=args.iou_threshold,
                 mask_threshold=args.mask_threshold, min_area_rel=args.min_area_rel, tile_size=args.tile_size,
                 decode_copies=args.decode_copies,
-                decode_window=args.decode_window)
+                decode_window=args.decode_window, flip_test=args.flip_test)
 
 
 def run(args: argparse.Namespace) -> int:

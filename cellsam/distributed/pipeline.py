@@ -175,6 +175,7 @@ def segment_dask(
     decode_chunk: int | None = None,
     decode_copies: bool = False,
     decode_window: float | None = DEFAULT_DECODE_WINDOW,
+    flip_test: bool | None = None,
     device: Any = None,
     block_tiles: int | None = None,
     chunk: int = 1024,
@@ -209,7 +210,7 @@ def segment_dask(
         params, box_threshold=box_threshold, box_threshold_rel=box_threshold_rel, iou_threshold=iou_threshold,
         mask_threshold=mask_threshold, min_area=min_area, min_area_rel=min_area_rel, tile_size=tile_size,
         tile_overlap=tile_overlap, diameter=diameter, polarity=polarity, batch_size=batch_size,
-        decode_chunk=decode_chunk, decode_copies=decode_copies, decode_window=decode_window,
+        decode_chunk=decode_chunk, decode_copies=decode_copies, decode_window=decode_window, flip_test=flip_test,
     )
     auto = params.diameter == AUTO  # the default: measured on a few windows once the image is normalised
     params = params.replace(diameter=None if auto else params.diameter, return_masks=False, progress=False)

@@ -41,14 +41,15 @@ def build_methods(*, model: str | None = None, baselines: Sequence[str] = (), pr
                   box_threshold_rel: float | None = None, iou_threshold: float | None = None,
                   mask_threshold: float | None = None, min_area_rel: float = DEFAULT_MIN_AREA_REL,
                   tile_size: int | None = None, decode_copies: bool = False,
-                  decode_window: float = DEFAULT_DECODE_WINDOW) -> tuple[dict[str, Method], dict[str, Any]]:
+                  decode_window: float = DEFAULT_DECODE_WINDOW,
+                  flip_test: bool | None = None) -> tuple[dict[str, Method], dict[str, Any]]:
     """The methods of one run and their settings (for the report).
 
     Args:
         model: weights name or checkpoint (None: ``"default"``; ``"none"``: no model).
         baselines: ``[NAME=]otsu`` or ``[NAME=]cellpose:MODEL_FILE`` specs.
         prompt_study: also the model's masks from ground-truth box and point prompts.
-        box_threshold, box_threshold_rel, iou_threshold, mask_threshold: None = the model's own.
+        box_threshold, box_threshold_rel, iou_threshold, mask_threshold, flip_test: None = the model's own.
         min_area_rel: as :func:`cellsam.segment`'s.
     Raises:
         InputError: an unknown or repeated baseline, a prompt study without a model, or no method at all.
@@ -69,7 +70,7 @@ def build_methods(*, model: str | None = None, baselines: Sequence[str] = (), pr
                   iou_threshold=inf.iou_threshold if iou_threshold is None else iou_threshold,
                   mask_threshold=inf.mask_threshold if mask_threshold is None else mask_threshold,
                   min_area_rel=min_area_rel, tile_size=tile_size, precision=precision, decode_copies=decode_copies,
-                  decode_window=decode_window)
+                  decode_window=decode_window, flip_test=inf.flip_test if flip_test is None else flip_test)
         methods["cellsam"] = cellsam_method(net, **kw)
         settings["cellsam"] = {"model": model_name, **kw, "stain_grey": inf.stain_grey}
         if prompt_study:

@@ -48,8 +48,8 @@ class ModelValues(NamedTuple):
 class SegmentParams:
     """How to segment (see :func:`cellsam.segment` for each parameter's meaning).
 
-    ``box_threshold``, ``box_threshold_rel``, ``iou_threshold``, ``mask_threshold`` and ``tile_size`` left
-    None are the model's own
+    ``box_threshold``, ``box_threshold_rel``, ``iou_threshold``, ``mask_threshold``, ``flip_test`` and
+    ``tile_size`` left None are the model's own
     (:meth:`for_model`); ``diameter`` (None, ``"auto"`` or pixels > 0) sets the scale through the tile size
     (:mod:`cellsam.inference.scale`), so a user gives one of ``diameter`` and ``tile_size`` (with a
     ``tile_size``, the default ``"auto"`` becomes None; a number is an error). ``filled``: the
@@ -71,6 +71,7 @@ class SegmentParams:
     decode_chunk: int | None = None
     decode_copies: bool = False
     decode_window: float | None = DEFAULT_DECODE_WINDOW
+    flip_test: bool | None = None
     precision: str = "fp32"
     return_masks: bool = False
     progress: bool = False
@@ -142,6 +143,7 @@ class SegmentParams:
                                else self.box_threshold_rel),
             iou_threshold=inference.iou_threshold if self.iou_threshold is None else self.iou_threshold,
             mask_threshold=inference.mask_threshold if self.mask_threshold is None else self.mask_threshold,
+            flip_test=bool(inference.flip_test) if self.flip_test is None else bool(self.flip_test),
             tile_size=int(tile_size) if self.tile_size is None else self.tile_size,
             filled=True,
         )

@@ -137,6 +137,7 @@ def segment(
     decode_chunk: int | None = None,
     decode_copies: bool = False,
     decode_window: float | None = DEFAULT_DECODE_WINDOW,
+    flip_test: bool | None = None,
     device: str | torch.device | None = None,
     return_masks: bool = False,
     progress: bool = False,
@@ -184,6 +185,9 @@ def segment(
             box's longer side (see :meth:`~cellsam.models.cellsam.CellSAM.decode`); the values there
             are those of whole frames, so only a cell reaching farther than that from its box changes.
             None or 0: whole frames.
+        flip_test: the dense CellFinder also looks at each tile mirrored left-right and up-down and
+            decodes the mean maps (two more trunk passes per tile; see
+            :meth:`~cellsam.models.cellsam.CellSAM.detect`); None: the model's ``cfg.inference.flip_test``.
         device: "cpu", "cuda", "mps", "auto"; None keeps a given model where it is ("auto" for names).
         return_masks: also return the per-cell masks before merging.
         progress: show a tqdm bar over the tiles of large images.
@@ -199,7 +203,8 @@ def segment(
         mask_threshold=mask_threshold, min_area=min_area, min_area_rel=min_area_rel, tile_size=tile_size,
         tile_overlap=tile_overlap, diameter=diameter, polarity=polarity, batch_size=batch_size,
         decode_chunk=decode_chunk, decode_copies=decode_copies,
-        decode_window=decode_window, precision=precision, return_masks=return_masks, progress=progress,
+        decode_window=decode_window, flip_test=flip_test, precision=precision, return_masks=return_masks,
+        progress=progress,
     )
     images, single = _image_list(image, batch)
     net, dev = resolve_model(model, device)
@@ -286,7 +291,7 @@ def tile_candidates(
         batch = F.interpolate(batch, size=(s, s), mode="bilinear", align_corners=False).clamp_(0.0, 1.0)
     x = net.preprocess(batch)
     enc = net.encode(x)
-    dets = net.postprocess_detections(net.detect(enc, x), box_threshold=values.box_threshold)
+    dets = net.postprocess_detections(net.detect(enc, x, flip_test=p.flip_test), box_threshold=values.box_threshold)
     thr = logit_threshold(values.mask_threshold)
     refine = int(inference_defaults(net).refine_boxes)
     sizes = (s,) if s == t_size else (s, t_size)

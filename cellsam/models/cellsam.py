@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from cellsam.config import CellSAMConfig
 from cellsam.models.cellfinder import CellFinder
 from cellsam.models.conv_encoder import ConvEncoder
-from cellsam.models.dense_finder import DenseCellFinder
+from cellsam.models.dense_finder import FLIP_TEST_DIMS, DenseCellFinder, mean_of_views, unmirror
 from cellsam.models.image_encoder import EncoderOutput, ImageEncoderViT
 from cellsam.models.mask_decoder import MaskDecoder
 from cellsam.models.prompt_encoder import PromptEncoder
@@ -105,21 +105,42 @@ class CellSAM(nn.Module):
         return self.size_head(self.image_encoder.size_features(images)).exp()
 
     # ------------------------------------------------------------------ detector
-    def detect(self, enc: EncoderOutput, images: Tensor | None = None) -> dict[str, Any]:
+    def detect(self, enc: EncoderOutput, images: Tensor | None = None, *,
+               flip_test: bool | None = None) -> dict[str, Any]:
         """Run CellFinder on the trunk features.
 
         Returns the detector's raw outputs: for Anchor DETR ``pred_logits`` (B,Q,K), ``pred_boxes``
         (B,Q,4) cxcywh in [0,1] of the S x S input and ``aux_outputs``; for the dense CellFinder
         ``heatmap``, ``size`` and ``offset`` maps. :meth:`postprocess_detections` turns either into boxes.
-        ``images`` (preprocessed) is needed only when the
-        model has a separate detector trunk (imported official checkpoints).
+        ``images`` (preprocessed) is needed when the model has a separate detector trunk (imported
+        official checkpoints) and for the dense CellFinder's flip test (``cfg.inference.flip_test``, at
+        inference only): the mean of the maps of the images as they are and mirrored left-right and up-down.
+        ``flip_test`` None is the model's setting; True / False ask for it or for the one view.
         """
-        trunk = enc.trunk
-        if self.detector_trunk is not None:
-            if images is None:
+        if flip_test is None:
+            flip_test = self.cfg.inference.flip_test
+        flip_test = flip_test and not self.training and isinstance(self.cellfinder, DenseCellFinder)
+        if images is None:
+            if self.detector_trunk is not None:
                 raise ValueError("this model has a separate detector trunk: pass the preprocessed images")
-            trunk = self.detector_trunk.forward_trunk(images)
-        return self.cellfinder(trunk)
+            if flip_test:
+                raise ValueError("the flip test needs the preprocessed images: pass them to detect()")
+            return self.cellfinder(enc.trunk)
+        outputs = self.cellfinder(enc.trunk if self.detector_trunk is None else self._detector_trunk(images))
+        if not flip_test:
+            return outputs
+        views = [outputs]
+        for dims in FLIP_TEST_DIMS:
+            views.append(unmirror(self.cellfinder(self._detector_trunk(images.flip(dims))), dims))
+        return mean_of_views(views)
+
+    def _detector_trunk(self, images: Tensor) -> Tensor:
+        """(B,3,S,S) preprocessed -> the features CellFinder reads (the trunk only, where the encoder has one)."""
+        if self.detector_trunk is not None:
+            return self.detector_trunk.forward_trunk(images)
+        if isinstance(self.image_encoder, ConvEncoder):
+            return self.image_encoder.forward_trunk(images)
+        return self.image_encoder(images).trunk
 
     def postprocess_detections(self, outputs: dict[str, Any], *, box_threshold: float) -> list[dict[str, Tensor]]:
         """Per image: ``scores`` (N,) sorted descending and ``boxes`` (N,4) xyxy pixels of S. No NMS."""

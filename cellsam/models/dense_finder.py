@@ -25,7 +25,10 @@ from torch import Tensor, nn
 from cellsam.config import DenseFinderConfig
 from cellsam.ops.boxes import clip_boxes
 
-__all__ = ["DenseCellFinder", "decode_dense"]
+__all__ = ["FLIP_TEST_DIMS", "DenseCellFinder", "decode_dense", "mean_of_views", "unmirror"]
+
+# the mirrors of the flip test: left-right, up-down (dims of a (B,C,H,W) tensor)
+FLIP_TEST_DIMS: tuple[tuple[int, ...], ...] = ((-1,), (-2,))
 
 
 def _head(cin: int, mid: int, cout: int, *, bias: float) -> nn.Sequential:
@@ -102,3 +105,38 @@ def decode_dense(outputs: dict, *, image_size: int, box_threshold: float, stride
         results.append({"scores": scores, "boxes": clip_boxes(boxes, size=image_size),
                         "labels": torch.zeros(k, dtype=torch.long, device=heat.device)})
     return results
+
+
+def unmirror(outputs: dict[str, Tensor], dims: tuple[int, ...]) -> dict[str, Tensor]:
+    """The maps of an image mirrored along ``dims`` (-1: left-right, -2: up-down) -> the image's maps.
+
+    Every map is mirrored back; sizes are unchanged by a mirror, and an offset ``o`` along a mirrored axis
+    becomes ``1 - o``: a centre at ``x / stride = j + o`` lies at ``(w - 1 - j) + (1 - o)`` in the mirror.
+
+    Args:
+        outputs: ``heatmap`` (B,1,h,w) logits, ``size`` (B,2,h,w), ``offset`` (B,2,h,w) of the mirrored image.
+    Returns:
+        the same maps in the frame of the image as it is.
+    """
+    if any(d not in (-1, -2) for d in dims):
+        raise ValueError(f"dims must be among (-1, -2), got {dims}")
+    offset = outputs["offset"].flip(dims).clone()
+    for d in dims:
+        axis = 0 if d == -1 else 1  # offset channel 0 is x, 1 is y
+        offset[:, axis] = 1.0 - offset[:, axis]
+    return {"heatmap": outputs["heatmap"].flip(dims), "size": outputs["size"].flip(dims), "offset": offset}
+
+
+def mean_of_views(views: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+    """The mean maps of several views of one image (each in the image's frame, see :func:`unmirror`).
+
+    The heatmap is averaged as probabilities (returned as their logits), sizes in log space, offsets as
+    they are. Shapes as in :func:`decode_dense`.
+    """
+    if not views:
+        raise ValueError("no views to average")
+    prob = torch.stack([v["heatmap"].float().sigmoid() for v in views]).mean(0)
+    eps = torch.finfo(prob.dtype).eps
+    return {"heatmap": torch.logit(prob.clamp(eps, 1 - eps)),
+            "size": torch.stack([v["size"].float() for v in views]).mean(0),
+            "offset": torch.stack([v["offset"].float() for v in views]).mean(0)}

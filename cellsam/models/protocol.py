@@ -34,8 +34,9 @@ class SegmentationModel(Protocol):
         """One encoder pass: ``EncoderOutput(trunk, embedding (B,D,h,w))``."""
         ...
 
-    def detect(self, enc: Any, images: Tensor | None = None) -> dict[str, Any]:
-        """The detector's raw outputs (only passed on to :meth:`postprocess_detections`)."""
+    def detect(self, enc: Any, images: Tensor | None = None, *, flip_test: bool | None = None) -> dict[str, Any]:
+        """The detector's raw outputs (only passed on to :meth:`postprocess_detections`); ``flip_test``: the
+        dense CellFinder's mirrored views too (True), the one view (False), the model's setting (None)."""
         ...
 
     def postprocess_detections(self, outputs: dict[str, Any], *, box_threshold: float) -> list[dict[str, Tensor]]:
