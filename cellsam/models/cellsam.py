@@ -136,11 +136,8 @@ class CellSAM(nn.Module):
 
     def _detector_trunk(self, images: Tensor) -> Tensor:
         """(B,3,S,S) preprocessed -> the features CellFinder reads (the trunk only, where the encoder has one)."""
-        if self.detector_trunk is not None:
-            return self.detector_trunk.forward_trunk(images)
-        if isinstance(self.image_encoder, ConvEncoder):
-            return self.image_encoder.forward_trunk(images)
-        return self.image_encoder(images).trunk
+        encoder = self.image_encoder if self.detector_trunk is None else self.detector_trunk
+        return encoder.forward_trunk(images)
 
     def postprocess_detections(self, outputs: dict[str, Any], *, box_threshold: float) -> list[dict[str, Tensor]]:
         """Per image: ``scores`` (N,) sorted descending and ``boxes`` (N,4) xyxy pixels of S. No NMS."""
