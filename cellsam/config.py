@@ -121,6 +121,24 @@ class DenseFinderConfig:
     prior_prob: float = 0.1  # CenterNet's heatmap bias init (-2.19)
 
 
+FlipTest: TypeAlias = Literal["off", "mirrors", "rot180"]
+FLIP_TESTS: Final[tuple[FlipTest, ...]] = ("off", "mirrors", "rot180")
+"""The flip tests of the dense CellFinder: ``"off"`` (the one view), ``"mirrors"`` (the tile also mirrored
+left-right and up-down: two more passes of the encoder's trunk) and ``"rot180"`` (the tile also turned
+180 degrees, i.e. mirrored along both axes: one more pass). Measured in ``benchmarks/flip_test.md``."""
+
+
+def flip_test_mode(value: object, name: str = "flip_test") -> FlipTest:
+    """``value`` as one of :data:`FLIP_TESTS`: True is ``"mirrors"`` (the first flip test), False ``"off"``;
+    anything else raises ``ValueError``."""
+    if isinstance(value, bool):
+        return "mirrors" if value else "off"
+    for mode in FLIP_TESTS:
+        if value == mode:
+            return mode
+    raise ValueError(f"{name} must be one of {', '.join(FLIP_TESTS)} (or True / False), got {value!r}")
+
+
 @dataclass(frozen=True)
 class InferenceConfig:
     """Default thresholds of a trained model (the paper's values unless the model says otherwise).
@@ -156,13 +174,14 @@ class InferenceConfig:
     # models up to v6) or "hematoxylin" (the hematoxylin optical density). It is how the training data
     # were prepared, so it belongs to the weights.
     stain_grey: StainGrey = "luminance"
-    # Flip test (CenterNet's): the dense CellFinder also sees the tile mirrored left-right and up-down (two
-    # more passes of the encoder's trunk) and decodes the mean of the three maps; fewer stray and missed
-    # peaks, for more detector time. The masks still come from the one embedding of the tile as it is.
-    flip_test: bool = False
+    # Flip test (CenterNet's, see :data:`FLIP_TESTS`): the dense CellFinder also sees the tile mirrored and
+    # decodes the mean of the maps; fewer stray and missed peaks, for more detector time. The masks still
+    # come from the one embedding of the tile as it is. True / False (older files) read as "mirrors" / "off".
+    flip_test: FlipTest | bool = "off"
 
     def __post_init__(self) -> None:
         check_stain_grey(self.stain_grey, "inference.stain_grey")
+        object.__setattr__(self, "flip_test", flip_test_mode(self.flip_test, "inference.flip_test"))
 
 
 DEFAULT_DECODE_WINDOW = 3.0

@@ -321,7 +321,12 @@ def test_segment_and_evaluate_commands_take_flip_test() -> None:
     sub = ap.add_subparsers()
     add_parser(sub)
     evaluate_cli.add_parser(sub)
-    for argv, want in (([], None), (["--flip-test"], True), (["--no-flip-test"], False)):
-        assert params_of(ap.parse_args(["segment", *argv])).flip_test is want
+    cases = (([], None), (["--flip-test"], "mirrors"), (["--no-flip-test"], "off"),
+             (["--flip-test", "rot180"], "rot180"), (["--flip-test", "off"], "off"))
+    for argv, want in cases:
+        assert params_of(ap.parse_args(["segment", *argv])).flip_test == want
         args = ap.parse_args(["evaluate", "--data", "d", *argv])
-        assert evaluate_cli.data_options(args)["flip_test"] is want
+        assert evaluate_cli.data_options(args)["flip_test"] == want
+    for cmd in (["segment"], ["evaluate", "--data", "d"]):
+        with pytest.raises(SystemExit):
+            ap.parse_args([*cmd, "--flip-test", "sideways"])

@@ -225,12 +225,14 @@ def test_mean_of_views_averages_probabilities_and_log_sizes() -> None:
         mean_of_views([])
 
 
-def test_flip_test_is_the_mean_of_the_mirrored_views_at_inference_only() -> None:
+@pytest.mark.parametrize("mode, mirrors", [("mirrors", ((-1,), (-2,))), ("rot180", ((-2, -1),))])
+def test_flip_test_is_the_mean_of_the_mirrored_views_at_inference_only(
+        mode: str, mirrors: tuple[tuple[int, ...], ...]) -> None:
     import dataclasses
 
     torch.manual_seed(0)
     plain = build_model("conv_tiny")
-    cfg = plain.cfg.replace(inference=dataclasses.replace(plain.cfg.inference, flip_test=True))
+    cfg = plain.cfg.replace(inference=dataclasses.replace(plain.cfg.inference, flip_test=mode))
     net = build_model(cfg)
     net.load_state_dict(plain.state_dict())
     net.eval(), plain.eval()
@@ -239,7 +241,7 @@ def test_flip_test_is_the_mean_of_the_mirrored_views_at_inference_only() -> None
         enc = net.encode(x)
         got = net.detect(enc, x)
         views = [plain.detect(enc, x)]
-        for dims in ((-1,), (-2,)):
+        for dims in mirrors:
             views.append(unmirror(plain.detect(plain.encode(x.flip(dims)), x.flip(dims)), dims))
         want = mean_of_views(views)
         for key in ("heatmap", "size", "offset"):
@@ -248,7 +250,12 @@ def test_flip_test_is_the_mean_of_the_mirrored_views_at_inference_only() -> None
         with pytest.raises(ValueError, match="preprocessed images"):
             net.detect(enc)
         assert torch.allclose(net.detect(enc, x, flip_test=False)["heatmap"], views[0]["heatmap"])  # asked off
-        assert torch.allclose(plain.detect(enc, x, flip_test=True)["heatmap"], got["heatmap"], atol=1e-5)  # on
+        assert torch.allclose(net.detect(enc, x, flip_test="off")["heatmap"], views[0]["heatmap"])
+        assert torch.allclose(plain.detect(enc, x, flip_test=mode)["heatmap"], got["heatmap"], atol=1e-5)  # on
+        other = "rot180" if mode == "mirrors" else "mirrors"
+        assert not torch.allclose(plain.detect(enc, x, flip_test=other)["heatmap"], got["heatmap"], atol=1e-4)
+        with pytest.raises(ValueError, match="flip_test must be one of"):
+            plain.detect(enc, x, flip_test="sideways")  # type: ignore[arg-type]
         net.train()
         trained = plain.train().detect(plain.encode(x), x)["heatmap"]
         assert torch.allclose(net.detect(net.encode(x), x)["heatmap"], trained)  # training: the one view

@@ -37,7 +37,7 @@ class _StubNet:
 
     def __init__(self, dark: list[float], light: list[float]) -> None:
         self.dark, self.light, self.passes = dark, light, 0
-        self.flip_tests: list[bool | None] = []
+        self.flip_tests: list[str | bool | None] = []
 
     def preprocess(self, x: torch.Tensor) -> torch.Tensor:
         return x
@@ -46,7 +46,7 @@ class _StubNet:
         self.passes += x.shape[0]
         return x
 
-    def detect(self, enc: torch.Tensor, x: torch.Tensor, *, flip_test: bool | None = None) -> torch.Tensor:
+    def detect(self, enc: torch.Tensor, x: torch.Tensor, *, flip_test: str | bool | None = None) -> torch.Tensor:
         self.flip_tests.append(flip_test)
         return enc[:, 2].mean(dim=(1, 2))
 
@@ -71,7 +71,7 @@ def test_detection_confidence_is_the_upper_half_mean_over_a_few_tiles() -> None:
     # a 64 px image at 16 px tiles: 16 tiles, of which PROBE_TILES are looked at, each resized to 32
     conf = P.detection_confidence(net, _light_image(), 16, dev, box_threshold=0.2)
     assert net.passes == P.PROBE_TILES
-    assert net.flip_tests == [False]  # the rule was measured on the one view's scores, not the flip test's
+    assert net.flip_tests == ["off"]  # the rule was measured on the one view's scores, not the flip test's
     # per tile [0.4, 0.3] above 0.2 -> 4 x 2 scores; the upper half is the four 0.4s
     assert conf == pytest.approx(0.4)
     inv = P.detection_confidence(net, P.invert_whole_cell(_light_image()), 16, dev, box_threshold=0.2)

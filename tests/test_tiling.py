@@ -47,7 +47,7 @@ class FakeModel:
         self.score = score or (lambda lab: 0.9)
         self.iou = iou or (lambda lab: 0.9)
         self.encoder_batches: list[int] = []
-        self.flip_tests: list[bool | None] = []
+        self.flip_tests: list[str | bool | None] = []
 
     def preprocess(self, x: torch.Tensor) -> torch.Tensor:
         assert x.shape[1:] == (3, self.img_size, self.img_size)
@@ -71,7 +71,7 @@ class FakeModel:
         return ids, torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4)
 
     def detect(self, enc: SimpleNamespace, images: torch.Tensor | None = None, *,
-               flip_test: bool | None = None) -> dict:
+               flip_test: str | bool | None = None) -> dict:
         self.flip_tests.append(flip_test)
         return {"labels": enc.trunk}
 
@@ -259,14 +259,22 @@ def test_segment_asks_the_detector_for_the_flip_test_given_or_the_models_own() -
     truth = random_cells((160, 160), n=8, radius=(5, 9), seed=3)
     image = coord_image(truth)
     kw = dict(channel_axis=0, normalize=False, tile_size=128, polarity="as_is")
-    for given, want in ((None, False), (True, True), (False, False)):  # FakeModel's own (no cfg): off
+    # FakeModel's own (no cfg): off; True / False are the first flip test's "mirrors" / "off"
+    for given, want in ((None, "off"), (True, "mirrors"), (False, "off"), ("rot180", "rot180")):
         model = FakeModel(truth, img_size=128)
         segment(image, model, flip_test=given, **kw)
         assert model.flip_tests and set(model.flip_tests) == {want}
-    on = dataclasses.replace(InferenceConfig(), flip_test=True)
-    assert SegmentParams().filled_from(256, on).flip_test is True
-    assert SegmentParams(flip_test=False).filled_from(256, on).flip_test is False
-    assert SegmentParams().filled_from(256, InferenceConfig()).flip_test is False
+    on = dataclasses.replace(InferenceConfig(), flip_test=True)  # an older model file's True
+    assert on.flip_test == "mirrors"
+    assert SegmentParams().filled_from(256, on).flip_test == "mirrors"
+    assert SegmentParams(flip_test=False).filled_from(256, on).flip_test == "off"
+    assert SegmentParams(flip_test="rot180").filled_from(256, on).flip_test == "rot180"
+    assert SegmentParams().filled_from(256, InferenceConfig()).flip_test == "off"
+    for bad in ("yes", "Mirrors", 1, ""):
+        with pytest.raises(ValueError, match="flip_test must be one of off, mirrors, rot180"):
+            SegmentParams(flip_test=bad)  # type: ignore[arg-type]
+        with pytest.raises(ValueError, match="inference.flip_test must be one of"):
+            InferenceConfig(flip_test=bad)  # type: ignore[arg-type]
 
 
 # ---------------------------------------------------------------- the proof

@@ -41,7 +41,7 @@ import numpy as np
 import torch
 
 from cellsam.bench.timing import PeakMemory, StageTimer, merge_peaks, summarize, synchronize
-from cellsam.config import DEFAULT_DECODE_WINDOW
+from cellsam.config import DEFAULT_DECODE_WINDOW, FlipTest
 from cellsam.inference.params import SegmentParams
 from cellsam.inference.runtime import autocast_context
 from cellsam.models.protocol import model_tile_size
@@ -227,7 +227,8 @@ class TimedModel:
         with self._timer.stage("encoder"):
             return self._net.encode(images)
 
-    def detect(self, enc: Any, images: torch.Tensor | None = None, *, flip_test: bool | None = None) -> dict[str, Any]:
+    def detect(self, enc: Any, images: torch.Tensor | None = None, *,
+               flip_test: FlipTest | bool | None = None) -> dict[str, Any]:
         with self._timer.stage("cellfinder"):  # with the flip test, its mirrored trunk passes too
             return self._net.detect(enc, images, flip_test=flip_test)
 

@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from cellsam.cli import help_text
+from cellsam.cli import add_flip_test_options, help_text
 from cellsam.config import DEFAULT_DECODE_WINDOW
 from cellsam.inference.params import DEFAULT_MIN_AREA_REL
 
@@ -75,8 +75,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--decode-window", type=float, default=DEFAULT_DECODE_WINDOW, metavar="X",
                    help=f"decoder token window per box, x its longer side (default {DEFAULT_DECODE_WINDOW:g}; "
                    "as `cellsam segment`); 0: whole frames")
-    p.add_argument("--flip-test", action=argparse.BooleanOptionalAction, default=None,
-                   help="the detector's flip test on or off (as `cellsam segment`; default: the model's own)")
+    add_flip_test_options(p, "as `cellsam segment`; default: the model's own")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
     return p

@@ -18,6 +18,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from cellsam.cli import add_flip_test_options
 from cellsam.config import DEFAULT_DECODE_WINDOW, DEFAULT_DIAMETER, POLARITIES, parse_diameter
 from cellsam.inference.files import FileOptions, segment_file, unique_name
 from cellsam.inference.params import DEFAULT_MIN_AREA, DEFAULT_MIN_AREA_REL, SegmentParams
@@ -128,9 +129,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--decode-window", type=float, default=DEFAULT_DECODE_WINDOW, metavar="X",
                    help="compute each mask on decoder tokens within X times its box's longer side (default "
                    f"{DEFAULT_DECODE_WINDOW:g}; same values there as whole frames, less work); 0: whole frames")
-    p.add_argument("--flip-test", action=argparse.BooleanOptionalAction, default=None,
-                   help="the detector also looks at each tile mirrored left-right and up-down and decodes the "
-                   "mean (two more trunk passes per tile; benchmarks/flip_test.md); default: the model's own")
+    add_flip_test_options(p, "default: the model's own")
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
                    help="bf16 runs the networks under bfloat16 autocast (faster on CPUs with bf16 units)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto", help="default: auto")

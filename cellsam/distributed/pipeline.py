@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from cellsam.config import AUTO, DEFAULT_DECODE_WINDOW, DEFAULT_DIAMETER, InferenceConfig
+from cellsam.config import AUTO, DEFAULT_DECODE_WINDOW, DEFAULT_DIAMETER, FlipTest, InferenceConfig
 from cellsam.data.normalize import StainGrey
 from cellsam.distributed import blocks as B
 from cellsam.distributed import omezarr
@@ -175,7 +175,7 @@ def segment_dask(
     decode_chunk: int | None = None,
     decode_copies: bool = False,
     decode_window: float | None = DEFAULT_DECODE_WINDOW,
-    flip_test: bool | None = None,
+    flip_test: FlipTest | bool | None = None,
     device: Any = None,
     block_tiles: int | None = None,
     chunk: int = 1024,

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from cellsam.config import DEFAULT_DECODE_WINDOW
+from cellsam.config import DEFAULT_DECODE_WINDOW, FlipTest, flip_test_mode
 from cellsam.eval.harness import EvalItem, InputError, Method, environment, evaluate_methods, load_data
 from cellsam.inference.params import DEFAULT_MIN_AREA_REL
 
@@ -42,7 +42,7 @@ def build_methods(*, model: str | None = None, baselines: Sequence[str] = (), pr
                   mask_threshold: float | None = None, min_area_rel: float = DEFAULT_MIN_AREA_REL,
                   tile_size: int | None = None, decode_copies: bool = False,
                   decode_window: float = DEFAULT_DECODE_WINDOW,
-                  flip_test: bool | None = None) -> tuple[dict[str, Method], dict[str, Any]]:
+                  flip_test: FlipTest | bool | None = None) -> tuple[dict[str, Method], dict[str, Any]]:
     """The methods of one run and their settings (for the report).
 
     Args:
@@ -70,7 +70,8 @@ def build_methods(*, model: str | None = None, baselines: Sequence[str] = (), pr
                   iou_threshold=inf.iou_threshold if iou_threshold is None else iou_threshold,
                   mask_threshold=inf.mask_threshold if mask_threshold is None else mask_threshold,
                   min_area_rel=min_area_rel, tile_size=tile_size, precision=precision, decode_copies=decode_copies,
-                  decode_window=decode_window, flip_test=inf.flip_test if flip_test is None else flip_test)
+                  decode_window=decode_window,
+                  flip_test=flip_test_mode(inf.flip_test if flip_test is None else flip_test))
         methods["cellsam"] = cellsam_method(net, **kw)
         settings["cellsam"] = {"model": model_name, **kw, "stain_grey": inf.stain_grey}
         if prompt_study:

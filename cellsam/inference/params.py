@@ -17,10 +17,12 @@ from cellsam.config import (
     AUTO,
     DEFAULT_DECODE_WINDOW,
     DEFAULT_DIAMETER,
+    FlipTest,
     InferenceConfig,
     check_decode_window,
     check_diameter,
     check_polarity,
+    flip_test_mode,
 )
 
 __all__ = ["DEFAULT_MIN_AREA", "DEFAULT_MIN_AREA_REL", "PRECISIONS", "ModelValues", "SegmentParams",
@@ -71,7 +73,7 @@ class SegmentParams:
     decode_chunk: int | None = None
     decode_copies: bool = False
     decode_window: float | None = DEFAULT_DECODE_WINDOW
-    flip_test: bool | None = None
+    flip_test: FlipTest | bool | None = None
     precision: str = "fp32"
     return_masks: bool = False
     progress: bool = False
@@ -113,6 +115,7 @@ class SegmentParams:
             "decode_chunk": None if self.decode_chunk is None else int(self.decode_chunk),
             "decode_copies": bool(self.decode_copies),
             "decode_window": check_decode_window(self.decode_window),
+            "flip_test": None if self.flip_test is None else flip_test_mode(self.flip_test),
         }
         for name, value in normal.items():
             object.__setattr__(self, name, value)
@@ -143,7 +146,7 @@ class SegmentParams:
                                else self.box_threshold_rel),
             iou_threshold=inference.iou_threshold if self.iou_threshold is None else self.iou_threshold,
             mask_threshold=inference.mask_threshold if self.mask_threshold is None else self.mask_threshold,
-            flip_test=bool(inference.flip_test) if self.flip_test is None else bool(self.flip_test),
+            flip_test=inference.flip_test if self.flip_test is None else self.flip_test,
             tile_size=int(tile_size) if self.tile_size is None else self.tile_size,
             filled=True,
         )

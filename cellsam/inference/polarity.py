@@ -73,7 +73,7 @@ def detection_confidence(net: Any, image: np.ndarray, tile_size: int, device: to
         x = F.interpolate(x, size=(s, s), mode="bilinear", align_corners=False).clamp_(0.0, 1.0)
     x = net.preprocess(x)
     # the one view, without the flip test: the rule was measured on its scores (benchmarks/flip_test.md)
-    dets = net.postprocess_detections(net.detect(net.encode(x), x, flip_test=False), box_threshold=box_threshold)
+    dets = net.postprocess_detections(net.detect(net.encode(x), x, flip_test="off"), box_threshold=box_threshold)
     scores = np.sort(np.concatenate([d["scores"].float().cpu().numpy() for d in dets]))
     if scores.size == 0:
         return 0.0

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from cellsam.config import AUTO, DEFAULT_DECODE_WINDOW, DEFAULT_DIAMETER
+from cellsam.config import AUTO, DEFAULT_DECODE_WINDOW, DEFAULT_DIAMETER, FlipTest
 from cellsam.inference.params import DEFAULT_MIN_AREA, DEFAULT_MIN_AREA_REL, SegmentParams, params_or_keywords
 from cellsam.inference.polarity import invert_whole_cell, prefers_inverted
 from cellsam.inference.preprocess import Channels, as_numpy, prepare_image, stain_grey
@@ -137,7 +137,7 @@ def segment(
     decode_chunk: int | None = None,
     decode_copies: bool = False,
     decode_window: float | None = DEFAULT_DECODE_WINDOW,
-    flip_test: bool | None = None,
+    flip_test: FlipTest | bool | None = None,
     device: str | torch.device | None = None,
     return_masks: bool = False,
     progress: bool = False,
@@ -185,8 +185,9 @@ def segment(
             box's longer side (see :meth:`~cellsam.models.cellsam.CellSAM.decode`); the values there
             are those of whole frames, so only a cell reaching farther than that from its box changes.
             None or 0: whole frames.
-        flip_test: the dense CellFinder also looks at each tile mirrored left-right and up-down and
-            decodes the mean maps (two more trunk passes per tile; see
+        flip_test: the dense CellFinder also looks at each tile mirrored and decodes the mean maps:
+            ``"mirrors"`` (or True) left-right and up-down, two more trunk passes per tile; ``"rot180"`` both
+            axes at once, one more pass; ``"off"`` (or False) the one view (see
             :meth:`~cellsam.models.cellsam.CellSAM.detect`); None: the model's ``cfg.inference.flip_test``.
         device: "cpu", "cuda", "mps", "auto"; None keeps a given model where it is ("auto" for names).
         return_masks: also return the per-cell masks before merging.

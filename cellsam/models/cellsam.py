@@ -13,10 +13,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from cellsam.config import CellSAMConfig
+from cellsam.config import CellSAMConfig, FlipTest, flip_test_mode
 from cellsam.models.cellfinder import CellFinder
 from cellsam.models.conv_encoder import ConvEncoder
-from cellsam.models.dense_finder import FLIP_TEST_DIMS, DenseCellFinder, mean_of_views, unmirror
+from cellsam.models.dense_finder import FLIP_TEST_VIEWS, DenseCellFinder, mean_of_views, unmirror
 from cellsam.models.image_encoder import EncoderOutput, ImageEncoderViT
 from cellsam.models.mask_decoder import MaskDecoder
 from cellsam.models.prompt_encoder import PromptEncoder
@@ -106,33 +106,33 @@ class CellSAM(nn.Module):
 
     # ------------------------------------------------------------------ detector
     def detect(self, enc: EncoderOutput, images: Tensor | None = None, *,
-               flip_test: bool | None = None) -> dict[str, Any]:
+               flip_test: FlipTest | bool | None = None) -> dict[str, Any]:
         """Run CellFinder on the trunk features.
 
         Returns the detector's raw outputs: for Anchor DETR ``pred_logits`` (B,Q,K), ``pred_boxes``
         (B,Q,4) cxcywh in [0,1] of the S x S input and ``aux_outputs``; for the dense CellFinder
         ``heatmap``, ``size`` and ``offset`` maps. :meth:`postprocess_detections` turns either into boxes.
         ``images`` (preprocessed) is needed when the model has a separate detector trunk (imported
-        official checkpoints) and for the dense CellFinder's flip test (``cfg.inference.flip_test``, at
-        inference only): the mean of the maps of the images as they are and mirrored left-right and up-down.
-        ``flip_test`` None is the model's setting; True / False ask for it or for the one view.
+        official checkpoints) and for the dense CellFinder's flip test (at inference only): the mean of the
+        maps of the images as they are and mirrored (``"mirrors"``: left-right and up-down; ``"rot180"``:
+        along both axes at once; :data:`~cellsam.config.FLIP_TESTS`). ``flip_test`` None is the model's
+        ``cfg.inference.flip_test``; True / False are ``"mirrors"`` / ``"off"``.
         """
-        if flip_test is None:
-            flip_test = self.cfg.inference.flip_test
-        flip_test = flip_test and not self.training and isinstance(self.cellfinder, DenseCellFinder)
+        mode = flip_test_mode(self.cfg.inference.flip_test if flip_test is None else flip_test)
+        views = FLIP_TEST_VIEWS[mode] if not self.training and isinstance(self.cellfinder, DenseCellFinder) else ()
         if images is None:
             if self.detector_trunk is not None:
                 raise ValueError("this model has a separate detector trunk: pass the preprocessed images")
-            if flip_test:
+            if views:
                 raise ValueError("the flip test needs the preprocessed images: pass them to detect()")
             return self.cellfinder(enc.trunk)
         outputs = self.cellfinder(enc.trunk if self.detector_trunk is None else self._detector_trunk(images))
-        if not flip_test:
+        if not views:
             return outputs
-        views = [outputs]
-        for dims in FLIP_TEST_DIMS:
-            views.append(unmirror(self.cellfinder(self._detector_trunk(images.flip(dims))), dims))
-        return mean_of_views(views)
+        seen = [outputs]
+        for dims in views:
+            seen.append(unmirror(self.cellfinder(self._detector_trunk(images.flip(dims))), dims))
+        return mean_of_views(seen)
 
     def _detector_trunk(self, images: Tensor) -> Tensor:
         """(B,3,S,S) preprocessed -> the features CellFinder reads (the trunk only, where the encoder has one)."""

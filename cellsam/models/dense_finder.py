@@ -22,13 +22,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from cellsam.config import DenseFinderConfig
+from cellsam.config import DenseFinderConfig, FlipTest
 from cellsam.ops.boxes import clip_boxes
 
-__all__ = ["FLIP_TEST_DIMS", "DenseCellFinder", "decode_dense", "mean_of_views", "unmirror"]
+__all__ = ["FLIP_TEST_VIEWS", "DenseCellFinder", "decode_dense", "mean_of_views", "unmirror"]
 
-# the mirrors of the flip test: left-right, up-down (dims of a (B,C,H,W) tensor)
-FLIP_TEST_DIMS: tuple[tuple[int, ...], ...] = ((-1,), (-2,))
+# per flip test (cellsam.config.FLIP_TESTS), the extra views: the dims of a (B,C,H,W) tensor each mirrors
+# (-1: left-right, -2: up-down; both: the 180-degree turn)
+FLIP_TEST_VIEWS: dict[FlipTest, tuple[tuple[int, ...], ...]] = {
+    "off": (), "mirrors": ((-1,), (-2,)), "rot180": ((-2, -1),)}
 
 
 def _head(cin: int, mid: int, cout: int, *, bias: float) -> nn.Sequential:

@@ -12,7 +12,7 @@ from typing import Any, Protocol
 
 from torch import Tensor
 
-from cellsam.config import CellSAMConfig, InferenceConfig
+from cellsam.config import CellSAMConfig, FlipTest, InferenceConfig
 
 __all__ = ["PromptableModel", "SegmentationModel", "check_model", "inference_defaults", "model_members",
            "model_tile_size"]
@@ -34,9 +34,11 @@ class SegmentationModel(Protocol):
         """One encoder pass: ``EncoderOutput(trunk, embedding (B,D,h,w))``."""
         ...
 
-    def detect(self, enc: Any, images: Tensor | None = None, *, flip_test: bool | None = None) -> dict[str, Any]:
+    def detect(self, enc: Any, images: Tensor | None = None, *,
+               flip_test: FlipTest | bool | None = None) -> dict[str, Any]:
         """The detector's raw outputs (only passed on to :meth:`postprocess_detections`); ``flip_test``: the
-        dense CellFinder's mirrored views too (True), the one view (False), the model's setting (None)."""
+        dense CellFinder's flip test (one of :data:`~cellsam.config.FLIP_TESTS`; True is ``"mirrors"``, False
+        ``"off"``), None the model's setting."""
         ...
 
     def postprocess_detections(self, outputs: dict[str, Any], *, box_threshold: float) -> list[dict[str, Tensor]]:
