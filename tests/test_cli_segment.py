@@ -321,12 +321,13 @@ def test_segment_and_evaluate_commands_take_flip_test() -> None:
     sub = ap.add_subparsers()
     add_parser(sub)
     evaluate_cli.add_parser(sub)
-    cases = (([], None), (["--flip-test"], "mirrors"), (["--no-flip-test"], "off"),
+    cases = (([], None), (["--flip-test", "mirrors"], "mirrors"), (["--no-flip-test"], "off"),
              (["--flip-test", "rot180"], "rot180"), (["--flip-test", "off"], "off"))
     for argv, want in cases:
         assert params_of(ap.parse_args(["segment", *argv])).flip_test == want
         args = ap.parse_args(["evaluate", "--data", "d", *argv])
         assert evaluate_cli.data_options(args)["flip_test"] == want
     for cmd in (["segment"], ["evaluate", "--data", "d"]):
-        with pytest.raises(SystemExit):
-            ap.parse_args([*cmd, "--flip-test", "sideways"])
+        for bad in (["--flip-test", "sideways"], ["--flip-test", "im.tif"], ["--flip-test"]):
+            with pytest.raises(SystemExit):  # a mode is required: a file name is not taken for one
+                ap.parse_args([*cmd, *bad])

@@ -39,14 +39,15 @@ def help_text(doc: str) -> str:
 
 
 def add_flip_test_options(p: argparse.ArgumentParser, what: str) -> None:
-    """``--flip-test [MODE]`` (alone: ``mirrors``) and ``--no-flip-test`` (``off``) into ``args.flip_test``
-    (None when neither is given: the model's own). ``what`` ends the help of ``--flip-test``."""
+    """``--flip-test MODE`` and ``--no-flip-test`` (``off``) into ``args.flip_test`` (None when neither is
+    given: the model's own). MODE is required, so that ``--flip-test image.tif`` cannot take a file for it.
+    ``what`` ends the help of ``--flip-test``."""
     from cellsam.config import FLIP_TESTS
 
-    p.add_argument("--flip-test", nargs="?", const="mirrors", choices=FLIP_TESTS, default=None, metavar="MODE",
-                   help="the detector also looks at each tile mirrored and decodes the mean: 'mirrors' (the "
-                   "default MODE) left-right and up-down, two more trunk passes per tile; 'rot180' turned 180 "
-                   f"degrees, one more pass; 'off' the one view (benchmarks/flip_test.md); {what}")
+    p.add_argument("--flip-test", choices=FLIP_TESTS, default=None, metavar="{" + ",".join(FLIP_TESTS) + "}",
+                   help="the detector also looks at each tile mirrored and decodes the mean: 'rot180' the tile "
+                   "turned 180 degrees, one more trunk pass per tile; 'mirrors' left-right and up-down, two more "
+                   f"passes; 'off' the one view (benchmarks/flip_test.md); {what}")
     p.add_argument("--no-flip-test", dest="flip_test", action="store_const", const="off",
                    help="the same as --flip-test off")
 
