@@ -108,6 +108,10 @@ class TrainConfig:
     point_prompt_p: float = 0.0
     click_rounds: int = 1
     mask_trainable: tuple[str, ...] = ("neck", "prompt_encoder", "mask_decoder")
+    # An exponential moving average of the weights (cellsam.train.averaging): the stage validates and exports
+    # the average, updated after every step from ema_start_step on with this decay (0 = off).
+    ema_decay: float = 0.0
+    ema_start_step: int = 0
     val_every_steps: int = 0  # 0 = only at the end
     val_max_tiles: int = 64
     val_box_threshold: float = 0.4
@@ -136,6 +140,9 @@ class TrainConfig:
             raise ValueError(f"source_balance must be in [0, 1], got {self.source_balance}")
         if not 0.0 <= self.point_prompt_p <= 1.0 or self.click_rounds < 0:
             raise ValueError("point_prompt_p must be in [0, 1] and click_rounds >= 0")
+        if not 0.0 <= self.ema_decay < 1.0 or self.ema_start_step < 0:
+            raise ValueError(f"ema_decay must be in [0, 1) (0: off) and ema_start_step >= 0, got {self.ema_decay}, "
+                             f"{self.ema_start_step}")
         if self.max_steps < 1 or self.batch_size < 1:
             raise ValueError("max_steps and batch_size must be >= 1")
 

@@ -85,13 +85,24 @@ class WeightsDigest(Callback):
         (self.out_dir / f"rank{trainer.global_rank}.sha256").write_text(h.hexdigest())
 
 
+def averaging(cfg: TrainConfig) -> list[Callback]:
+    """The stage's weight-averaging callback, if it asks for one (``ema_decay`` > 0)."""
+    if not cfg.ema_decay:
+        return []
+    from cellsam.train.averaging import WeightEMA
+
+    return [WeightEMA(cfg.ema_decay, start_step=cfg.ema_start_step)]
+
+
 def train(cfg: TrainConfig, *, resume: bool = False, extra: dict[str, Any] | None = None,
           callbacks: list[Callback] | None = None) -> Path:
     """Run one training stage; returns the path of the exported ``model.safetensors``.
 
     Writes into ``cfg.output``: ``config.yaml`` (resolved config), ``checkpoints/`` (Lightning,
     for exact resume with ``resume=True``), CSV and TensorBoard logs, and the exported model.
-    ``callbacks`` are extra Lightning callbacks (e.g. progress reporting in ``cellsam serve``).
+    ``callbacks`` are extra Lightning callbacks (e.g. progress reporting in ``cellsam serve``); with
+    ``cfg.ema_decay`` the weight average (:class:`~cellsam.train.averaging.WeightEMA`) comes after them, so
+    at the end of training they still see the trained weights before the average replaces them.
     """
     out = Path(cfg.output)
     out.mkdir(parents=True, exist_ok=True)
@@ -126,7 +137,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, extra: dict[str, Any] | Non
         num_sanity_val_steps=0,
         limit_val_batches=1.0 if val_loader is not None else 0,
         logger=[CSVLogger(out, name="logs"), TensorBoardLogger(out, name="tb")],
-        callbacks=[ckpt, WeightsDigest(out), *(callbacks or [])],
+        callbacks=[ckpt, WeightsDigest(out), *(callbacks or []), *averaging(cfg)],
         use_distributed_sampler=False,  # StreamSampler shards by rank itself
         default_root_dir=out,
         deterministic=False,
