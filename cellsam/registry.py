@@ -180,18 +180,18 @@ def get_weights(name: str) -> WeightsRecord:
 
 
 # The shipped default model: trained from random weights on the 2-core CPU by the one command of
-# configs/cpu_v12.yaml (cellsam/pretrained/; model card cellsam_cpu_v12.md). v1-v11 are in the git history
-# (v3's to v11's cards: benchmarks/training/v3/ to v11/). Registering a record is pure data: nothing is read
+# configs/cpu_v13.yaml (cellsam/pretrained/; model card cellsam_cpu_v13.md). v1-v12 are in the git history
+# (v3's to v12's cards: benchmarks/training/v3/ to v12/). Registering a record is pure data: nothing is read
 # or downloaded until load_model("default") is called.
 register_weights(
     WeightsRecord(
-        name="cellsam_cpu.v12",
+        name="cellsam_cpu.v13",
         variant="conv_cpu",
-        url="package:pretrained/cellsam_cpu_v12.safetensors",
-        sha256="931bc4c74a267e400e0df84b886e224dfdfb9adf28da579f63f3ca048cc97255",
-        version="v12",
+        url="package:pretrained/cellsam_cpu_v13.safetensors",
+        sha256="403cfafe5bb756d54f89b69c356072e2be667a8596abfbf9e770753cc424ca69",
+        version="v13",
         description="conv_cpu (conv encoder + dense CellFinder with TTFNet targets + size model) trained from "
-                    "random weights on DSB 2018, DeepCell 1.0 and MoNuSeg (2-core CPU, recipe 2.46 h); stained "
+                    "random weights on DSB 2018, DeepCell 1.0 and MoNuSeg (2-core CPU, recipe 2.43 h); stained "
                     "bright-field pictures as their hematoxylin channel",
         license="Apache-2.0 weights; trained on MoNuSeg (CC BY-NC-SA 4.0): non-commercial use",
     ),
