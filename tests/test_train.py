@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from lightning.pytorch.callbacks import Callback
 
 from cellsam.train.config import TrainConfig, load_train_configs
 from cellsam.train.dataset import PreparedTiles, StreamSampler
@@ -156,22 +157,32 @@ def test_train_end_to_end_and_resume(tmp_path: Path) -> None:
     assert summary["steps"] == 6
 
 
+class StopAt(Callback):
+    """An interruption: training stops after optimiser step ``step``."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer, *args) -> None:  # type: ignore[no-untyped-def]
+        if trainer.global_step == self.step:
+            trainer.should_stop = True
+
+
+def run_interrupted(cfg: TrainConfig, output: Path, *, stop: int) -> Path:
+    """``cfg`` run into ``output`` until step ``stop`` (checkpointed there), then resumed to its end; returns
+    the exported model."""
+    split = dataclasses.replace(cfg, checkpoint_every_steps=stop, output=str(output))
+    train(split, callbacks=[StopAt(stop)])
+    assert json.loads((output / "summary.json").read_text())["steps"] == stop
+    return train(split, resume=True)
+
+
 def test_resume_is_exact(tmp_path: Path) -> None:
     """2 steps + resume to 4 gives bit-identical weights to 4 steps in one go."""
     straight = tiny_cfg(tmp_path, max_steps=4, checkpoint_every_steps=0, val_max_tiles=0,
                         output=str(tmp_path / "straight"))
     train(straight)
-    from lightning.pytorch.callbacks import Callback
-
-    class StopAt2(Callback):  # an interruption after step 2
-        def on_train_batch_end(self, trainer, *args) -> None:  # type: ignore[no-untyped-def]
-            if trainer.global_step == 2:
-                trainer.should_stop = True
-
-    split = dataclasses.replace(straight, checkpoint_every_steps=2, output=str(tmp_path / "split"))
-    train(split, callbacks=[StopAt2()])
-    assert json.loads((tmp_path / "split" / "summary.json").read_text())["steps"] == 2
-    train(split, resume=True)
+    run_interrupted(straight, tmp_path / "split", stop=2)
     a = (tmp_path / "straight" / "rank0.sha256").read_text()
     b = (tmp_path / "split" / "rank0.sha256").read_text()
     assert a == b

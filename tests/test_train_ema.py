@@ -13,7 +13,7 @@ from cellsam.train.averaging import WeightEMA
 from cellsam.train.config import TrainConfig
 from cellsam.train.run import train
 from cellsam.weights import load_model
-from tests.test_train import tiny_cfg
+from tests.test_train import run_interrupted, tiny_cfg
 
 
 class RawWeights(Callback):
@@ -76,13 +76,5 @@ def test_resume_with_ema_is_exact(tmp_path: Path) -> None:
     straight = tiny_cfg(tmp_path, max_steps=4, checkpoint_every_steps=0, val_max_tiles=0, ema_decay=0.5,
                         output=str(tmp_path / "straight"))
     a = load_model(train(straight)).state_dict()
-
-    class StopAt2(Callback):  # an interruption after step 2
-        def on_train_batch_end(self, trainer, *args) -> None:  # type: ignore[no-untyped-def]
-            if trainer.global_step == 2:
-                trainer.should_stop = True
-
-    split = dataclasses.replace(straight, checkpoint_every_steps=2, output=str(tmp_path / "split"))
-    train(split, callbacks=[StopAt2()])
-    b = load_model(train(split, resume=True)).state_dict()
+    b = load_model(run_interrupted(straight, tmp_path / "split", stop=2)).state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
