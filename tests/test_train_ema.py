@@ -67,7 +67,7 @@ def test_ema_settings_are_checked() -> None:
     ema = WeightEMA(0.9)
     with pytest.raises(ValueError, match="resume with the same value"):
         ema.load_state_dict({"latest_update_step": 3, "decay": 0.5})
-    ema.load_state_dict({"latest_update_step": 3, "decay": 0.9, "start_step": 0})
+    ema.load_state_dict({"latest_update_step": 3, "decay": 0.9})
     assert ema.state_dict()["latest_update_step"] == 3
 
 

@@ -36,11 +36,10 @@ class WeightEMA(WeightAveraging):
         return f"WeightEMA(decay={self.decay}, start_step={self.start_step})"
 
     def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "decay": self.decay, "start_step": self.start_step}
+        return {**super().state_dict(), "decay": self.decay}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if state_dict.get("decay", self.decay) != self.decay:
             raise ValueError(f"this checkpoint averaged with ema_decay {state_dict['decay']}, the stage asks "
                              f"{self.decay}: resume with the same value")
-        rest = {k: v for k, v in state_dict.items() if k not in ("decay", "start_step")}
-        super().load_state_dict(rest)
+        super().load_state_dict(state_dict)  # reads its own keys only
